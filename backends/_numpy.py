@@ -1,0 +1,54 @@
+"""NumPy fast paths: ``np.partition`` for selection, ``bincount`` and ``add.reduceat`` for sums."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._standard import CHUNK, StandardBackend
+
+
+class NumpyBackend(StandardBackend):
+    name = "numpy"
+
+    def kth_largest(self, x, n, *, axis=None):
+        x = np.asarray(x)
+        if axis is None:
+            flat = x.reshape(-1)
+            j = flat.shape[0] - n
+            return np.asarray(np.partition(flat, j)[j])
+        h = x.shape[-1]
+        return np.partition(x, h - n, axis=-1)[:, h - n : h - n + 1]
+
+    def spmm(self, out_index, in_index, values, dense, n_out):
+        out = np.zeros((n_out, dense.shape[1]), dtype=dense.dtype)
+        if out_index.shape[0] == 0:
+            return out
+        if np.any(out_index[1:] < out_index[:-1]):
+            order = np.argsort(out_index, kind="stable")
+            out_index, in_index, values = out_index[order], in_index[order], values[order]
+        for s in range(0, out_index.shape[0], CHUNK):
+            oi = out_index[s : s + CHUNK]
+            contrib = dense[in_index[s : s + CHUNK]]
+            contrib *= values[s : s + CHUNK, None]
+            starts = np.flatnonzero(np.r_[True, oi[1:] != oi[:-1]])
+            out[oi[starts]] += np.add.reduceat(contrib, starts, axis=0)
+        return out
+
+    def sddmm(self, a, b, a_index, b_index):
+        out = np.empty(a_index.shape[0], dtype=np.result_type(a, b))
+        for s in range(0, a_index.shape[0], CHUNK):
+            out[s : s + CHUNK] = np.einsum(
+                "ij,ij->i", a[a_index[s : s + CHUNK]], b[b_index[s : s + CHUNK]]
+            )
+        return out
+
+    def segment_sum(self, index, values, n):
+        return np.bincount(index, weights=values, minlength=n).astype(values.dtype, copy=False)
+
+    def contiguous(self, x):
+        return np.ascontiguousarray(x)
+
+    def to_dense(self, rows, cols, values, shape):
+        out = np.zeros(shape, dtype=values.dtype)
+        out[rows, cols] = values
+        return out

@@ -1,0 +1,146 @@
+"""The pure-standard backend: every primitive written with Array API functions only.
+
+This is what array-api-strict runs, and the oracle that every native fast path is tested
+against. It is correct for any conforming library; it is not fast (sorting where a partition
+would do, sorted segment sums where a scatter-add would do).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from array_api_compat import array_namespace, device as device_of
+
+#: Rows of an (nnz, d) gather processed at once by the chunked sparse products.
+CHUNK = 1 << 14
+
+
+class StandardBackend:
+    """Primitives the Array API standard lacks, written with standard functions only.
+
+    Subclasses replace single methods with a library's native call; every method keeps the
+    signature and the exact result (bit-for-bit for selections, to rounding for sums).
+    """
+
+    name = "standard"
+
+    # -- selection --------------------------------------------------------------------------
+    def kth_largest(self, x, n: int, *, axis: int | None = None):
+        """The ``n``-th largest value of ``x`` (1-based).
+
+        ``axis=None``: over the whole array, returned as a 0-D array.
+        ``axis=-1``: per row of a 2-D array, returned with shape ``(B, 1)``.
+        """
+        xp = array_namespace(x)
+        if axis is None:
+            flat = xp.reshape(x, (-1,))
+            s = xp.sort(flat, stable=False)
+            return s[flat.shape[0] - n]
+        s = xp.sort(x, axis=-1, stable=False)
+        h = x.shape[-1]
+        return s[:, h - n : h - n + 1]
+
+    # -- sparse products --------------------------------------------------------------------
+    def spmm(self, out_index, in_index, values, dense, n_out: int):
+        """``out[out_index[i]] += values[i] * dense[in_index[i]]``; ``out`` has shape (n_out, d).
+
+        A sparse (n_out x n_in) matrix with entries ``values`` at ``(out_index, in_index)``
+        (duplicates summed) times a dense (n_in x d) matrix.
+        """
+        xp = array_namespace(values, dense)
+        dev = device_of(dense)
+        d = dense.shape[1]
+        if out_index.shape[0] == 0:
+            return xp.zeros((n_out, d), dtype=dense.dtype, device=dev)
+        order = xp.argsort(out_index, stable=False)
+        oi = xp.take(out_index, order)
+        ii = xp.take(in_index, order)
+        v = xp.take(values, order)
+        contrib = v[:, None] * xp.take(dense, ii, axis=0)
+        return _segment_sums(xp, oi, contrib, n_out, dev)
+
+    def sddmm(self, a, b, a_index, b_index):
+        """``out[i] = a[a_index[i]] . b[b_index[i]]``: a dense-dense product sampled at nnz places."""
+        xp = array_namespace(a, b)
+        parts = []
+        n = a_index.shape[0]
+        for s in range(0, n, CHUNK):
+            e = min(s + CHUNK, n)  # the standard leaves out-of-range slice stops unspecified
+            ai = a_index[s:e]
+            bi = b_index[s:e]
+            parts.append(xp.sum(xp.take(a, ai, axis=0) * xp.take(b, bi, axis=0), axis=1))
+        if not parts:
+            return xp.zeros((0,), dtype=a.dtype, device=device_of(a))
+        return xp.concat(parts) if len(parts) > 1 else parts[0]
+
+    def segment_sum(self, index, values, n: int):
+        """``out[index[i]] += values[i]`` for a 1-D ``values``; ``out`` has shape (n,)."""
+        xp = array_namespace(values)
+        dev = device_of(values)
+        if index.shape[0] == 0:
+            return xp.zeros((n,), dtype=values.dtype, device=dev)
+        order = xp.argsort(index, stable=False)
+        out = _segment_sums(xp, xp.take(index, order), xp.take(values, order)[:, None], n, dev)
+        return out[:, 0]
+
+    def to_dense(self, rows, cols, values, shape: tuple[int, int]):
+        """The dense (B, h) array with ``values`` at ``(rows, cols)`` (positions unique), 0 elsewhere."""
+        xp = array_namespace(values)
+        dev = device_of(values)
+        B, h = shape
+        if values.shape[0] == 0:
+            return xp.zeros(shape, dtype=values.dtype, device=dev)
+        flat = rows * h + cols
+        order = xp.argsort(flat, stable=False)
+        flat = xp.take(flat, order)
+        vals = xp.take(values, order)
+        p = xp.arange(B * h, dtype=flat.dtype, device=dev)
+        pos = xp.clip(xp.searchsorted(flat, p), max=flat.shape[0] - 1)
+        hit = xp.take(flat, pos) == p
+        zero = xp.zeros((), dtype=values.dtype, device=dev)
+        return xp.reshape(xp.where(hit, xp.take(vals, pos), zero), shape)
+
+    # -- memory layout ----------------------------------------------------------------------
+    def contiguous(self, x):
+        """``x`` in row-major memory (the standard has no notion of layout: identity here)."""
+        return x
+
+    # -- random numbers ---------------------------------------------------------------------
+    def uniform(self, xp, seed: int, shape, *, low, high, dtype, device):
+        """Uniform numbers on ``[low, high)`` from a generator seeded with ``seed``, on ``device``.
+
+        The standard has no random numbers: this path draws them with NumPy's PCG64 on the host
+        in float64 and moves them with ``xp.asarray``, so every backend gets the identical
+        numbers for one seed (the "host" stream). Native backends draw on the device instead
+        when asked for the "device" stream (see :func:`sae_ref.backends.uniform`).
+        """
+        g = np.random.default_rng(seed)
+        return xp.asarray(g.uniform(low, high, size=shape), dtype=dtype, device=device)
+
+    def normal(self, xp, seed: int, shape, *, dtype, device):
+        """Standard normal numbers from a generator seeded with ``seed``, on ``device``."""
+        g = np.random.default_rng(seed)
+        return xp.asarray(g.standard_normal(size=shape), dtype=dtype, device=device)
+
+
+def _segment_sums(xp, sorted_index, contrib, n_out, dev):
+    """Sums of the rows of ``contrib`` grouped by ``sorted_index`` (ascending), as (n_out, d).
+
+    A prefix sum in float64 (when the library has it) and differences at the group edges:
+    the standard has no scatter-add, but it has ``cumulative_sum`` and ``searchsorted``.
+    """
+    acc_dtype = xp.float64 if _has_float64(xp, dev) else contrib.dtype
+    acc = xp.cumulative_sum(xp.astype(contrib, acc_dtype), axis=0, include_initial=True)
+    r = xp.arange(n_out, dtype=sorted_index.dtype, device=dev)
+    start = xp.searchsorted(sorted_index, r, side="left")
+    end = xp.searchsorted(sorted_index, r, side="right")
+    out = xp.take(acc, end, axis=0) - xp.take(acc, start, axis=0)
+    return xp.astype(out, contrib.dtype)
+
+
+def _has_float64(xp, dev) -> bool:
+    """Whether ``dev`` supports float64 (some accelerators do not)."""
+    try:
+        xp.zeros((1,), dtype=xp.float64, device=dev)
+        return True
+    except Exception:
+        return False

@@ -1,0 +1,66 @@
+"""torch fast paths (CPU and CUDA): ``topk`` / ``kthvalue``, ``index_add_``, ``index_select``.
+
+On the CPU, float16/32/64 tensors are viewed as NumPy arrays (no copy) for the whole-array
+selection, where ``np.partition`` is several times faster than ``torch.kthvalue`` or
+``torch.topk``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ._standard import CHUNK, StandardBackend
+
+_NUMPY_VIEWABLE = (torch.float16, torch.float32, torch.float64)
+
+
+class TorchBackend(StandardBackend):
+    name = "torch"
+
+    def kth_largest(self, x, n, *, axis=None):
+        if axis is None:
+            flat = x.reshape(-1)
+            if flat.device.type == "cpu" and flat.dtype in _NUMPY_VIEWABLE:
+                a = flat.detach().numpy()
+                j = a.shape[0] - n
+                return torch.as_tensor(np.partition(a, j)[j])
+            return torch.topk(flat, n, sorted=False).values.amin()
+        return torch.topk(x, n, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
+
+    def spmm(self, out_index, in_index, values, dense, n_out):
+        out = torch.zeros((n_out, dense.shape[1]), dtype=dense.dtype, device=dense.device)
+        for s in range(0, out_index.shape[0], CHUNK):
+            contrib = dense.index_select(0, in_index[s : s + CHUNK])
+            contrib.mul_(values[s : s + CHUNK, None])
+            out.index_add_(0, out_index[s : s + CHUNK], contrib)
+        return out
+
+    def sddmm(self, a, b, a_index, b_index):
+        out = torch.empty(a_index.shape[0], dtype=torch.result_type(a, b), device=a.device)
+        for s in range(0, a_index.shape[0], CHUNK):
+            ga = a.index_select(0, a_index[s : s + CHUNK])
+            gb = b.index_select(0, b_index[s : s + CHUNK])
+            out[s : s + CHUNK] = torch.einsum("ij,ij->i", ga, gb)
+        return out
+
+    def segment_sum(self, index, values, n):
+        out = torch.zeros((n,), dtype=values.dtype, device=values.device)
+        return out.index_add_(0, index, values)
+
+    def contiguous(self, x):
+        return x.contiguous()
+
+    def to_dense(self, rows, cols, values, shape):
+        out = torch.zeros(shape, dtype=values.dtype, device=values.device)
+        out[rows, cols] = values
+        return out
+
+    def uniform(self, xp, seed, shape, *, low, high, dtype, device):
+        g = torch.Generator(device=device).manual_seed(seed)
+        u = torch.rand(shape, generator=g, dtype=dtype, device=device)
+        return u * (high - low) + low
+
+    def normal(self, xp, seed, shape, *, dtype, device):
+        g = torch.Generator(device=device).manual_seed(seed)
+        return torch.randn(shape, generator=g, dtype=dtype, device=device)

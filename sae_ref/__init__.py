@@ -1,0 +1,26 @@
+"""sae-ref: sparse-autoencoder operations written once against the Python Array API.
+
+The modules, one concept each:
+
+- :mod:`sae_ref.activations` -- ReLU, TopK, BatchTopK, JumpReLU, threshold inference;
+- :mod:`sae_ref.losses` -- MSE (two units), NMSE, L1, sqrt-L1, the JumpReLU L0 penalty;
+- :mod:`sae_ref.auxk` -- the dead-latent auxiliary loss in both conventions;
+- :mod:`sae_ref.sae` -- parameters, initialisation, standardisation, encode/decode,
+  forward and backward;
+- :mod:`sae_ref.decoder` -- the unit-norm decoder constraint;
+- :mod:`sae_ref.sparse` -- the sparse code every op passes around;
+- :mod:`sae_ref.backends` -- what the standard lacks, per array library;
+- :mod:`sae_ref.validation` -- reusable property checks.
+"""
+
+from sae_ref._checks import no_checks
+from sae_ref.arrays import resolve, to_numpy
+from sae_ref.sae import SAEConfig, SAEParams, backward, decode, encode, forward, init_params
+from sae_ref.sparse import SparseCode
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SAEConfig", "SAEParams", "SparseCode", "backward", "decode", "encode", "forward",
+    "init_params", "no_checks", "resolve", "to_numpy",
+]

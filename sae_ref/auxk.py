@@ -1,0 +1,123 @@
+r"""AuxK: the auxiliary loss that gives dead latents a gradient (Gao et al. 2024).
+
+A latent is *dead* when it has not fired for a window (counting it is the training loop's
+job; here ``dead`` is a boolean array of shape [h]). Per sample, take the top
+:math:`k' = \min(k_{aux}, n_{dead})` of the ReLU pre-activations restricted to dead latents,
+decode them with the dead rows of ``W_dec`` and **no** ``b_dec``, and fit the residual
+:math:`e = x - \hat x`:
+
+.. math:: \hat e = \mathrm{TopK}_{k'}\!\left(\mathrm{relu}(z) \odot \mathbb{1}_{dead}\right) W_{dec}.
+
+Two conventions (``convention=``):
+
+- ``"authors"`` (BatchTopK authors): :math:`L = \frac{1}{Bd}\sum (\hat e - e)^2`; the
+  residual is not detached in their original code (``detach_residual=False``).
+- ``"normalized"`` (OpenAI / dictionary_learning): :math:`L = \sum (\hat e - e)^2 / \sum
+  (e - \bar e)^2` with :math:`\bar e` the batch mean of the residual; residual detached.
+
+With no dead latent the loss is 0 and every gradient is zero. The coefficient (1/32 in both
+sources) is the caller's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from array_api_compat import device as device_of
+
+from sae_ref import _checks as C
+from sae_ref.backends import get_backend
+from sae_ref.sparse import SparseCode, empty_code
+from sae_ref.activations import _topk
+
+CONVENTIONS = ("authors", "normalized")
+
+
+@dataclass(frozen=True)
+class AuxKResult:
+    """The AuxK loss and its gradients.
+
+    Attributes
+    ----------
+    value : 0-D array
+    code : SparseCode
+        The auxiliary activations (dead latents only); their gradient on the pre-activation
+        is ``code.with_values(g_values)`` (pass-through, as every selection).
+    g_values : array, shape [nnz_aux]
+    g_W_dec : array, shape [h, d]; rows of live latents are zero.
+    g_residual : array, shape [B, d], or None when the residual is detached.
+    """
+
+    value: Any
+    code: SparseCode
+    g_values: Any
+    g_W_dec: Any
+    g_residual: Any
+
+
+def auxk(pre, dead, residual, W_dec, k_aux: int, *, convention: str = "authors",
+         detach_residual: bool | None = None) -> AuxKResult:
+    """AuxK loss over the dead latents and its gradients.
+
+    Parameters
+    ----------
+    pre : array, shape [B, h]
+        Encoder pre-activations (before ReLU and selection).
+    dead : bool array, shape [h]
+    residual : array, shape [B, d]
+        :math:`e = x - \\hat x` in the loss space.
+    W_dec : array, shape [h, d]
+    k_aux : int >= 1
+    convention : "authors" or "normalized"
+    detach_residual : bool, default False for "authors" and True for "normalized"
+    """
+    op = "auxk"
+    xp = C.namespace(op, pre=pre, dead=dead, residual=residual, W_dec=W_dec)
+    C.floating(op, xp, "pre", pre, ndim=2)
+    B, h = pre.shape
+    C.nonempty_batch(op, "pre", pre)
+    C.floating(op, xp, "residual", residual, ndim=2, shape=(B, None))
+    C.floating(op, xp, "W_dec", W_dec, ndim=2, shape=(h, residual.shape[1]))
+    C.same_dtype(op, pre=pre, residual=residual, W_dec=W_dec)
+    if dead.dtype != xp.bool or tuple(dead.shape) != (h,):
+        raise TypeError(f"{op}: argument 'dead' must be a bool array of shape ({h},), got {dead.dtype} {tuple(dead.shape)}")
+    k_aux = C.integer_in(op, "k_aux", k_aux, 1, 2**62)
+    C.choice(op, "convention", convention, CONVENTIONS)
+    C.finite(op, xp, "pre", pre)
+    C.finite(op, xp, "residual", residual)
+    if detach_residual is None:
+        detach_residual = convention == "normalized"
+    return _auxk(xp, pre, dead, residual, W_dec, k_aux, convention, detach_residual)
+
+
+def _auxk(xp, pre, dead, residual, W_dec, k_aux, convention, detach_residual) -> AuxKResult:
+    B, h = pre.shape
+    d = residual.shape[1]
+    n_dead = int(xp.count_nonzero(dead))
+    be = get_backend(xp)
+    if n_dead == 0:
+        zero = xp.zeros((), dtype=pre.dtype, device=device_of(pre))
+        code = empty_code(xp, (B, h), pre.dtype, device_of(pre))
+        g_res = None if detach_residual else xp.zeros_like(residual)
+        return AuxKResult(zero, code, code.values, xp.zeros_like(W_dec), g_res)
+    zero = xp.zeros((), dtype=pre.dtype, device=device_of(pre))
+    pre_dead = xp.where(dead[None, :], pre, zero)
+    code = _topk(pre_dead, min(k_aux, n_dead))
+    e_hat = be.spmm(code.rows, code.cols, code.values, W_dec, B)
+    r = e_hat - residual
+    if convention == "authors":
+        n = B * d
+        value = xp.sum(r * r) / n
+        g_ehat = r * (2.0 / n)
+        g_res = None if detach_residual else -g_ehat
+    else:
+        centred = residual - xp.mean(residual, axis=0, keepdims=True)
+        den = xp.sum(centred * centred)
+        num = xp.sum(r * r)
+        value = num / den
+        g_ehat = r * (2.0 / den)
+        g_res = None if detach_residual else -g_ehat - centred * (2.0 * num / (den * den))
+    g_values = be.sddmm(g_ehat, W_dec, code.rows, code.cols)
+    g_W_dec = be.spmm(code.cols, code.rows, code.values, g_ehat, h)
+    return AuxKResult(value, code, g_values, g_W_dec, g_res)

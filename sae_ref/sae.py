@@ -1,0 +1,360 @@
+r"""The sparse autoencoder: parameters, initialisation, encode, decode, forward and backward.
+
+The model, in two equations (rows of ``x`` are samples):
+
+.. math::
+    z = (x - b_{dec})\, W_{enc} + b_{enc}, \qquad f = \sigma(z), \qquad
+    \hat x = f\, W_{dec} + b_{dec},
+
+with :math:`\sigma` one of the activations of :mod:`sae_ref.activations`.
+
+Shapes: ``W_enc`` [d, h], ``b_enc`` [h], ``W_dec`` [h, d] (rows are the dictionary atoms),
+``b_dec`` [d], ``theta`` [h] (JumpReLU only). ``x`` [B, d].
+
+:func:`forward` returns what :func:`backward` needs; :func:`backward` maps gradients on
+:math:`\hat x` (and optionally on the code values and on :math:`\theta`, e.g. from sparsity
+penalties, and on extra pre-activation places, e.g. from AuxK) to gradients on every
+parameter. Only kept latents carry gradient, so apart from the encoder GEMM
+(O(B h d), forward only) all work is O(nnz d) or one pass over the B x h pre-activations.
+
+>>> import numpy as np
+>>> from sae_ref.sae import SAEConfig, init_params, forward
+>>> params = init_params(8, 32, xp=np, seed=0)
+>>> fwd = forward(params, np.ones((4, 8)), SAEConfig("batchtopk", k=2))
+>>> fwd.x_hat.shape, fwd.code.nnz <= 4 * 2
+((4, 8), True)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+import numpy as np
+from array_api_compat import array_namespace, device as device_of
+
+from sae_ref import _checks as C
+from sae_ref import activations as A
+from sae_ref.backends import get_backend, uniform
+from sae_ref.sparse import SparseCode, values_at
+
+ACTIVATIONS = ("relu", "topk", "batchtopk", "jumprelu", "threshold")
+
+
+@dataclass(frozen=True)
+class SAEParams:
+    """The parameters: a plain container of arrays of one namespace, device and dtype.
+
+    Gradients are returned in the same container (``theta`` None when absent).
+    """
+
+    W_enc: Any  # [d, h]
+    b_enc: Any  # [h]
+    W_dec: Any  # [h, d]
+    b_dec: Any  # [d]
+    theta: Any = None  # [h], JumpReLU threshold
+
+    @property
+    def d(self) -> int:
+        return int(self.W_enc.shape[0])
+
+    @property
+    def h(self) -> int:
+        return int(self.W_enc.shape[1])
+
+    def arrays(self) -> dict[str, Any]:
+        """The parameters by name, absent ones left out."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+    def map(self, fn, *others: SAEParams) -> SAEParams:
+        """``fn`` applied to each parameter (and the same-named ones of ``others``)."""
+        out = {}
+        for name, a in self.arrays().items():
+            out[name] = fn(a, *(getattr(o, name) for o in others))
+        return replace(self, **out)
+
+
+@dataclass(frozen=True)
+class SAEConfig:
+    """Which activation the SAE uses and its hyperparameters.
+
+    activation : "relu" | "topk" | "batchtopk" | "jumprelu" | "threshold"
+    k : target active latents per sample (topk, batchtopk)
+    theta : the global inference threshold (threshold); JumpReLU's per-latent threshold is
+        the parameter ``SAEParams.theta``
+    bandwidth : JumpReLU kernel bandwidth :math:`\\varepsilon` (gradient only)
+    standardize : centre each input row and divide by its std (BatchTopK authors); losses
+        live in that space, :func:`reconstruct` maps outputs back
+    """
+
+    activation: str = "batchtopk"
+    k: int | None = None
+    theta: float | None = None
+    bandwidth: float = 0.001
+    standardize: bool = False
+
+    def __post_init__(self):
+        C.choice("SAEConfig", "activation", self.activation, ACTIVATIONS)
+        if self.activation in ("topk", "batchtopk"):
+            C.integer_in("SAEConfig", "k", self.k, 1, 2**62, f" for activation {self.activation!r}")
+        if self.activation == "threshold" and self.theta is None:
+            raise ValueError("SAEConfig: argument 'theta' is required for activation 'threshold'")
+        C.positive_number("SAEConfig", "bandwidth", self.bandwidth)
+
+
+# --- initialisation ---------------------------------------------------------------------------
+def init_params(d: int, h: int, *, xp=np, dtype=None, device=None, seed: int = 0,
+                theta: float | None = None, stream: str = "host") -> SAEParams:
+    r"""The BatchTopK authors' initialisation.
+
+    :math:`W_{enc} \sim U(-\sqrt{6/h}, \sqrt{6/h})` (PyTorch's Kaiming-uniform rule on a
+    (d, h) tensor: fan-in h, gain :math:`\sqrt2`), :math:`W_{dec} = W_{enc}^\top` with unit
+    rows, :math:`b_{enc} = 0`, :math:`b_{dec} = 0`; ``theta`` (if given, for JumpReLU) fills
+    :math:`\theta`.
+
+    ``xp`` is the array library (``numpy``, ``torch``, ``cupy``, ``array_api_strict`` or
+    their compat namespaces). ``dtype`` defaults to float32. With the default
+    ``stream="host"`` the numbers are drawn by NumPy from ``seed`` and moved to ``device``, so
+    every backend starts from the identical SAE.
+    """
+    d = C.integer_in("init_params", "d", d, 1, 2**40)
+    h = C.integer_in("init_params", "h", h, 1, 2**40)
+    xp = array_namespace(xp.zeros(1))
+    dtype = xp.float32 if dtype is None else dtype
+    if device is None:
+        device = device_of(xp.zeros(1))
+    bound = (6.0 / h) ** 0.5
+    W_enc = uniform(xp, seed, (d, h), low=-bound, high=bound, dtype=dtype, device=device, stream=stream)
+    W_dec = W_enc.T
+    W_dec = get_backend(xp).contiguous(W_dec / xp.linalg.vector_norm(W_dec, axis=1, keepdims=True))
+    th = None if theta is None else xp.full((h,), theta, dtype=dtype, device=device)
+    return SAEParams(
+        W_enc, xp.zeros((h,), dtype=dtype, device=device), W_dec,
+        xp.zeros((d,), dtype=dtype, device=device), th,
+    )
+
+
+# --- input standardisation -------------------------------------------------------------------
+@dataclass(frozen=True)
+class Standardization:
+    """Per-row statistics: ``x_std = (x - mean) / scale``; both of shape [B, 1]."""
+
+    mean: Any
+    scale: Any
+
+
+def standardize(x, *, eps: float = 1e-5):
+    r"""Centre each row over its d features and divide by its unbiased std plus ``eps``.
+
+    .. math:: x' = \frac{x - \mu}{s + \epsilon}, \quad \mu = \tfrac1d \sum_i x_i, \quad
+              s = \sqrt{\tfrac{1}{d-1} \sum_i (x_i - \mu)^2}
+
+    Returns ``(x_std, Standardization)``; :func:`unstandardize` inverts it. Requires d >= 2.
+    """
+    xp = C.namespace("standardize", x=x)
+    C.floating("standardize", xp, "x", x, ndim=2)
+    if x.shape[1] < 2:
+        raise ValueError(f"standardize: argument 'x' needs at least 2 features, got shape {tuple(x.shape)}")
+    return _standardize(xp, x, eps)
+
+
+def _standardize(xp, x, eps):
+    mean = xp.mean(x, axis=1, keepdims=True)
+    scale = xp.std(x, axis=1, keepdims=True, correction=1) + eps
+    return (x - mean) / scale, Standardization(mean, scale)
+
+
+def unstandardize(y, stats: Standardization):
+    """Map ``y`` from the standardised space back: ``y * scale + mean``."""
+    return y * stats.scale + stats.mean
+
+
+# --- encode / decode / forward ----------------------------------------------------------------
+@dataclass(frozen=True)
+class Forward:
+    """What the forward pass computed and the backward pass needs.
+
+    x : the input in the loss space (standardised if the config says so) [B, d]
+    pre : pre-activations z [B, h]
+    code : the kept activations f (SparseCode)
+    x_hat : the reconstruction in the loss space [B, d]
+    stats : Standardization or None
+    window : JumpReLU only, the kernel's support (SparseCode)
+    bandwidth : JumpReLU only, the kernel bandwidth the window was built with
+    """
+
+    x: Any
+    pre: Any
+    code: SparseCode
+    x_hat: Any
+    stats: Standardization | None = None
+    window: SparseCode | None = None
+    bandwidth: float | None = None
+
+    def output(self):
+        """The reconstruction in the input's own space."""
+        return self.x_hat if self.stats is None else unstandardize(self.x_hat, self.stats)
+
+
+def _check_params(op, params: SAEParams, x=None, config: SAEConfig | None = None):
+    if not isinstance(params, SAEParams):
+        raise TypeError(f"{op}: argument 'params' must be SAEParams, got {type(params).__name__}")
+    xp = C.namespace(op, x=x, **params.arrays())
+    d, h = params.W_enc.shape
+    C.floating(op, xp, "W_enc", params.W_enc, ndim=2)
+    C.floating(op, xp, "b_enc", params.b_enc, shape=(h,))
+    C.floating(op, xp, "W_dec", params.W_dec, shape=(h, d))
+    C.floating(op, xp, "b_dec", params.b_dec, shape=(d,))
+    if params.theta is not None:
+        C.floating(op, xp, "theta", params.theta, shape=(h,))
+    C.same_dtype(op, x=x, **params.arrays())
+    if x is not None:
+        C.floating(op, xp, "x", x, ndim=2, shape=(None, d))
+        C.nonempty_batch(op, "x", x)
+        C.finite(op, xp, "x", x)
+    if config is not None:
+        if not isinstance(config, SAEConfig):
+            raise TypeError(f"{op}: argument 'config' must be SAEConfig, got {type(config).__name__}")
+        if config.k is not None and config.activation in ("topk", "batchtopk"):
+            C.integer_in(op, "config.k", config.k, 1, h, f" (h = {h})")
+        if config.activation == "jumprelu":
+            if params.theta is None:
+                raise ValueError(f"{op}: activation 'jumprelu' needs params.theta (shape [{h}])")
+            if not bool(xp.all(params.theta > 0)):
+                raise ValueError(f"{op}: argument 'theta' must be positive for every latent")
+    return xp
+
+
+def _select(xp, pre, config: SAEConfig, theta) -> SparseCode:
+    a = config.activation
+    if a == "batchtopk":
+        return A._batch_topk(pre, config.k)
+    if a == "topk":
+        return A._topk(pre, config.k)
+    if a == "relu":
+        return SparseCode.from_mask(pre, pre > 0)
+    if a == "jumprelu":
+        return SparseCode.from_mask(pre, pre > theta)
+    t = xp.asarray(config.theta, dtype=pre.dtype, device=device_of(pre))
+    return SparseCode.from_mask(pre, (pre > t) & (pre > 0))
+
+
+def _pre(xp, params, x):
+    return (x - params.b_dec) @ params.W_enc + params.b_enc
+
+
+def encode(params: SAEParams, x, config: SAEConfig) -> SparseCode:
+    """The sparse code f of ``x`` (standardised first if the config says so)."""
+    xp = _check_params("encode", params, x, config)
+    if config.standardize:
+        x, _ = _standardize(xp, x, 1e-5)
+    return _select(xp, _pre(xp, params, x), config, params.theta)
+
+
+def decode(params: SAEParams, code: SparseCode):
+    r""":math:`\hat x = f W_{dec} + b_{dec}`, in O(nnz d) from the sparse code."""
+    xp = _check_params("decode", params)
+    if not isinstance(code, SparseCode):
+        raise TypeError(f"decode: argument 'code' must be a SparseCode, got {type(code).__name__}")
+    if code.shape[1] != params.h:
+        raise ValueError(f"decode: argument 'code' has {code.shape[1]} latents, params have h = {params.h}")
+    C.namespace("decode", values=code.values, W_dec=params.W_dec)
+    return _decode(xp, params, code)
+
+
+def _decode(xp, params, code):
+    be = get_backend(xp)
+    return be.spmm(code.rows, code.cols, code.values, params.W_dec, code.shape[0]) + params.b_dec
+
+
+def forward(params: SAEParams, x, config: SAEConfig) -> Forward:
+    """Encode and decode ``x``, keeping what :func:`backward` needs."""
+    xp = _check_params("forward", params, x, config)
+    stats = None
+    if config.standardize:
+        x, stats = _standardize(xp, x, 1e-5)
+    pre = _pre(xp, params, x)
+    code = _select(xp, pre, config, params.theta)
+    window = bandwidth = None
+    if config.activation == "jumprelu":
+        bandwidth = config.bandwidth
+        window = A._window(xp, pre, params.theta, bandwidth)
+    return Forward(x, pre, code, _decode(xp, params, code), stats, window, bandwidth)
+
+
+def reconstruct(params: SAEParams, x, config: SAEConfig):
+    """The SAE's output for ``x`` in ``x``'s own space."""
+    return forward(params, x, config).output()
+
+
+# --- backward ---------------------------------------------------------------------------------
+def backward(params: SAEParams, fwd: Forward, g_xhat, *, g_code=None, g_theta=None,
+             g_pre_extra: SparseCode | None = None, g_W_dec_extra=None) -> SAEParams:
+    r"""Gradients of a loss on every parameter, given its gradient on :math:`\hat x`.
+
+    Parameters
+    ----------
+    g_xhat : [B, d], :math:`\partial L / \partial \hat x`
+    g_code : [nnz], optional extra :math:`\partial L / \partial f` at the code's places
+        (sparsity penalties)
+    g_theta : [h], optional extra gradient on :math:`\theta` (the JumpReLU L0 penalty)
+    g_pre_extra : SparseCode, optional extra gradient on :math:`z` at other places (AuxK)
+    g_W_dec_extra : [h, d], optional extra gradient on :math:`W_{dec}` (AuxK)
+
+    The chain, with :math:`x_c = x - b_{dec}` and :math:`G = \partial L/\partial \hat x`:
+
+    .. math::
+        \frac{\partial L}{\partial f_{bj}} = G_b \cdot W^{dec}_j \text{ (kept places only)},
+        \quad \frac{\partial L}{\partial W^{dec}} = f^\top G, \quad
+        \frac{\partial L}{\partial z} = \frac{\partial L}{\partial f} \odot \mathbb{1}_{kept},
+
+    .. math::
+        \frac{\partial L}{\partial W^{enc}} = x_c^\top \frac{\partial L}{\partial z}, \quad
+        \frac{\partial L}{\partial b^{enc}} = \textstyle\sum_b \frac{\partial L}{\partial z_b},
+        \quad \frac{\partial L}{\partial b^{dec}} = \textstyle\sum_b G_b
+        - W^{enc} \frac{\partial L}{\partial b^{enc}}.
+
+    Every product is sparse: :math:`f^\top G` and :math:`x_c^\top \partial_z L` touch only the
+    nnz kept places (``spmm``), :math:`\partial_f L` is sampled at them (``sddmm``).
+    """
+    xp = _check_params("backward", params)
+    B, h = fwd.code.shape
+    C.namespace("backward", g_xhat=g_xhat, W_dec=params.W_dec, g_code=g_code,
+                g_theta=g_theta, g_W_dec_extra=g_W_dec_extra)
+    C.floating("backward", xp, "g_xhat", g_xhat, shape=(B, params.d))
+    be = get_backend(xp)
+    code = fwd.code
+    # decoder: x_hat = f W_dec + b_dec
+    g_f = be.sddmm(g_xhat, params.W_dec, code.rows, code.cols)
+    if g_code is not None:
+        C.floating("backward", xp, "g_code", g_code, shape=(code.nnz,))
+        g_f = g_f + g_code
+    g_W_dec = be.spmm(code.cols, code.rows, code.values, g_xhat, h)
+    if g_W_dec_extra is not None:
+        g_W_dec = g_W_dec + g_W_dec_extra
+    # activation: pass-through at the kept places (JumpReLU: H(z - theta) = 1 there)
+    g_pre = A.pass_through_backward(code, g_f)
+    if g_pre_extra is not None:
+        g_pre = g_pre.concat(g_pre_extra)
+    # encoder: z = (x - b_dec) W_enc + b_enc
+    x_c = fwd.x - params.b_dec
+    g_W_enc = be.spmm(g_pre.cols, g_pre.rows, g_pre.values, x_c, h).T
+    g_b_enc = be.segment_sum(g_pre.cols, g_pre.values, h)
+    g_b_dec = xp.sum(g_xhat, axis=0) - params.W_enc @ g_b_enc
+    g_th = None
+    if params.theta is not None:
+        g_th = _theta_grad(xp, be, params, fwd, g_xhat, g_code)
+        if g_theta is not None:
+            g_th = g_th + g_theta
+    return SAEParams(g_W_enc, g_b_enc, g_W_dec, g_b_dec, g_th)
+
+
+def _theta_grad(xp, be, params, fwd, g_xhat, g_code):
+    """JumpReLU: the straight-through gradient on theta from the upstream gradient on f."""
+    if fwd.window is None:
+        return xp.zeros_like(params.theta)
+    w = fwd.window
+    g_w = be.sddmm(g_xhat, params.W_dec, w.rows, w.cols)
+    if g_code is not None:
+        g_w = g_w + values_at(fwd.code.with_values(g_code), w)
+    return A.jumprelu_theta_backward(w, params.theta, fwd.bandwidth, g_w)

@@ -1,0 +1,114 @@
+"""The sparse code: which latents fired for which sample, and how strongly.
+
+An SAE's activations ``f`` (shape [B, h]) are mostly zero. sae-ref keeps them as coordinates
+(rows, cols, values) in row-major order, so decoding and every gradient touch only the
+``nnz`` kept entries: O(nnz * d) work, not O(B * h * d).
+
+>>> import numpy as np
+>>> from sae_ref.sparse import SparseCode
+>>> code = SparseCode.from_mask(np.array([[0., 2., 3.]]), np.array([[False, True, True]]))
+>>> code.rows.tolist(), code.cols.tolist(), code.values.tolist(), code.shape
+([0, 0], [1, 2], [2.0, 3.0], (1, 3))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from array_api_compat import array_namespace, device as device_of
+
+from sae_ref.backends import get_backend
+
+
+@dataclass(frozen=True)
+class SparseCode:
+    """Coordinates of the nonzero activations of a (B, h) matrix.
+
+    Attributes
+    ----------
+    rows : int64 array, shape [nnz]
+        Sample (batch row) of each entry; ascending in codes made by :meth:`from_mask`
+        (the products do not rely on it: :meth:`concat` output is valid too).
+    cols : int64 array, shape [nnz]
+        Latent of each entry.
+    values : float array, shape [nnz]
+        The activation value (or, for a gradient, the gradient at that place).
+    shape : (B, h)
+    """
+
+    rows: Any
+    cols: Any
+    values: Any
+    shape: tuple[int, int]
+
+    @classmethod
+    def from_mask(cls, z, mask) -> SparseCode:
+        """The entries of ``z`` where ``mask`` is True, in row-major order."""
+        xp = array_namespace(z, mask)
+        rows, cols = xp.nonzero(mask)
+        return cls(
+            xp.astype(rows, xp.int64), xp.astype(cols, xp.int64), z[mask], tuple(z.shape)
+        )
+
+    @property
+    def nnz(self) -> int:
+        return int(self.values.shape[0])
+
+    def with_values(self, values) -> SparseCode:
+        """The same coordinates with other values (e.g. a gradient on the code)."""
+        return replace(self, values=values)
+
+    def to_dense(self):
+        """The dense (B, h) matrix (for inspection and tests; training never builds it)."""
+        xp = array_namespace(self.values)
+        return get_backend(xp).to_dense(self.rows, self.cols, self.values, self.shape)
+
+    def l0(self):
+        """Number of nonzero entries of each row, as a float array of shape [B]."""
+        xp = array_namespace(self.values)
+        nz = xp.astype(self.values != 0, self.values.dtype)
+        return get_backend(xp).segment_sum(self.rows, nz, self.shape[0])
+
+    def latent_counts(self):
+        """How many samples each latent fired on (nonzero value), shape [h]."""
+        xp = array_namespace(self.values)
+        nz = xp.astype(self.values != 0, self.values.dtype)
+        return get_backend(xp).segment_sum(self.cols, nz, self.shape[1])
+
+    def concat(self, other: SparseCode) -> SparseCode:
+        """Both codes' entries together (duplicated places add up in every product)."""
+        if other.shape != self.shape:
+            raise ValueError(f"concat: codes of shapes {self.shape} and {other.shape}")
+        xp = array_namespace(self.values, other.values)
+        return SparseCode(
+            xp.concat([self.rows, other.rows]),
+            xp.concat([self.cols, other.cols]),
+            xp.concat([self.values, other.values]),
+            self.shape,
+        )
+
+
+def values_at(src: SparseCode, dst: SparseCode):
+    """The values of ``src`` at the places of ``dst`` (0 where ``src`` has no entry).
+
+    Both codes must be in row-major order with unique places (as :meth:`SparseCode.from_mask`
+    makes them). Standard functions only: a binary search of ``dst``'s flat indices in
+    ``src``'s.
+    """
+    xp = array_namespace(src.values, dst.values)
+    if src.nnz == 0 or dst.nnz == 0:
+        return xp.zeros((dst.nnz,), dtype=src.values.dtype, device=device_of(src.values))
+    h = src.shape[1]
+    flat_src = src.rows * h + src.cols
+    flat_dst = dst.rows * h + dst.cols
+    pos = xp.clip(xp.searchsorted(flat_src, flat_dst), max=src.nnz - 1)
+    hit = xp.take(flat_src, pos) == flat_dst
+    zero = xp.zeros((), dtype=src.values.dtype, device=device_of(src.values))
+    return xp.where(hit, xp.take(src.values, pos), zero)
+
+
+def empty_code(xp, shape, dtype, device) -> SparseCode:
+    """A code with no entries."""
+    idx = xp.zeros((0,), dtype=xp.int64, device=device)
+    return SparseCode(idx, idx, xp.zeros((0,), dtype=dtype, device=device), tuple(shape))
