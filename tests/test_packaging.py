@@ -62,7 +62,7 @@ def test_wheel_maps_backends_and_validation_into_sae_ref(tmp_path):
 @pytest.mark.slow
 def test_editable_install_maps_backends_and_validation_into_sae_ref(tmp_path):
     prefix = tmp_path / "prefix"
-    _pip("install", "--no-deps", "--no-build-isolation", "--prefix", str(prefix), "-e", str(ROOT), cwd=tmp_path)
+    _pip("install", "--no-deps", "--no-build-isolation", "--ignore-installed", "--prefix", str(prefix), "-e", str(ROOT), cwd=tmp_path)
     (site_dir,) = prefix.glob("lib/python*/site-packages")
     empty = tmp_path / "empty"
     empty.mkdir()
