@@ -376,6 +376,8 @@ def test_sae_backward_with_code_penalty(backend, problem, activation, penalty, u
             f2 = S.forward(pb, xb, config)
             if not same_selection(SparseCode_np(f2.code), base):
                 return None
+            if penalty == "sqrt_l1" and f2.code.nnz and np.min(backend.numpy(f2.code.values)) < 1e-2:
+                return None  # sqrt's curvature near 0 is too large for a 1e-6 central difference
             return scalar(backend, library(pb, f2)[0])
 
         fd_check(fun, p[name], grads[name], seed + i, n=2, what=f"{penalty}: FD {name}")
