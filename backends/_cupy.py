@@ -5,7 +5,7 @@ from __future__ import annotations
 import cupy as cp
 import cupyx
 
-from ._standard import CHUNK, StandardBackend
+from ._standard import CHUNK, StandardBackend, _below
 
 
 class CupyBackend(StandardBackend):
@@ -50,7 +50,7 @@ class CupyBackend(StandardBackend):
     def uniform(self, xp, seed, shape, *, low, high, dtype, device):
         with cp.cuda.Device(device):
             g = cp.random.default_rng(seed)
-            return (g.random(shape, dtype=cp.float64) * (high - low) + low).astype(dtype)
+            return _below(xp, (g.random(shape, dtype=cp.float64) * (high - low) + low).astype(dtype), low, high)
 
     def normal(self, xp, seed, shape, *, dtype, device):
         with cp.cuda.Device(device):

@@ -6,9 +6,10 @@ So the selection is a function of the values alone, identical on every backend, 
 ``torch.topk`` and ``np.argpartition`` leave ties unspecified.
 
 The work splits into the cut value ``v`` (the n-th largest, a native partition or top-k where
-the library has one) and a pass in standard functions: keep ``x > v``, then the first
-``n - count(x > v)`` entries equal to ``v``. The prefix count over the ties runs only when
-there are more ties at the cut than places left, which float data rarely has.
+the library has one) and passes in standard functions: when exactly ``n`` entries are
+``>= v`` (no surplus ties, the usual case for float data) that is the mask; otherwise keep
+``x > v`` and the first ``n - count(x > v)`` entries equal to ``v`` in index order (a prefix
+count over the ties).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 from array_api_compat import array_namespace
 
 
-def top_n_mask(x, n: int, *, axis: int | None = None, backend=None):
+def top_n_mask(x, n: int, *, axis: int | None = None, backend=None, return_cut: bool = False):
     """Boolean mask of the ``n`` largest entries of ``x`` under the lower-index tie rule.
 
     Parameters
@@ -29,27 +30,29 @@ def top_n_mask(x, n: int, *, axis: int | None = None, backend=None):
         ``None`` selects over the whole array, ``-1`` within each row.
     backend : optional
         A backend from :func:`sae_ref.backends.get_backend`; default, the native one.
+    return_cut : bool
+        Also return the cut value ``v`` (0-D, or shape (B, 1) per row).
 
     Returns
     -------
-    mask : bool array, shape of ``x``, with exactly ``n`` True (per row if ``axis=-1``).
+    mask : bool array, shape of ``x``, with exactly ``n`` True (per row if ``axis=-1``);
+    and ``v`` when ``return_cut``.
     """
     from . import get_backend
 
     xp = array_namespace(x)
     be = backend if backend is not None else get_backend(xp)
     v = be.kth_largest(x, n, axis=axis)
-    gt = x > v
-    eq = x == v
-    if axis is None:
-        need = n - xp.count_nonzero(gt)
-        n_eq = xp.count_nonzero(eq)
+    ge = x >= v
+    n_ge = xp.count_nonzero(ge) if axis is None else xp.count_nonzero(ge, axis=-1, keepdims=True)
+    if bool(xp.all(n_ge == n)):  # no surplus ties at the cut: the common case for float data
+        mask = ge
     else:
-        need = n - xp.count_nonzero(gt, axis=-1, keepdims=True)
-        n_eq = xp.count_nonzero(eq, axis=-1, keepdims=True)
-    if not bool(xp.any(n_eq > need)):
-        return gt | eq
-    return gt | (eq & (_tie_rank(xp, eq, axis) <= need))
+        gt = x > v
+        eq = x == v
+        need = n - (xp.count_nonzero(gt) if axis is None else xp.count_nonzero(gt, axis=-1, keepdims=True))
+        mask = gt | (eq & (_tie_rank(xp, eq, axis) <= need))
+    return (mask, v) if return_cut else mask
 
 
 def _tie_rank(xp, eq, axis):

@@ -114,7 +114,8 @@ class StandardBackend:
         when asked for the "device" stream (see :func:`sae_ref.backends.uniform`).
         """
         g = np.random.default_rng(seed)
-        return xp.asarray(g.uniform(low, high, size=shape), dtype=dtype, device=device)
+        u = xp.asarray(g.uniform(low, high, size=shape), dtype=dtype, device=device)
+        return _below(xp, u, low, high)
 
     def normal(self, xp, seed: int, shape, *, dtype, device):
         """Standard normal numbers from a generator seeded with ``seed``, on ``device``."""
@@ -125,22 +126,30 @@ class StandardBackend:
 def _segment_sums(xp, sorted_index, contrib, n_out, dev):
     """Sums of the rows of ``contrib`` grouped by ``sorted_index`` (ascending), as (n_out, d).
 
-    A prefix sum in float64 (when the library has it) and differences at the group edges:
-    the standard has no scatter-add, but it has ``cumulative_sum`` and ``searchsorted``.
+    The standard has no scatter-add. This is a segmented inclusive scan (Hillis-Steele): at
+    step s every row adds the row s places before it when both belong to the same group, so
+    after ceil(log2(longest group)) steps each group's last row holds the group's sum, formed
+    from that group's terms alone (its rounding does not depend on the other groups).
     """
-    acc_dtype = xp.float64 if _has_float64(xp, dev) else contrib.dtype
-    acc = xp.cumulative_sum(xp.astype(contrib, acc_dtype), axis=0, include_initial=True)
+    n, d = contrib.shape
     r = xp.arange(n_out, dtype=sorted_index.dtype, device=dev)
     start = xp.searchsorted(sorted_index, r, side="left")
     end = xp.searchsorted(sorted_index, r, side="right")
-    out = xp.take(acc, end, axis=0) - xp.take(acc, start, axis=0)
-    return xp.astype(out, contrib.dtype)
+    longest = int(xp.max(end - start))
+    acc = contrib
+    zero = xp.zeros((), dtype=contrib.dtype, device=dev)
+    s = 1
+    while s < longest:
+        same = sorted_index[s:] == sorted_index[:-s]
+        add = xp.where(same[:, None], acc[:-s, :], zero)
+        acc = xp.concat([acc[:s, :], acc[s:, :] + add], axis=0)
+        s *= 2
+    last = xp.take(acc, xp.clip(end - 1, min=0), axis=0)
+    return xp.where((end > start)[:, None], last, zero)
 
 
-def _has_float64(xp, dev) -> bool:
-    """Whether ``dev`` supports float64 (some accelerators do not)."""
-    try:
-        xp.zeros((1,), dtype=xp.float64, device=dev)
-        return True
-    except Exception:
-        return False
+def _below(xp, u, low, high):
+    """``u`` with values that rounding carried up to ``high`` moved to the float just below."""
+    hi = xp.asarray(high, dtype=u.dtype, device=device_of(u))
+    top = xp.nextafter(hi, xp.asarray(low, dtype=u.dtype, device=device_of(u)))
+    return xp.where(u >= hi, top, u)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ._standard import CHUNK, StandardBackend
+from ._standard import CHUNK, StandardBackend, _below
 
 _NUMPY_VIEWABLE = (torch.float16, torch.float32, torch.float64)
 
@@ -59,7 +59,7 @@ class TorchBackend(StandardBackend):
     def uniform(self, xp, seed, shape, *, low, high, dtype, device):
         g = torch.Generator(device=device).manual_seed(seed)
         u = torch.rand(shape, generator=g, dtype=dtype, device=device)
-        return u * (high - low) + low
+        return _below(xp, u * (high - low) + low, low, high)
 
     def normal(self, xp, seed, shape, *, dtype, device):
         g = torch.Generator(device=device).manual_seed(seed)

@@ -111,6 +111,15 @@ def positive_number(op: str, name: str, value) -> float:
     return float(value)
 
 
+def finite_number(op: str, name: str, value) -> float:
+    """Check that ``value`` is a finite real number (not a string, not NaN/inf)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{op}: argument '{name}' must be a number, got {value!r}")
+    if value != value or abs(value) == float("inf"):
+        raise ValueError(f"{op}: argument '{name}' must be finite, got {value!r}")
+    return float(value)
+
+
 def choice(op: str, name: str, value, options):
     if value not in options:
         raise ValueError(f"{op}: argument '{name}' must be one of {list(options)}, got {value!r}")

@@ -77,7 +77,9 @@ def topk(pre, k: int) -> SparseCode:
 
 
 def _topk(pre, k: int, backend=None) -> SparseCode:
-    mask = top_n_mask(pre, k, axis=-1, backend=backend) & (pre > 0)
+    mask, cut = top_n_mask(pre, k, axis=-1, backend=backend, return_cut=True)
+    if not bool(array_namespace(pre).all(cut > 0)):  # some row has fewer than k positives
+        mask = mask & (pre > 0)
     return SparseCode.from_mask(pre, mask)
 
 
@@ -104,7 +106,9 @@ def batch_topk(pre, k: int) -> SparseCode:
 
 
 def _batch_topk(pre, k: int, backend=None) -> SparseCode:
-    mask = top_n_mask(pre, pre.shape[0] * k, backend=backend) & (pre > 0)
+    mask, cut = top_n_mask(pre, pre.shape[0] * k, backend=backend, return_cut=True)
+    if not bool(cut > 0):  # fewer than B*k positive entries: keep the positive ones
+        mask = mask & (pre > 0)
     return SparseCode.from_mask(pre, mask)
 
 
@@ -128,14 +132,15 @@ def _as_theta(op, xp, pre, theta, *, positive: bool):
     if hasattr(theta, "shape") and getattr(theta, "ndim", 0) > 0:
         C.namespace(op, pre=pre, theta=theta)
         C.floating(op, xp, "theta", theta, ndim=1, shape=(pre.shape[1],))
+        C.same_dtype(op, pre=pre, theta=theta)
         C.finite(op, xp, "theta", theta)
         if positive and not bool(xp.all(theta > 0)):
             raise ValueError(f"{op}: argument 'theta' must be positive for every latent")
         return xp.astype(theta, pre.dtype)
     try:
         value = float(theta)
-    except TypeError:
-        raise TypeError(f"{op}: argument 'theta' must be a number or an array of shape [h]") from None
+    except (TypeError, ValueError):
+        raise TypeError(f"{op}: argument 'theta' must be a number or an array of shape [h], got {theta!r}") from None
     if value != value or abs(value) == float("inf") or (positive and value <= 0):
         raise ValueError(f"{op}: argument 'theta' must be a finite{' positive' if positive else ''} number, got {value}")
     return xp.asarray(value, dtype=pre.dtype, device=device_of(pre))

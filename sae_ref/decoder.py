@@ -15,8 +15,6 @@ unit-norm after the step, exactly to rounding).
 
 from __future__ import annotations
 
-from array_api_compat import array_namespace
-
 from sae_ref import _checks as C
 
 ORDERS = ("before", "after")
@@ -47,6 +45,7 @@ def project_grad(W_dec, g_W_dec):
     xp = C.namespace(op, W_dec=W_dec, g_W_dec=g_W_dec)
     C.floating(op, xp, "W_dec", W_dec, ndim=2)
     C.floating(op, xp, "g_W_dec", g_W_dec, ndim=2, shape=tuple(W_dec.shape))
+    C.same_dtype(op, W_dec=W_dec, g_W_dec=g_W_dec)
     return _project(xp, W_dec, g_W_dec)
 
 
@@ -64,6 +63,7 @@ def constrained_step(W_dec, g_W_dec, step, *, order: str = "before"):
     xp = C.namespace(op, W_dec=W_dec, g_W_dec=g_W_dec)
     C.floating(op, xp, "W_dec", W_dec, ndim=2)
     C.floating(op, xp, "g_W_dec", g_W_dec, ndim=2, shape=tuple(W_dec.shape))
+    C.same_dtype(op, W_dec=W_dec, g_W_dec=g_W_dec)
     C.choice(op, "order", order, ORDERS)
     if order == "before":
         W = _unit(xp, W_dec)

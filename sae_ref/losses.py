@@ -115,6 +115,7 @@ def l1(code: SparseCode, W_dec=None):
         return xp.sum(code.values) / B, xp.ones_like(code.values) / B, None
     C.namespace("l1", values=code.values, W_dec=W_dec)
     C.floating("l1", xp, "W_dec", W_dec, ndim=2, shape=(h, None))
+    C.same_dtype("l1", values=code.values, W_dec=W_dec)
     norms = xp.linalg.vector_norm(W_dec, axis=1)
     w = xp.take(norms, code.cols)
     per_latent = get_backend(xp).segment_sum(code.cols, code.values, h) / B

@@ -99,6 +99,8 @@ class SAEConfig:
             C.integer_in("SAEConfig", "k", self.k, 1, 2**62, f" for activation {self.activation!r}")
         if self.activation == "threshold" and self.theta is None:
             raise ValueError("SAEConfig: argument 'theta' is required for activation 'threshold'")
+        if self.theta is not None:
+            C.finite_number("SAEConfig", "theta", self.theta)
         C.positive_number("SAEConfig", "bandwidth", self.bandwidth)
 
 
@@ -153,6 +155,8 @@ def standardize(x, *, eps: float = 1e-5):
     """
     xp = C.namespace("standardize", x=x)
     C.floating("standardize", xp, "x", x, ndim=2)
+    C.nonempty_batch("standardize", "x", x)
+    C.finite("standardize", xp, "x", x)
     if x.shape[1] < 2:
         raise ValueError(f"standardize: argument 'x' needs at least 2 features, got shape {tuple(x.shape)}")
     return _standardize(xp, x, eps)
@@ -200,13 +204,14 @@ def _check_params(op, params: SAEParams, x=None, config: SAEConfig | None = None
     if not isinstance(params, SAEParams):
         raise TypeError(f"{op}: argument 'params' must be SAEParams, got {type(params).__name__}")
     xp = C.namespace(op, x=x, **params.arrays())
-    d, h = params.W_enc.shape
     C.floating(op, xp, "W_enc", params.W_enc, ndim=2)
+    d, h = params.W_enc.shape
     C.floating(op, xp, "b_enc", params.b_enc, shape=(h,))
     C.floating(op, xp, "W_dec", params.W_dec, shape=(h, d))
     C.floating(op, xp, "b_dec", params.b_dec, shape=(d,))
     if params.theta is not None:
         C.floating(op, xp, "theta", params.theta, shape=(h,))
+        C.finite(op, xp, "theta", params.theta)
     C.same_dtype(op, x=x, **params.arrays())
     if x is not None:
         C.floating(op, xp, "x", x, ndim=2, shape=(None, d))
@@ -322,6 +327,10 @@ def backward(params: SAEParams, fwd: Forward, g_xhat, *, g_code=None, g_theta=No
     C.namespace("backward", g_xhat=g_xhat, W_dec=params.W_dec, g_code=g_code,
                 g_theta=g_theta, g_W_dec_extra=g_W_dec_extra)
     C.floating("backward", xp, "g_xhat", g_xhat, shape=(B, params.d))
+    C.same_dtype("backward", g_xhat=g_xhat, W_dec=params.W_dec, g_code=g_code, g_theta=g_theta,
+                 g_W_dec_extra=g_W_dec_extra)
+    if g_pre_extra is not None:
+        C.same_dtype("backward", g_pre_extra=g_pre_extra.values, W_dec=params.W_dec)
     be = get_backend(xp)
     code = fwd.code
     # decoder: x_hat = f W_dec + b_dec
