@@ -104,7 +104,8 @@ def test_top_n_mask_all_equal_values_keeps_lowest_indices(backend, data):
 @given(z=matrices(), data=st.data())
 def test_native_and_standard_backends_give_identical_masks_and_kth_largest(backend, z, data):
     """Invariant: get_backend(xp) and get_backend(xp, native=False) select the identical
-    masks and return the same n-th largest value (= the oracle's), both axes."""
+    masks and return the same n-th largest value (= the oracle's, and = the cut that
+    top_n_mask(return_cut=True) reports), both axes."""
     x = backend.asarray(z)
     native = get_backend(backend.xp)
     standard = get_backend(backend.xp, native=False)
@@ -123,6 +124,9 @@ def test_native_and_standard_backends_give_identical_masks_and_kth_largest(backe
         # value equality (-0.0 == 0.0: the two are the same cut)
         np.testing.assert_array_equal(k_nat, k_std)
         np.testing.assert_array_equal(k_nat.astype(np.float64), oracle_kth_largest(z, n, axis))
+        m_cut, cut = top_n_mask(x, n, axis=axis, return_cut=True)
+        np.testing.assert_array_equal(backend.numpy(m_cut), m_nat)
+        np.testing.assert_array_equal(backend.numpy(cut), k_nat)
 
 
 # --- torch half precisions ----------------------------------------------------------------------
