@@ -20,7 +20,7 @@ parameter. Only kept latents carry gradient, so apart from the encoder GEMM
 >>> import numpy as np
 >>> from sae_ref.sae import SAEConfig, init_params, forward
 >>> params = init_params(8, 32, xp=np, seed=0)
->>> fwd = forward(params, np.ones((4, 8)), SAEConfig("batchtopk", k=2))
+>>> fwd = forward(params, np.ones((4, 8), dtype=np.float32), SAEConfig("batchtopk", k=2))
 >>> fwd.x_hat.shape, fwd.code.nnz <= 4 * 2
 ((4, 8), True)
 """
