@@ -15,8 +15,9 @@ Two conventions (``convention=``):
 - ``"normalized"`` (OpenAI / dictionary_learning): :math:`L = \sum (\hat e - e)^2 / \sum
   (e - \bar e)^2` with :math:`\bar e` the batch mean of the residual; residual detached.
 
-With no dead latent the loss is 0 and every gradient is zero. The coefficient (1/32 in both
-sources) is the caller's.
+With no dead latent the loss is 0 and every gradient is zero. The "normalized" convention
+needs a batch of at least two rows (a single row has no variance about the batch mean). The
+coefficient (1/32 in both sources) is the caller's.
 """
 
 from __future__ import annotations
@@ -86,6 +87,11 @@ def auxk(pre, dead, residual, W_dec, k_aux: int, *, convention: str = "authors",
     C.choice(op, "convention", convention, CONVENTIONS)
     C.finite(op, xp, "pre", pre)
     C.finite(op, xp, "residual", residual)
+    if convention == "normalized" and B < 2:
+        raise ValueError(
+            f"{op}: convention 'normalized' divides by the residual's variance about its batch "
+            f"mean, which needs at least 2 rows; argument 'residual' has shape {tuple(residual.shape)}"
+        )
     if detach_residual is None:
         detach_residual = convention == "normalized"
     return _auxk(xp, pre, dead, residual, W_dec, k_aux, convention, detach_residual)

@@ -448,6 +448,15 @@ def test_auxk_k_not_an_int(backend, k):
         _auxk(args)
 
 
+def test_auxk_normalized_needs_two_rows(backend):
+    """One row has no variance about the batch mean: the normalized convention refuses it."""
+    args = _auxk_args(backend)
+    one = {**args, "pre": args["pre"][:1, :], "residual": args["residual"][:1, :]}
+    with pytest.raises(ValueError, match=named("auxk", "residual")):
+        _auxk(one, convention="normalized")
+    assert float(_auxk(one, convention="authors").value) >= 0.0
+
+
 @pytest.mark.parametrize("convention", ["openai", "Authors", None])
 def test_auxk_unknown_convention(backend, convention):
     with pytest.raises(ValueError, match=named("auxk", "convention")):
