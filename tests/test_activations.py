@@ -23,6 +23,7 @@ from sae_ref.activations import (
     threshold,
     topk,
 )
+from sae_ref.validation.oracles import top_n_mask_oracle
 from sae_ref.validation.strategies import pre_activations
 
 DTYPES = (np.float32, np.float64)
@@ -34,20 +35,7 @@ def matrices(**kw):
 
 
 # --- oracles (float64 NumPy) ------------------------------------------------------------------
-def oracle_top_n(z, n: int, axis) -> np.ndarray:
-    """Mask of the n largest under the tie rule: order by (-value, index), take the first n."""
-    z = np.asarray(z, dtype=np.float64)
-    if axis is None:
-        flat = z.reshape(-1)
-        order = np.lexsort((np.arange(flat.size), -flat))
-        mask = np.zeros(flat.size, dtype=bool)
-        mask[order[:n]] = True
-        return mask.reshape(z.shape)
-    mask = np.zeros(z.shape, dtype=bool)
-    cols = np.arange(z.shape[1])
-    for b in range(z.shape[0]):
-        mask[b, np.lexsort((cols, -z[b]))[:n]] = True
-    return mask
+oracle_top_n = top_n_mask_oracle
 
 
 def oracle_topk(z, k):

@@ -19,6 +19,7 @@ from sae_ref.auxk import auxk
 from sae_ref.decoder import constrained_step, project_grad, renormalize
 from sae_ref.sae import SAEConfig, SAEParams
 from sae_ref.sparse import SparseCode
+from sae_ref.validation.oracles import assert_close, finite_difference_check, torch_grad, torch_leaf
 from sae_ref.validation.strategies import sae_problems, unit_rows
 
 SEEDS = st.integers(0, 2**32 - 1)
@@ -27,20 +28,8 @@ CONVENTIONS = ("authors", "normalized")
 
 
 # --- helpers ----------------------------------------------------------------------------------
-def tt(a, grad: bool = True) -> torch.Tensor:
-    return torch.tensor(np.array(a, dtype=np.float64), dtype=torch.float64, requires_grad=grad)
-
-
-def tgrad(t: torch.Tensor) -> np.ndarray:
-    return np.zeros(tuple(t.shape)) if t.grad is None else t.grad.detach().numpy()
-
-
-def assert_close(actual, expected, *, rtol=1e-9, atol=1e-11, what=""):
-    actual = np.asarray(actual, dtype=np.float64)
-    expected = np.asarray(expected, dtype=np.float64)
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
-    scale = max(1.0, float(np.max(np.abs(expected)))) if expected.size else 1.0
-    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol * scale, err_msg=what)
+tt = torch_leaf
+tgrad = torch_grad
 
 
 def scalar(a) -> float:
@@ -60,26 +49,7 @@ def dense(code: SparseCode) -> np.ndarray:
     return out
 
 
-def fd_check(fun, arr, grad, seed, *, n=3, step=1e-6, tol=2e-6, what=""):
-    """Central differences at ``n`` random coordinates; ``fun`` may return None (skip)."""
-    arr = np.asarray(arr, dtype=np.float64)
-    grad = np.asarray(grad, dtype=np.float64)
-    assert arr.shape == grad.shape
-    if arr.size == 0:
-        return
-    f0 = fun(arr)
-    rng = np.random.default_rng(seed)
-    for i in rng.choice(arr.size, size=min(n, arr.size), replace=False):
-        plus, minus = arr.copy(), arr.copy()
-        plus.flat[i] += step
-        minus.flat[i] -= step
-        fp, fm = fun(plus), fun(minus)
-        if fp is None or fm is None:
-            continue
-        fd = (fp - fm) / (2 * step)
-        g = float(grad.flat[i])
-        bound = tol * (1.0 + abs(g) + abs(f0 or 0.0))
-        assert abs(fd - g) <= bound, f"{what}: FD {fd!r} != grad {g!r} at {i}"
+fd_check = finite_difference_check
 
 
 def auxk_oracle(pre, dead, residual, W_dec, k_aux, convention):

@@ -23,6 +23,7 @@ from sae_ref import sae as S
 from sae_ref.arrays import to_numpy
 from sae_ref.sae import SAEConfig, SAEParams
 from sae_ref.sparse import SparseCode
+from sae_ref.validation.oracles import assert_close, finite_difference_check, torch_grad, torch_leaf
 from sae_ref.validation.strategies import sae_problems
 
 SEEDS = st.integers(0, 2**32 - 1)
@@ -30,52 +31,11 @@ PARAM_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
 
 
 # --- helpers ----------------------------------------------------------------------------------
-def tt(a, grad: bool = True) -> torch.Tensor:
-    """A float64 torch leaf tensor holding a copy of ``a``."""
-    return torch.tensor(np.array(a, dtype=np.float64), dtype=torch.float64, requires_grad=grad)
+tt = torch_leaf
+tgrad = torch_grad
 
 
-def tgrad(t: torch.Tensor) -> np.ndarray:
-    """The gradient torch accumulated on ``t`` (zeros when the graph never reached it)."""
-    return np.zeros(tuple(t.shape)) if t.grad is None else t.grad.detach().numpy()
-
-
-def assert_close(actual, expected, *, rtol=1e-9, atol=1e-11, what=""):
-    """Elementwise closeness with the absolute tolerance scaled by the size of ``expected``."""
-    actual = np.asarray(actual, dtype=np.float64)
-    expected = np.asarray(expected, dtype=np.float64)
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
-    scale = max(1.0, float(np.max(np.abs(expected)))) if expected.size else 1.0
-    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol * scale, err_msg=what)
-
-
-def fd_check(fun, arr, grad, seed, *, n=3, rel_step=1e-6, tol=2e-6, what=""):
-    """Central finite differences of ``fun`` at ``n`` random coordinates of ``arr``.
-
-    ``fun(array) -> float`` or ``None`` when the point leaves the smooth region (then the
-    coordinate is skipped: there is no derivative to compare with).
-    """
-    arr = np.asarray(arr, dtype=np.float64)
-    grad = np.asarray(grad, dtype=np.float64)
-    assert grad.shape == arr.shape, f"{what}: gradient shape {grad.shape} != {arr.shape}"
-    if arr.size == 0:
-        return
-    f0 = fun(arr)
-    rng = np.random.default_rng(seed)
-    for i in rng.choice(arr.size, size=min(n, arr.size), replace=False):
-        step = rel_step * max(1.0, abs(float(arr.flat[i])))
-        plus, minus = arr.copy(), arr.copy()
-        plus.flat[i] += step
-        minus.flat[i] -= step
-        fp, fm = fun(plus), fun(minus)
-        if fp is None or fm is None:
-            continue
-        fd = (fp - fm) / (2 * step)
-        g = float(grad.flat[i])
-        bound = tol * (1.0 + abs(g) + abs(f0 if f0 is not None else 0.0))
-        assert abs(fd - g) <= bound, (
-            f"{what}: finite difference {fd!r} != gradient {g!r} at flat index {i} "
-            f"(|diff| = {abs(fd - g):.3g} > {bound:.3g})")
+fd_check = finite_difference_check
 
 
 def scalar(backend, a) -> float:

@@ -13,6 +13,7 @@ from array_api_compat import device as device_of
 from hypothesis import given, strategies as st
 
 from sae_ref.backends import get_backend, top_n_mask
+from sae_ref.validation.oracles import top_n_mask_oracle
 from sae_ref.validation.strategies import pre_activations
 
 DTYPES = (np.float32, np.float64)
@@ -29,21 +30,7 @@ def n_in(data, hi: int) -> int:
 
 
 # --- oracles (float64 NumPy, independent of the library) --------------------------------------
-def oracle_top_n(z, n: int, axis) -> np.ndarray:
-    """Mask of the n largest under the tie rule: order by (-value, index), take the first n."""
-    z = np.asarray(z, dtype=np.float64)
-    if axis is None:
-        flat = z.reshape(-1)
-        order = np.lexsort((np.arange(flat.size), -flat))
-        mask = np.zeros(flat.size, dtype=bool)
-        mask[order[:n]] = True
-        return mask.reshape(z.shape)
-    mask = np.zeros(z.shape, dtype=bool)
-    cols = np.arange(z.shape[1])
-    for b in range(z.shape[0]):
-        order = np.lexsort((cols, -z[b]))
-        mask[b, order[:n]] = True
-    return mask
+oracle_top_n = top_n_mask_oracle
 
 
 def oracle_kth_largest(z, n: int, axis) -> np.ndarray:
