@@ -10,7 +10,7 @@ backend.
 from __future__ import annotations
 
 import numpy as np
-import torch
+import pytest
 from hypothesis import assume, given, strategies as st
 
 from sae_ref import sae as S
@@ -21,6 +21,8 @@ from sae_ref.sae import SAEConfig, SAEParams
 from sae_ref.sparse import SparseCode
 from sae_ref.validation.oracles import assert_close, finite_difference_check, torch_grad, torch_leaf
 from sae_ref.validation.strategies import sae_problems, unit_rows
+
+torch = pytest.importorskip("torch")
 
 SEEDS = st.integers(0, 2**32 - 1)
 PARAM_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")

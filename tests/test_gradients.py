@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from hypothesis import assume, given, strategies as st
 
 from sae_ref import losses
@@ -25,6 +24,8 @@ from sae_ref.sae import SAEConfig, SAEParams
 from sae_ref.sparse import SparseCode
 from sae_ref.validation.oracles import assert_close, finite_difference_check, torch_grad, torch_leaf
 from sae_ref.validation.strategies import sae_problems
+
+torch = pytest.importorskip("torch")
 
 SEEDS = st.integers(0, 2**32 - 1)
 PARAM_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
