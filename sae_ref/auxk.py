@@ -107,9 +107,12 @@ def _auxk(xp, pre, dead, residual, W_dec, k_aux, convention, detach_residual) ->
         code = empty_code(xp, (B, h), pre.dtype, device_of(pre))
         g_res = None if detach_residual else xp.zeros_like(residual)
         return AuxKResult(zero, code, code.values, xp.zeros_like(W_dec), g_res)
-    zero = xp.zeros((), dtype=pre.dtype, device=device_of(pre))
-    pre_dead = xp.where(dead[None, :], pre, zero)
-    code = _topk(pre_dead, min(k_aux, n_dead))
+    # select among the dead columns only ([B, n_dead], not a masked copy of [B, h]); dead_idx
+    # is ascending, so the lower-index tie rule in the subset is the rule in the full matrix
+    (dead_idx,) = xp.nonzero(dead)
+    dead_idx = xp.astype(dead_idx, xp.int64)
+    sub = _topk(xp.take(pre, dead_idx, axis=1), min(k_aux, n_dead))
+    code = SparseCode(sub.rows, xp.take(dead_idx, sub.cols), sub.values, (B, h))
     e_hat = be.spmm(code.rows, code.cols, code.values, W_dec, B)
     r = e_hat - residual
     if convention == "authors":

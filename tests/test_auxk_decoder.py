@@ -377,15 +377,21 @@ def test_project_grad_orthogonal(backend, data):
     assert np.all(np.abs(cross) <= 1e-9 * (1 + row_norms(g)))
 
 
-@given(decoders(), st.sampled_from([1e-3, 0.1, 10.0]))
-def test_constrained_step_after_gives_unit_rows(backend, data, lr):
-    W, g = data
+def recording_sgd(lr):
+    """An SGD step that records the decoder and gradient it was given."""
     seen = {}
 
     def sgd(Wi, gi):
         seen["W"], seen["g"] = to_numpy(Wi), to_numpy(gi)
         return Wi - lr * gi
 
+    return seen, sgd
+
+
+@given(decoders(), st.sampled_from([1e-3, 0.1, 10.0]))
+def test_constrained_step_after_gives_unit_rows(backend, data, lr):
+    W, g = data
+    seen, sgd = recording_sgd(lr)
     out = to_numpy(constrained_step(backend.asarray(W), backend.asarray(g), sgd, order="after"))
     # the step sees the raw rows and the projected gradient
     assert_close(seen["W"], W, what="step input W")
@@ -397,12 +403,7 @@ def test_constrained_step_after_gives_unit_rows(backend, data, lr):
 @given(decoders(), st.sampled_from([1e-4, 1e-3]))
 def test_constrained_step_before_renormalises_then_steps(backend, data, lr):
     W, g = data
-    seen = {}
-
-    def sgd(Wi, gi):
-        seen["W"], seen["g"] = to_numpy(Wi), to_numpy(gi)
-        return Wi - lr * gi
-
+    seen, sgd = recording_sgd(lr)
     out = to_numpy(constrained_step(backend.asarray(W), backend.asarray(g), sgd, order="before"))
     assert np.all(np.abs(row_norms(seen["W"]) - 1.0) <= 1e-12), "rows not unit before the step"
     assert_orthogonal(seen["g"], seen["W"], "projected gradient vs renormalised rows")
