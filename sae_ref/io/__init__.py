@@ -1,0 +1,1 @@
+"""Files out: training checkpoints and the SAELens on-disk format, written atomically."""
