@@ -275,6 +275,11 @@ def _decode(xp, params, code):
 def forward(params: SAEParams, x, config: SAEConfig) -> Forward:
     """Encode and decode ``x``, keeping what :func:`backward` needs."""
     xp = _check_params("forward", params, x, config)
+    return _forward(xp, params, x, config)
+
+
+def _forward(xp, params: SAEParams, x, config: SAEConfig) -> Forward:
+    """:func:`forward` without the argument checks (training loops check once)."""
     stats = None
     if config.standardize:
         x, stats = _standardize(xp, x, 1e-5)

@@ -1,0 +1,105 @@
+r"""Adam, learning-rate and coefficient schedules, and gradient clipping, on the Array API.
+
+Adam (Kingma & Ba 2015) with PyTorch's arithmetic, so a step here and ``torch.optim.Adam``
+agree to rounding:
+
+.. math::
+    m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t, \qquad v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2,
+
+.. math::
+    p_t = p_{t-1} - \frac{\eta}{1-\beta_1^t}\,
+          \frac{m_t}{\sqrt{v_t}/\sqrt{1-\beta_2^t} + \epsilon}.
+
+The step count ``t`` and the learning rate are Python numbers known on the host (schedules
+depend on ``t`` only), so an update reads nothing back from the device.
+
+>>> import numpy as np
+>>> from sae_ref.sae import init_params
+>>> from sae_ref.optim import adam_init, adam_update
+>>> p = init_params(4, 8, xp=np, seed=0)
+>>> new, state = adam_update(p, p, adam_init(p), lr=1e-3, t=1)
+>>> bool(np.all(np.abs(new.W_enc - p.W_enc) <= 1e-3 + 1e-7))   # |first step| <= lr
+True
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from array_api_compat import array_namespace
+
+from sae_ref.sae import SAEParams
+
+
+@dataclass(frozen=True)
+class AdamState:
+    """Adam's first and second moments, one array per parameter (same shapes)."""
+
+    m: SAEParams
+    v: SAEParams
+
+
+def adam_init(params: SAEParams) -> AdamState:
+    """Zero moments shaped like ``params``."""
+    xp = array_namespace(params.W_enc)
+    zeros = params.map(xp.zeros_like)
+    return AdamState(zeros, zeros)
+
+
+def adam_update(params: SAEParams, grads: SAEParams, state: AdamState, *, lr: float, t: int,
+                betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                frozen: tuple[str, ...] = ()) -> tuple[SAEParams, AdamState]:
+    """One Adam step (``t`` counts from 1); parameters named in ``frozen`` are left alone.
+
+    A frozen parameter keeps its value and its moments, as PyTorch does for a parameter whose
+    gradient is ``None``.
+    """
+    b1, b2 = betas
+    bc1 = 1.0 - b1**t
+    bc2_sqrt = (1.0 - b2**t) ** 0.5
+    xp = array_namespace(params.W_enc)
+    new_p, new_m, new_v = {}, {}, {}
+    for name, p in params.arrays().items():
+        if name in frozen:
+            continue
+        g = getattr(grads, name)
+        m = b1 * getattr(state.m, name) + (1.0 - b1) * g
+        v = b2 * getattr(state.v, name) + (1.0 - b2) * (g * g)
+        new_p[name] = p - (lr / bc1) * (m / (xp.sqrt(v) / bc2_sqrt + eps))
+        new_m[name], new_v[name] = m, v
+    return replace(params, **new_p), AdamState(replace(state.m, **new_m), replace(state.v, **new_v))
+
+
+def global_norm(grads: SAEParams):
+    """:math:`\\sqrt{\\sum_p \\|g_p\\|^2}` over every gradient, a 0-D array (no host read)."""
+    xp = array_namespace(grads.W_enc)
+    return xp.sqrt(sum(xp.sum(g * g) for g in grads.arrays().values()))
+
+
+def clip_by_global_norm(grads: SAEParams, max_norm: float):
+    """Scale every gradient by :math:`\\min(1, c / (\\|g\\| + 10^{-6}))` (PyTorch's rule).
+
+    Returns ``(clipped, norm)`` with ``norm`` the norm before clipping (0-D array).
+    """
+    xp = array_namespace(grads.W_enc)
+    norm = global_norm(grads)
+    scale = xp.minimum(max_norm / (norm + 1e-6), xp.ones_like(norm))
+    return grads.map(lambda g: g * scale), norm
+
+
+def linear_warmup_decay(t: int, *, base: float, warmup: int = 0, decay: int = 0,
+                        total: int | None = None) -> float:
+    """A value ramped linearly from ``base/warmup`` to ``base`` over the first ``warmup`` steps,
+    then constant, then decayed linearly to 0 over the last ``decay`` of ``total`` steps.
+
+    >>> [linear_warmup_decay(t, base=1.0, warmup=4) for t in (1, 2, 4, 9)]
+    [0.25, 0.5, 1.0, 1.0]
+    >>> [linear_warmup_decay(t, base=1.0, decay=2, total=10) for t in (8, 9, 10)]
+    [1.0, 0.5, 0.0]
+    """
+    value = base
+    if warmup > 0 and t < warmup:
+        value = base * t / warmup
+    if decay > 0 and total is not None and t > total - decay:
+        value = min(value, base * max(total - t, 0) / decay)
+    return value

@@ -1,0 +1,464 @@
+r"""Training as a pure function: ``step(state, batch) -> (state, metrics)``.
+
+One step, for every architecture:
+
+1. forward (standardise if configured, encode, select, decode from the sparse code);
+2. the reconstruction loss and its gradient on :math:`\hat x` (``loss_unit``);
+3. the sparsity term of the architecture (L1, sqrt-L1, JumpReLU L0; none for TopK/BatchTopK),
+   its coefficient warmed up linearly over ``sparsity_warmup_steps``;
+4. the dead-latent counters (tokens since each latent last fired, the current batch
+   included) and AuxK over the dead latents;
+5. the hand-written sparse backward (:func:`sae_ref.sae.backward`);
+6. the decoder constraint (``decoder_order``: renormalise and project before the step, or
+   project, step, renormalise), gradient clipping by global norm, Adam with warm-up and decay;
+7. for BatchTopK, the inference threshold estimator (:mod:`sae_ref.theta`).
+
+Every array of the state lives on the batch's backend and device. The metrics are 0-D arrays
+left on the device: read them every N steps, not every step (each read is a host sync).
+:func:`step` checks the batch for NaN/inf once (one host read) unless ``check=False``; the
+training loop checks batches on the host before moving them and passes ``check=False``.
+
+Presets (:data:`PRESETS`) reproduce named sources; :class:`TrainConfig`'s defaults are
+sae-ref's own ("sae-ref"): the BatchTopK authors' recipe with a trained ``b_enc`` and the
+running-mean :math:`\theta`.
+
+>>> import numpy as np
+>>> from sae_ref.train import TrainConfig, init_state, step
+>>> cfg = TrainConfig(arch="batchtopk", h=32, k=2, k_aux=8)
+>>> x = np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32)
+>>> state = init_state(cfg, x)
+>>> state, metrics = step(state, x)
+>>> state.t, float(metrics["l0"])
+(1, 2.0)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+from array_api_compat import array_namespace, device as device_of
+
+from sae_ref import _checks as C
+from sae_ref import auxk as K
+from sae_ref import decoder as D
+from sae_ref import losses as L
+from sae_ref import optim as O
+from sae_ref import theta as T
+from sae_ref.sae import SAEConfig, SAEParams, _check_params, _forward, _standardize, backward, init_params
+
+#: The smallest JumpReLU threshold a linear (not log) parameterisation is clipped to.
+THETA_MIN = 1e-6
+ARCHS = ("batchtopk", "topk", "jumprelu", "relu-l1", "sqrt-l1")
+_ACTIVATION = {"batchtopk": "batchtopk", "topk": "topk", "jumprelu": "jumprelu",
+               "relu-l1": "relu", "sqrt-l1": "relu"}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every hyperparameter of a training run (JSON-serialisable; saved in checkpoints).
+
+    Architecture: ``arch`` one of :data:`ARCHS`; ``h`` latents; ``k`` (TopK/BatchTopK).
+    Loss: ``loss_unit`` "element" (mean over B d, the BatchTopK authors) or "sample" (sum over
+    d, mean over B); ``standardize`` per-row standardisation of inputs; ``sparsity_coeff``
+    :math:`\\lambda` of L1 / sqrt-L1 / L0 with a linear warm-up over ``sparsity_warmup_steps``;
+    ``l1_decoder_norm`` weights L1 by the decoder row norms. JumpReLU: ``theta_init``,
+    ``bandwidth``, ``log_theta`` (Adam on log theta, as the paper's code).
+    AuxK: ``aux_convention`` "authors" | "normalized" | None (off), ``k_aux`` (None: d // 2),
+    ``aux_coeff``, ``dead_after`` in ``dead_unit`` ("batches" or "tokens"), ``detach_residual``
+    (None: the convention's default).
+    Decoder: ``decoder_order`` "before" | "after" | "none". ``b_dec_init`` "zeros" | "mean" |
+    "geometric_median" (of the first batch); ``freeze_b_enc``.
+    Optimiser: Adam ``lr`` (None: :math:`2\\cdot10^{-4}/\\sqrt{h/2^{14}}`), ``betas``,
+    ``adam_eps``, ``lr_warmup_steps``, ``lr_decay_steps`` (linear to 0 over the last steps of
+    ``steps``), ``max_grad_norm`` (None: no clipping).
+    BatchTopK :math:`\\theta`: ``theta_estimator`` (see :mod:`sae_ref.theta`), ``theta_window``.
+    ``nonfinite``: "raise" or "skip" a batch with NaN/inf. ``seed`` of the initialisation.
+    """
+
+    arch: str = "batchtopk"
+    h: int = 16384
+    k: int | None = 32
+    steps: int = 10_000
+    standardize: bool = True
+    loss_unit: str = "element"
+    sparsity_coeff: float = 0.0
+    sparsity_warmup_steps: int = 0
+    l1_decoder_norm: bool = False
+    sqrt_eps: float = 1e-6
+    theta_init: float = 0.001
+    bandwidth: float = 0.001
+    log_theta: bool = True
+    aux_convention: str | None = "authors"
+    k_aux: int | None = 512
+    aux_coeff: float = 1 / 32
+    dead_after: int = 5
+    dead_unit: str = "batches"
+    detach_residual: bool | None = None
+    decoder_order: str = "before"
+    b_dec_init: str = "zeros"
+    freeze_b_enc: bool = False
+    lr: float | None = 3e-4
+    betas: tuple[float, float] = (0.9, 0.99)
+    adam_eps: float = 1e-8
+    lr_warmup_steps: int = 0
+    lr_decay_steps: int = 0
+    max_grad_norm: float | None = None
+    theta_estimator: str = "running_mean"
+    theta_window: int = 1000
+    nonfinite: str = "raise"
+    seed: int = 0
+    preset: str = "sae-ref"
+
+    def __post_init__(self):
+        op = "TrainConfig"
+        C.choice(op, "arch", self.arch, ARCHS)
+        C.integer_in(op, "h", self.h, 1, 2**40)
+        if self.arch in ("topk", "batchtopk"):
+            C.integer_in(op, "k", self.k, 1, self.h, f" for arch {self.arch!r} (h = {self.h})")
+        C.integer_in(op, "steps", self.steps, 1, 2**62)
+        C.choice(op, "loss_unit", self.loss_unit, L.UNITS)
+        C.choice(op, "aux_convention", self.aux_convention, (*K.CONVENTIONS, None))
+        C.choice(op, "dead_unit", self.dead_unit, ("batches", "tokens"))
+        C.choice(op, "decoder_order", self.decoder_order, (*D.ORDERS, "none"))
+        C.choice(op, "b_dec_init", self.b_dec_init, ("zeros", "mean", "geometric_median"))
+        C.choice(op, "theta_estimator", self.theta_estimator, T.KINDS)
+        C.choice(op, "nonfinite", self.nonfinite, ("raise", "skip"))
+        if self.k_aux is not None:
+            C.integer_in(op, "k_aux", self.k_aux, 1, 2**62)
+        C.integer_in(op, "dead_after", self.dead_after, 1, 2**62)
+        for name in ("sparsity_coeff", "aux_coeff"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"{op}: argument '{name}' must be a finite number >= 0, got {getattr(self, name)!r}")
+        if self.lr is not None:
+            C.positive_number(op, "lr", self.lr)
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"{op}: argument 'betas' must be two numbers in [0, 1), got {self.betas!r}")
+        if self.max_grad_norm is not None:
+            C.positive_number(op, "max_grad_norm", self.max_grad_norm)
+        C.positive_number(op, "theta_init", self.theta_init)
+        C.positive_number(op, "bandwidth", self.bandwidth)
+        for name in ("sparsity_warmup_steps", "lr_warmup_steps", "lr_decay_steps"):
+            C.integer_in(op, name, getattr(self, name), 0, 2**62)
+
+    def sae_config(self, theta: float | None = None) -> SAEConfig:
+        """The :class:`~sae_ref.sae.SAEConfig` the forward pass uses."""
+        return SAEConfig(_ACTIVATION[self.arch], k=self.k if self.arch in ("topk", "batchtopk") else None,
+                         bandwidth=self.bandwidth, standardize=self.standardize)
+
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else 2e-4 / math.sqrt(self.h / 2**14)
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["betas"] = list(self.betas)
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"TrainConfig.from_dict: unknown keys {sorted(unknown)}")
+        d = dict(d)
+        if "betas" in d:
+            d["betas"] = tuple(d["betas"])
+        return cls(**d)
+
+
+#: Named configurations reproducing a source's conventions; each is one name.
+PRESETS: dict[str, dict[str, Any]] = {
+    # sae-ref's default: the BatchTopK authors' recipe, b_enc trained, running-mean theta
+    "sae-ref": {},
+    # BatchTopK authors (Bussmann et al. 2024, their public code): b_enc exists but is never
+    # read (frozen at zero), per-row standardisation, mean-over-elements loss, AuxK dead after
+    # 5 batches, k_aux 512, 1/32, residual not detached, renormalise before the step, Adam 3e-4
+    # (0.9, 0.99), no schedule, gradient clipping at 1e5 (their default max_grad_norm)
+    "authors": dict(freeze_b_enc=True, max_grad_norm=100_000.0, detach_residual=False),
+    # dictionary_learning's BatchTopK trainer: b_dec from the geometric median of the first
+    # batch, sum-over-d loss, normalised AuxK (k_aux = d/2, detached residual) for latents dead
+    # after 10M tokens, project -> clip at 1 -> Adam(0.9, 0.999) -> renormalise, lr
+    # 2e-4/sqrt(h/2^14) with 1000 warm-up steps, theta: its moving average from step 1000
+    "dictionary_learning": dict(
+        standardize=False, loss_unit="sample", aux_convention="normalized", k_aux=None,
+        dead_after=10_000_000, dead_unit="tokens", decoder_order="after",
+        b_dec_init="geometric_median", lr=None, betas=(0.9, 0.999), lr_warmup_steps=1000,
+        max_grad_norm=1.0, theta_estimator="dictionary_learning"),
+    # OpenAI (Gao et al. 2024): as above for AuxK and the decoder, k_aux = 256, b_dec from the
+    # first batch's geometric median, no theta of their own (sae-ref's running mean)
+    "openai": dict(
+        standardize=False, loss_unit="sample", aux_convention="normalized", k_aux=256,
+        dead_after=10_000_000, dead_unit="tokens", decoder_order="after",
+        b_dec_init="geometric_median", betas=(0.9, 0.999), adam_eps=6.25e-10, max_grad_norm=1.0),
+    # SAELens' BatchTopK: as dictionary_learning for the losses, theta by an EMA from 0
+    "saelens": dict(
+        standardize=False, loss_unit="sample", aux_convention="normalized", k_aux=None,
+        dead_after=10_000_000, dead_unit="tokens", decoder_order="after", betas=(0.9, 0.999),
+        theta_estimator="saelens_ema"),
+}
+
+
+def preset(name: str, **overrides) -> TrainConfig:
+    """The named preset's :class:`TrainConfig`, with ``overrides`` applied on top."""
+    C.choice("preset", "name", name, tuple(PRESETS))
+    return TrainConfig(**{**PRESETS[name], "preset": name, **overrides})
+
+
+@dataclass(frozen=True)
+class TrainState:
+    """Everything a step reads and writes.
+
+    config : TrainConfig (static)
+    params : SAEParams (JumpReLU: ``theta`` is the threshold itself even with ``log_theta``)
+    opt : Adam moments
+    t : steps taken (host integer)
+    since_fired : tokens since each latent last fired, int64 [h]
+    theta : the BatchTopK inference-threshold estimator
+    tokens : tokens trained on (host integer)
+    skipped : batches skipped because they held NaN/inf (host integer)
+    k_aux : the resolved AuxK k (``config.k_aux`` or d // 2)
+    """
+
+    config: TrainConfig
+    params: SAEParams
+    opt: O.AdamState
+    t: int
+    since_fired: Any
+    theta: T.ThetaState
+    tokens: int = 0
+    skipped: int = 0
+    k_aux: int = 1
+
+
+def geometric_median(x, *, iters: int = 100, tol: float = 1e-5):
+    """The geometric median of the rows of ``x`` by Weiszfeld's iteration (fixed budget)."""
+    xp = array_namespace(x)
+    y = xp.mean(x, axis=0)
+    for _ in range(iters):
+        dist = xp.linalg.vector_norm(x - y, axis=1)
+        w = 1.0 / xp.maximum(dist, xp.full_like(dist, 1e-12))
+        y_new = xp.sum(w[:, None] * x, axis=0) / xp.sum(w)
+        moved = float(xp.linalg.vector_norm(y_new - y))
+        y = y_new
+        if moved < tol * float(xp.linalg.vector_norm(y) + 1e-12):
+            break
+    return y
+
+
+def init_state(config: TrainConfig, first_batch, *, stream: str = "host") -> TrainState:
+    """A fresh state on ``first_batch``'s backend, device and dtype (the batch sets d and,
+    for ``b_dec_init`` "mean"/"geometric_median", the decoder bias; it is not trained on)."""
+    xp = C.namespace("init_state", first_batch=first_batch)
+    C.floating("init_state", xp, "first_batch", first_batch, ndim=2)
+    C.nonempty_batch("init_state", "first_batch", first_batch)
+    B, d = first_batch.shape
+    dev, dtype = device_of(first_batch), first_batch.dtype
+    theta = config.theta_init if config.arch == "jumprelu" else None
+    params = init_params(d, config.h, xp=xp, dtype=dtype, device=dev, seed=config.seed,
+                         theta=theta, stream=stream)
+    if config.b_dec_init != "zeros":
+        C.finite("init_state", xp, "first_batch", first_batch)
+        x = first_batch
+        if config.standardize:
+            x, _ = _standardize(xp, x, 1e-5)
+        b_dec = xp.mean(x, axis=0) if config.b_dec_init == "mean" else geometric_median(x)
+        params = replace(params, b_dec=b_dec)
+    est = T.theta_init(config.theta_estimator, xp=xp, dtype=dtype, device=dev, window=config.theta_window)
+    k_aux = config.k_aux if config.k_aux is not None else max(d // 2, 1)
+    since = xp.zeros((config.h,), dtype=xp.int64, device=dev)
+    return TrainState(config, params, O.adam_init(params), 0, since, est, 0, 0, k_aux)
+
+
+def _dead_after_tokens(config: TrainConfig, B: int) -> int:
+    return config.dead_after * B if config.dead_unit == "batches" else config.dead_after
+
+
+def _sparsity(xp, config, fwd, params, coeff):
+    """The architecture's sparsity term: (value, g_code, g_theta, g_W_dec), scaled by coeff."""
+    a = config.arch
+    zero = xp.zeros((), dtype=fwd.x.dtype, device=device_of(fwd.x))
+    if a in ("topk", "batchtopk"):
+        return zero, None, None, None
+    if a == "jumprelu":
+        value, g_theta = L._jumprelu_l0(xp, fwd.pre, params.theta, fwd.bandwidth, fwd.window)
+        return coeff * value, None, coeff * g_theta, None
+    if fwd.code.nnz == 0:
+        return zero, None, None, None
+    if a == "sqrt-l1":
+        value, g = L.sqrt_l1(fwd.code, eps=config.sqrt_eps)
+        return coeff * value, coeff * g, None, None
+    value, g, g_W = L.l1(fwd.code, params.W_dec if config.l1_decoder_norm else None)
+    return coeff * value, coeff * g, None, None if g_W is None else coeff * g_W
+
+
+def _is_finite(xp, x) -> bool:
+    return bool(xp.all(xp.isfinite(x)))
+
+
+def step(state: TrainState, batch, *, check: bool = True) -> tuple[TrainState, dict]:
+    """One training step on ``batch`` [B, d]; returns the new state and the step's metrics.
+
+    Metrics (0-D arrays on the device unless noted): ``loss`` (the total), ``mse`` (in
+    ``loss_unit``), ``nmse`` (pooled, about zero), ``sparsity``, ``aux``, ``l0`` (mean kept
+    per sample), ``dead_fraction``, ``grad_norm``, ``theta`` (BatchTopK: the current
+    estimate), and the host numbers ``lr``, ``step``, ``tokens``, ``skipped``.
+
+    With ``check=True`` a batch containing NaN/inf raises ValueError (``nonfinite="raise"``)
+    or is skipped and counted (``"skip"``); the training loop checks on the host instead and
+    passes ``check=False`` so the hot path reads nothing back.
+    """
+    config, params = state.config, state.params
+    with C.no_checks():
+        xp = _check_params("step", params, None)
+    C.namespace("step", batch=batch, W_enc=params.W_enc)
+    C.floating("step", xp, "batch", batch, ndim=2, shape=(None, params.d))
+    C.same_dtype("step", batch=batch, W_enc=params.W_enc)
+    C.nonempty_batch("step", "batch", batch)
+    if check and not _is_finite(xp, batch):
+        if config.nonfinite == "raise":
+            raise ValueError(f"step: argument 'batch' contains NaN or inf (step {state.t + 1}); "
+                             "set nonfinite='skip' to skip such batches and count them")
+        return replace(state, skipped=state.skipped + 1), {"skipped": state.skipped + 1, "step": state.t}
+    return _step(xp, state, batch)
+
+
+def _step(xp, state: TrainState, x):
+    config, params = state.config, state.params
+    t = state.t + 1
+    B = x.shape[0]
+    fwd = _forward(xp, params, x, config.sae_config())
+    mse, g_xhat = L._mse(xp, fwd.x_hat, fwd.x, config.loss_unit)
+    coeff = O.linear_warmup_decay(t, base=config.sparsity_coeff, warmup=config.sparsity_warmup_steps)
+    sparsity, g_code, g_theta, g_W_sp = _sparsity(xp, config, fwd, params, coeff)
+    # dead-latent counters: tokens since each latent last fired, the current batch included
+    fired = fwd.code.latent_counts() > 0
+    since = xp.where(fired, xp.zeros_like(state.since_fired), state.since_fired + B)
+    dead = since >= _dead_after_tokens(config, B)
+    aux_value = xp.zeros((), dtype=x.dtype, device=device_of(x))
+    g_pre_extra, g_W_extra = None, g_W_sp
+    if config.aux_convention is not None and (config.aux_convention == "authors" or B >= 2):
+        aux = K._auxk(xp, fwd.pre, dead, fwd.x - fwd.x_hat, params.W_dec, state.k_aux,
+                      config.aux_convention, _detach(config))
+        c = config.aux_coeff
+        aux_value = c * aux.value
+        if aux.g_residual is not None:  # the residual x - x_hat depends on the SAE too
+            g_xhat = g_xhat - c * aux.g_residual
+        if aux.code.nnz:
+            g_pre_extra = aux.code.with_values(c * aux.g_values)
+            g_W_extra = c * aux.g_W_dec if g_W_extra is None else g_W_extra + c * aux.g_W_dec
+    grads = backward(params, fwd, g_xhat, g_code=g_code, g_theta=g_theta,
+                     g_pre_extra=g_pre_extra, g_W_dec_extra=g_W_extra)
+    params, opt, grad_norm = _update(xp, state, params, grads, t)
+    est = state.theta
+    if config.arch == "batchtopk":
+        est = T.theta_update(est, T.batch_min_kept(fwd.code.values), step=t)
+    new = replace(state, params=params, opt=opt, t=t, since_fired=since, theta=est,
+                  tokens=state.tokens + B)
+    metrics = {
+        "loss": mse + sparsity + aux_value, "mse": mse, "nmse": _nmse(xp, fwd.x_hat, fwd.x), "sparsity": sparsity,
+        "aux": aux_value, "l0": xp.sum(fwd.code.l0()) / B,
+        "dead_fraction": xp.astype(xp.count_nonzero(dead), x.dtype) / config.h,
+        "grad_norm": grad_norm, "lr": _lr(config, t), "step": t, "tokens": new.tokens,
+        "skipped": state.skipped,
+    }
+    if config.arch == "batchtopk":
+        metrics["theta"] = T.theta_value(est)
+    return new, metrics
+
+
+def _detach(config: TrainConfig) -> bool:
+    if config.detach_residual is not None:
+        return config.detach_residual
+    return config.aux_convention == "normalized"
+
+
+def _nmse(xp, x_hat, x):
+    r = x_hat - x
+    return xp.sum(r * r) / xp.sum(x * x)
+
+
+def _lr(config: TrainConfig, t: int) -> float:
+    return O.linear_warmup_decay(t, base=config.learning_rate(), warmup=config.lr_warmup_steps,
+                                 decay=config.lr_decay_steps, total=config.steps)
+
+
+def _update(xp, state, params, grads, t):
+    """Decoder constraint, clipping and Adam, in the configured order."""
+    config = state.config
+    order = config.decoder_order
+    if order == "before":  # rows unit-norm, gradient projected, then the step
+        W = D._unit(xp, params.W_dec)
+        params = replace(params, W_dec=W)
+        grads = replace(grads, W_dec=D._project(xp, W, grads.W_dec))
+    elif order == "after":
+        grads = replace(grads, W_dec=D._project(xp, params.W_dec, grads.W_dec))
+    log_theta = config.arch == "jumprelu" and config.log_theta
+    if log_theta:  # Adam on log(theta): d/dlog(theta) = theta * d/dtheta
+        grads = replace(grads, theta=grads.theta * params.theta)
+        params = replace(params, theta=xp.log(params.theta))
+    if config.max_grad_norm is not None:
+        grads, grad_norm = O.clip_by_global_norm(grads, config.max_grad_norm)
+    else:
+        grad_norm = O.global_norm(grads)
+    frozen = ("b_enc",) if config.freeze_b_enc else ()
+    params, opt = O.adam_update(params, grads, state.opt, lr=_lr(config, t), t=t,
+                                betas=config.betas, eps=config.adam_eps, frozen=frozen)
+    if log_theta:
+        params = replace(params, theta=xp.exp(params.theta))
+    elif params.theta is not None:  # a linear threshold is kept positive (JumpReLU needs it)
+        params = replace(params, theta=xp.maximum(params.theta, xp.full_like(params.theta, THETA_MIN)))
+    if order == "after":
+        params = replace(params, W_dec=D._unit(xp, params.W_dec))
+    return params, opt, grad_norm
+
+
+# --- state <-> files --------------------------------------------------------------------------
+def state_arrays(state: TrainState) -> tuple[dict, dict]:
+    """The state as named NumPy arrays plus a JSON-serialisable dict (for checkpoints)."""
+    from sae_ref.arrays import to_numpy
+
+    arrays = {}
+    for prefix, group in (("params", state.params), ("adam.m", state.opt.m), ("adam.v", state.opt.v)):
+        for name, a in group.arrays().items():
+            arrays[f"{prefix}.{name}"] = to_numpy(a)
+    arrays["since_fired"] = to_numpy(state.since_fired)
+    arrays["theta.buf"] = to_numpy(state.theta.buf)
+    est = state.theta
+    meta = {"config": state.config.to_dict(), "t": state.t, "tokens": state.tokens,
+            "skipped": state.skipped, "k_aux": state.k_aux,
+            "theta": {"kind": est.kind, "window": est.window, "n": est.n, "rate": est.rate,
+                      "start": est.start}}
+    return arrays, meta
+
+
+def state_from_arrays(arrays: dict, meta: dict, *, xp, device=None) -> TrainState:
+    """Rebuild a :class:`TrainState` from :func:`state_arrays`' output on ``xp``/``device``."""
+    xp = array_namespace(xp.zeros(1))
+
+    def put(a):
+        return xp.asarray(a, device=device) if device is not None else xp.asarray(a)
+
+    def group(prefix):
+        names = [f.name for f in fields(SAEParams)]
+        got = {n: put(arrays[f"{prefix}.{n}"]) for n in names if f"{prefix}.{n}" in arrays}
+        return SAEParams(**got)
+
+    th = meta["theta"]
+    est = T.ThetaState(th["kind"], th["window"], th["n"], put(arrays["theta.buf"]), th["rate"], th["start"])
+    return TrainState(TrainConfig.from_dict(meta["config"]), group("params"),
+                      O.AdamState(group("adam.m"), group("adam.v")), meta["t"],
+                      put(arrays["since_fired"]), est, meta["tokens"], meta["skipped"], meta["k_aux"])
+
+
+def inference_config(state: TrainState) -> SAEConfig:
+    """The SAE's inference configuration: BatchTopK becomes threshold inference with the
+    estimated :math:`\\theta`; other architectures encode as they trained."""
+    config = state.config
+    if config.arch != "batchtopk":
+        return config.sae_config()
+    theta = float(T.theta_value(state.theta))
+    if not math.isfinite(theta):
+        raise ValueError("inference_config: the theta estimate is not finite (no positive "
+                         "activation seen in the estimator's window)")
+    return SAEConfig("threshold", theta=theta, standardize=config.standardize)
