@@ -1,19 +1,137 @@
-"""The ``sae-ref`` command line."""
+"""The ``sae-ref`` command line.
+
+``sae-ref demo`` runs the main job on its embedded default; ``sae-ref train`` trains one SAE
+on an activation store (or on synthetic data with known features) on any backend.
+Moving a run to a GPU is one flag: ``--backend torch --device cuda`` or ``--backend cupy``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+
+BACKENDS = ["numpy", "torch", "torch-cuda", "cupy", "strict"]
+
+
+def _value(text: str):
+    """A ``--set`` value: JSON if it parses (numbers, true/false/null, lists), else a string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _train_parser(sub):
+    p = sub.add_parser("train", help="train one SAE (checkpoints, resume, SAELens export)",
+                       description="Train one SAE. Every run writes OUT/metrics.jsonl, "
+                       "OUT/checkpoints/, OUT/sae/ (SAELens format) and OUT/summary.json.")
+    p.add_argument("--data", default="synthetic",
+                   help="activation store directory (with manifest.json), or 'synthetic' (default)")
+    p.add_argument("--synthetic", default="64,512,4", metavar="D,N,K",
+                   help="synthetic source: dimension, true features, mean active features (default 64,512,4)")
+    p.add_argument("--backend", default="numpy", choices=BACKENDS)
+    p.add_argument("--device", default=None, help="e.g. cuda, cuda:1 (torch) or 0 (cupy)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--preset", default="sae-ref", help="named configuration (see sae_ref.train.PRESETS)")
+    p.add_argument("--arch", default=None, help="batchtopk, topk, jumprelu, relu-l1, sqrt-l1")
+    p.add_argument("--h", type=int, default=None, help="latents (default 16384; synthetic: 8 x D)")
+    p.add_argument("--k", type=int, default=None, help="active latents per sample (TopK, BatchTopK)")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--sparsity-coeff", type=float, default=None)
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="any other TrainConfig field, e.g. --set aux_coeff=0.05 (repeatable)")
+    p.add_argument("--seed", type=int, default=None, help="initialisation seed")
+    p.add_argument("--data-seed", type=int, default=0, help="shuffling / sampling seed")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--keep", type=int, default=3, help="checkpoints kept (newest)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints")
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--holdout-batches", type=int, default=4)
+    p.add_argument("--nonfinite", default=None, choices=["raise", "skip"],
+                   help="what to do with a batch holding NaN/inf (default: raise)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _train(args, parser) -> int:
+    from sae_ref.fit import fit
+    from sae_ref.train import PRESETS, preset
+
+    if args.preset not in PRESETS:
+        parser.error(f"--preset must be one of {sorted(PRESETS)}, got {args.preset!r}")
+    source = _source(args, parser)
+    overrides = {}
+    for item in args.set:
+        if "=" not in item:
+            parser.error(f"--set expects FIELD=VALUE, got {item!r}")
+        key, val = item.split("=", 1)
+        overrides[key.strip()] = _value(val)
+    for flag, field in (("arch", "arch"), ("h", "h"), ("k", "k"), ("steps", "steps"), ("lr", "lr"),
+                        ("sparsity_coeff", "sparsity_coeff"), ("seed", "seed"), ("nonfinite", "nonfinite")):
+        if getattr(args, flag) is not None:
+            overrides[field] = getattr(args, flag)
+    if "h" not in overrides and args.data == "synthetic":
+        overrides["h"] = 8 * source.d
+    if overrides.get("arch") in ("jumprelu", "relu-l1", "sqrt-l1") and "k" not in overrides:
+        overrides["k"] = None
+    try:
+        config = preset(args.preset, **overrides)
+    except TypeError as e:
+        parser.error(f"--set: {e}")
+    result = fit(config, source, backend=args.backend, device=args.device, dtype=args.dtype,
+                 batch_size=args.batch_size, run_dir=args.out, checkpoint_every=args.checkpoint_every,
+                 keep=args.keep, resume=args.resume, log_every=args.log_every,
+                 holdout_batches=args.holdout_batches, data_seed=args.data_seed,
+                 progress=not args.no_progress)
+    s = result.summary
+    fm = s.get("final_metrics", {})
+    print(f"trained {s['steps']} steps, {s['tokens']:,} tokens on {args.backend}: "
+          f"mse({config.loss_unit}) {fm.get('mse', float('nan')):.5f}  nmse {fm.get('nmse', float('nan')):.4f}  "
+          f"L0 {fm.get('l0', float('nan')):.2f}  dead {fm.get('dead_fraction', float('nan')):.3f}")
+    if "heldout" in s:
+        h = s["heldout"]
+        line = f"held-out L0: inference {h['l0_inference']:.2f}"
+        if "theta" in h:
+            line += f" with theta {h['theta']:.4g} ({h['theta_estimator']}) vs k = {config.k}"
+        print(line)
+    if hasattr(source, "atoms"):
+        from sae_ref.arrays import to_numpy
+        from sae_ref.data.synthetic import mean_max_cosine
+
+        print(f"mean max cosine to the true features: "
+              f"{mean_max_cosine(to_numpy(result.state.params.W_dec), source.atoms):.3f}")
+    print(f"run directory: {args.out}")
+    return 0
+
+
+def _source(args, parser):
+    if args.data == "synthetic":
+        from sae_ref.data.synthetic import SyntheticSource
+
+        try:
+            d, n, k = args.synthetic.split(",")
+            return SyntheticSource(int(d), int(n), k=float(k), seed=args.data_seed)
+        except ValueError as e:
+            parser.error(f"--synthetic expects D,N,K (e.g. 64,512,4): {e}")
+    from sae_ref.data.store import ActivationStore
+
+    return ActivationStore(args.data)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="sae-ref", description=__doc__)
+    parser = argparse.ArgumentParser(prog="sae-ref", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train a BatchTopK SAE on embedded synthetic data on each backend")
-    demo.add_argument("--backend", action="append", choices=["numpy", "torch", "torch-cuda", "cupy", "strict"],
+    demo.add_argument("--backend", action="append", choices=BACKENDS,
                       help="backend(s) to run on (repeatable); default numpy and torch")
     demo.add_argument("--steps", type=int, default=None, help="training steps (default 2000)")
     demo.add_argument("--seed", type=int, default=0)
+    _train_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "demo":
         from sae_ref.demo import run
@@ -21,7 +139,12 @@ def main(argv=None) -> int:
         if args.steps is not None and args.steps < 1:
             parser.error("--steps must be >= 1")
         run(tuple(args.backend or ("numpy", "torch")), steps=args.steps, seed=args.seed)
-    return 0
+        return 0
+    try:
+        return _train(args, parser)
+    except (ValueError, FileNotFoundError, NotImplementedError) as e:
+        print(f"sae-ref train: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
