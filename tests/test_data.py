@@ -137,7 +137,7 @@ def test_interrupted_writer_resumes_without_losing_or_duplicating_rows(tmp_path)
     w.append(x[10:20])
     # a crash while writing shard 2: a half-written temp file and, worse, a complete shard file
     # renamed into place whose manifest update never happened
-    (d / (".shard-000002.npy" + TMP_SUFFIX)).write_bytes(b"\x93NUMPY half written")
+    (d / (".shard-000002.npy.0123abcd" + TMP_SUFFIX)).write_bytes(b"\x93NUMPY half written")
     np.save(d / "shard-000002.npy", np.full((7, 4), -1, np.float32))
     assert ActivationStore(d).n_rows == 20  # the manifest is the truth
     w2 = StoreWriter(d, d=4)

@@ -43,6 +43,7 @@ from collections import OrderedDict
 import numpy as np
 
 from sae_ref.data.stream import BatchStream, check_int
+from sae_ref.io import _atomic
 
 #: The manifest's file name inside a store directory.
 MANIFEST = "manifest.json"
@@ -53,59 +54,12 @@ FORMATS = ("npy", "safetensors")
 #: Shard dtypes.
 DTYPES = ("float16", "float32", "float64")
 #: Suffix of the temporary files a writer renames into place (left over only by a crash).
-TMP_SUFFIX = ".sae-tmp"
+TMP_SUFFIX = _atomic.TEMP_SUFFIX  # temp files: ".<name>.<random>" + this
 
 _ST_DTYPES = {"F16": "float16", "F32": "float32", "F64": "float64"}
 _MANIFEST_KEYS = ("format_version", "d", "dtype", "n_rows", "shards", "metadata")
 _SHARD_KEYS = ("file", "rows", "format", "key", "sha256")
 _OPEN_SHARDS = 32  # memory maps / safetensors handles kept open at once
-
-
-# --------------------------------------------------------------------------------------------
-# atomic files
-
-
-def _fsync_dir(directory: str) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # directories cannot be opened on some platforms
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-class _HashingWriter:
-    """A file wrapper that hashes what is written through it (np.save writes in blocks)."""
-
-    def __init__(self, f):
-        self.f = f
-        self.sha = hashlib.sha256()
-
-    def write(self, b):
-        self.sha.update(b)
-        return self.f.write(b)
-
-
-def _atomic_write(path: str, write) -> str:
-    """Write ``path`` through ``write(file_like)`` via a synced temp file; returns the sha256."""
-    tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + TMP_SUFFIX)
-    try:
-        with open(tmp, "wb") as f:
-            h = _HashingWriter(f)
-            write(h)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    _fsync_dir(os.path.dirname(path))
-    return h.sha.hexdigest()
 
 
 def _sha256(path: str) -> str:
@@ -194,7 +148,7 @@ def _check_shard_entry(op: str, path: str, i: int, s) -> None:
 
 def _write_manifest(directory: str, manifest: dict) -> None:
     text = json.dumps(manifest, indent=2, sort_keys=False).encode("utf-8") + b"\n"
-    _atomic_write(os.path.join(directory, MANIFEST), lambda f: f.write(text))
+    _atomic.atomic_write(os.path.join(directory, MANIFEST), lambda f: f.write(text))
 
 
 # --------------------------------------------------------------------------------------------
@@ -329,7 +283,7 @@ class StoreWriter:
 
     def _remove_temp_files(self) -> None:
         for name in os.listdir(self.directory):
-            if name.endswith(TMP_SUFFIX):
+            if _atomic.is_temp_name(name):
                 os.remove(os.path.join(self.directory, name))
 
     def _reopen(self, d: int, dtype: str, metadata) -> dict:
@@ -371,13 +325,13 @@ class StoreWriter:
         name = f"shard-{index:06d}.{self.format}"
         path = os.path.join(self.directory, name)
         if self.format == "npy":
-            sha = _atomic_write(path, lambda f: np.lib.format.write_array(f, rows,
+            sha = _atomic.atomic_write(path, lambda f: np.lib.format.write_array(f, rows,
                                                                           allow_pickle=False))
         else:
             import safetensors.numpy
 
             data = safetensors.numpy.save({self.key: rows})
-            sha = _atomic_write(path, lambda f: f.write(data))
+            sha = _atomic.atomic_write(path, lambda f: f.write(data))
         entry = {"file": name, "rows": int(rows.shape[0]), "format": self.format,
                  "key": self.key if self.format == "safetensors" else None, "sha256": sha}
         manifest = dict(self.manifest, shards=self.manifest["shards"] + [entry],

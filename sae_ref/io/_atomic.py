@@ -16,6 +16,7 @@ untouched.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -61,15 +62,35 @@ def atomic_write_bytes(path, data: bytes) -> Path:
     The temporary file is named ``.<name>.<random>.tmp`` in the same directory and never
     outlives the call.
     """
-    path = Path(path)
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"atomic_write_bytes: argument 'data' must be bytes, got {type(data).__name__}")
+    atomic_write(path, lambda f: f.write(data))
+    return Path(path)
+
+
+class _Hashing:
+    """A binary file wrapper that hashes what is written through it."""
+
+    def __init__(self, f):
+        self.f = f
+        self.sha = hashlib.sha256()
+
+    def write(self, b):
+        self.sha.update(b)
+        return self.f.write(b)
+
+
+def atomic_write(path, write) -> str:
+    """Write ``path`` atomically through ``write(file_like)`` (which may write in many
+    blocks, e.g. ``np.lib.format.write_array``); return the sha256 hex digest of the bytes."""
+    path = Path(path)
     if not path.parent.is_dir():
-        raise FileNotFoundError(f"atomic_write_bytes: directory {str(path.parent)!r} does not exist")
+        raise FileNotFoundError(f"atomic_write: directory {str(path.parent)!r} does not exist")
     fd, tmp = _create_temp(path)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            h = _Hashing(f)
+            write(h)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -77,7 +98,12 @@ def atomic_write_bytes(path, data: bytes) -> Path:
         _remove_quietly(tmp)
         raise
     fsync_directory(path.parent)
-    return path
+    return h.sha.hexdigest()
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether a file name is one of this module's temporary files."""
+    return name.startswith(".") and name.endswith(TEMP_SUFFIX)
 
 
 def temp_name(path: Path) -> Path:
