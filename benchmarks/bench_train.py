@@ -1,0 +1,141 @@
+"""Speed of whole training steps, as ratios to one dense encoder GEMM measured in the same run.
+
+    python benchmarks/bench_train.py                  # d=768 h=16384 k=32 B=4096, numpy and torch
+    python benchmarks/bench_train.py --small          # d=128 h=2048 k=16 B=512: a quick run
+    python benchmarks/bench_train.py --backend numpy --repeats 5
+
+For each backend it times (median of ``--repeats`` runs after one warm-up):
+
+- ``gemm``: the dense encoder product ``x @ W_enc`` (the only O(B h d) work in a step);
+- ``train step``: one whole :func:`sae_ref.train.step` (``check=False``, inside
+  :func:`sae_ref.no_checks`) with sae-ref's default :class:`~sae_ref.train.TrainConfig`
+  (BatchTopK, per-row standardisation, AuxK "authors" with k_aux 512, decoder constraint, Adam,
+  running-mean theta), except ``dead_after=1`` batch: every latent that did not fire in the
+  current batch counts as dead. On Gaussian inputs every latent fires in every batch of
+  B*k = 131072 kept entries, so to give AuxK its work the encoder columns of a share
+  (``--dead-share``, default half) of the latents are scaled by 0.1: their pre-activations stay
+  positive about half the time but never win the batch selection, so they are dead and AuxK
+  selects its k_aux per row among them (the measured dead fraction is printed). Every timed
+  step starts from the same state (after one warm-up step), so each does the same work;
+- ``train step, AuxK off``: the same with ``aux_convention=None``, for the cost of AuxK;
+- ``select (topk)`` / ``select (batchtopk)``: the selections alone on the pre-activations;
+- ``encode (threshold)``: inference with the global threshold theta the training steps
+  estimated (standardise, GEMM, ``z > theta``), and ``encode (batchtopk)`` for comparison.
+
+Each row is printed with its seconds, its ratio to ``gemm``, and tokens (rows of x) per second.
+Absolute times are noisy on shared machines; the ratios are what to compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from dataclasses import replace
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_core import _sync, machine, timeit  # the sibling script's helpers
+
+import sae_ref
+from sae_ref import activations as A
+from sae_ref.arrays import resolve
+from sae_ref.sae import SAEConfig, encode
+from sae_ref.train import TrainConfig, inference_config, init_state, step
+
+FULL = {"d": 768, "h": 16384, "k": 32, "B": 4096}
+SMALL = {"d": 128, "h": 2048, "k": 16, "B": 512}
+
+
+def time_steps(state, x0, x1, repeats, xp):
+    """Median seconds of ``repeats`` steps on ``x1``, each from the state one warm-up step on
+    ``x0`` left. Returns (seconds, the state after a timed step, the dead fraction)."""
+    state, _ = step(state, x0, check=False)
+    _sync(xp, state.params.W_enc)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        new, metrics = step(state, x1, check=False)
+        _sync(xp, new.params.W_enc)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), new, float(sae_ref.to_numpy(metrics["dead_fraction"]))
+
+
+def suppress(state, share, xp):
+    """Scale the encoder columns of the first ``share`` of the latents by 0.1 (see the module
+    docstring): they stop winning the selection and go dead, and AuxK has work."""
+    W = state.params.W_enc
+    h = W.shape[1]
+    weak = xp.astype(xp.arange(h, device=W.device) < round(share * h), W.dtype)
+    return replace(state, params=replace(state.params, W_enc=W * (1.0 - 0.9 * weak)))
+
+
+def bench(backend: str, d: int, h: int, k: int, B: int, repeats: int, dead_after: int, dead_share: float):
+    xp, dev = resolve(backend)
+    rng = np.random.default_rng(1)
+    x0, x1 = (xp.asarray(rng.standard_normal((B, d)), dtype=xp.float32, device=dev) for _ in range(2))
+    config = TrainConfig(arch="batchtopk", h=h, k=k, dead_after=dead_after)
+    times, info = {}, {}
+    with sae_ref.no_checks():
+        state = suppress(init_state(config, x0, stream="device"), dead_share, xp)
+        params = state.params
+        times["gemm (x @ W_enc)"] = timeit(lambda: x0 @ params.W_enc, xp, repeats)
+        times["train step"], trained, info["dead"] = time_steps(state, x0, x1, repeats, xp)
+        off = replace(state, config=replace(config, aux_convention=None))
+        times["train step, AuxK off"], _, _ = time_steps(off, x0, x1, repeats, xp)
+        state = trained
+        pre = x0 @ params.W_enc
+        times["select (topk)"] = timeit(lambda: A._topk(pre, k).values, xp, repeats)
+        times["select (batchtopk)"] = timeit(lambda: A._batch_topk(pre, k).values, xp, repeats)
+        params = state.params
+        thr = inference_config(state)
+        info["theta"] = thr.theta
+        info["l0"] = encode(params, x1, thr).nnz / B
+        times["encode (threshold)"] = timeit(lambda: encode(params, x1, thr).values, xp, repeats)
+        btk = SAEConfig("batchtopk", k=k, standardize=True)
+        times["encode (batchtopk)"] = timeit(lambda: encode(params, x1, btk).values, xp, repeats)
+    return times, info
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--small", action="store_true", help="d=128 h=2048 k=16 B=512 (a quick run)")
+    p.add_argument("--d", type=int)
+    p.add_argument("--h", type=int)
+    p.add_argument("--k", type=int)
+    p.add_argument("--B", type=int)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dead-after", type=int, default=1,
+                   help="batches without firing before a latent counts as dead (default 1)")
+    p.add_argument("--dead-share", type=float, default=0.5,
+                   help="share of latents whose encoder columns are scaled by 0.1 so they go dead (default 0.5)")
+    p.add_argument("--backend", action="append", help="numpy, torch, torch-cuda, cupy (repeatable)")
+    a = p.parse_args(argv)
+    shape = {n: getattr(a, n) if getattr(a, n) is not None else (SMALL if a.small else FULL)[n]
+             for n in ("d", "h", "k", "B")}
+    print(f"machine: {machine()}")
+    print(f"shape: d={shape['d']} h={shape['h']} k={shape['k']} B={shape['B']} float32; "
+          f"median of {a.repeats} after a warm-up")
+    print(f"train step: sae-ref default TrainConfig (batchtopk, standardize, AuxK 'authors' k_aux=512, "
+          f"Adam) with dead_after={a.dead_after} batch(es); encoder columns of {a.dead_share:.0%} of the latents "
+          f"scaled by 0.1 so they go dead")
+    for name in a.backend or ["numpy", "torch"]:
+        try:
+            times, info = bench(name, shape["d"], shape["h"], shape["k"], shape["B"],
+                                a.repeats, a.dead_after, a.dead_share)
+        except (ImportError, RuntimeError) as e:
+            print(f"\n[{name}] skipped: {e}")
+            continue
+        gemm = times["gemm (x @ W_enc)"]
+        print(f"\n[{name}]  {'work':<22} {'seconds':>9} {'/ gemm':>8} {'tokens/s':>10}")
+        for w, t in times.items():
+            print(f"[{name}]  {w:<22} {t:9.4f} {t / gemm:8.2f} {shape['B'] / t:10.0f}")
+        print(f"[{name}]  AuxK dead fraction in the timed steps {info['dead']:.1%}; "
+              f"threshold inference: theta={info['theta']:.4g}, L0={info['l0']:.1f} (k={shape['k']})")
+
+
+if __name__ == "__main__":
+    main()
