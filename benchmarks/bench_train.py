@@ -36,6 +36,7 @@ import time
 from dataclasses import replace
 
 import numpy as np
+from array_api_compat import device as device_of
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_core import _sync, machine, timeit  # the sibling script's helpers
@@ -69,7 +70,7 @@ def suppress(state, share, xp):
     docstring): they stop winning the selection and go dead, and AuxK has work."""
     W = state.params.W_enc
     h = W.shape[1]
-    weak = xp.astype(xp.arange(h, device=W.device) < round(share * h), W.dtype)
+    weak = xp.astype(xp.arange(h, device=device_of(W)) < round(share * h), W.dtype)
     return replace(state, params=replace(state.params, W_enc=W * (1.0 - 0.9 * weak)))
 
 
