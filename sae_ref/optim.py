@@ -87,19 +87,24 @@ def clip_by_global_norm(grads: SAEParams, max_norm: float):
     return grads.map(lambda g: g * scale), norm
 
 
-def linear_warmup_decay(t: int, *, base: float, warmup: int = 0, decay: int = 0,
+def linear_warmup_decay(s: int, *, base: float, warmup: int = 0, decay: int = 0,
                         total: int | None = None) -> float:
-    """A value ramped linearly from ``base/warmup`` to ``base`` over the first ``warmup`` steps,
-    then constant, then decayed linearly to 0 over the last ``decay`` of ``total`` steps.
+    """A schedule at 0-based step index ``s`` (PyTorch's ``LambdaLR`` convention): the factor
+    ``s / warmup`` while ``s < warmup``, then 1, then ``(total - s) / decay`` over the last
+    ``decay`` of ``total`` steps; the value is ``base`` times the smaller factor.
 
-    >>> [linear_warmup_decay(t, base=1.0, warmup=4) for t in (1, 2, 4, 9)]
-    [0.25, 0.5, 1.0, 1.0]
-    >>> [linear_warmup_decay(t, base=1.0, decay=2, total=10) for t in (8, 9, 10)]
-    [1.0, 0.5, 0.0]
+    The learning rate of the t-th update (t from 1) is taken at ``s = t - 1``, so with a
+    warm-up the first update has rate 0 (as dictionary_learning's ``LambdaLR``); the sparsity
+    coefficient is taken at ``s = t`` (SAELens' ``(1 + step) / warmup``).
+
+    >>> [linear_warmup_decay(s, base=1.0, warmup=4) for s in (0, 1, 4, 9)]
+    [0.0, 0.25, 1.0, 1.0]
+    >>> [linear_warmup_decay(s, base=1.0, decay=2, total=10) for s in (7, 8, 9)]
+    [1.0, 1.0, 0.5]
     """
-    value = base
-    if warmup > 0 and t < warmup:
-        value = base * t / warmup
-    if decay > 0 and total is not None and t > total - decay:
-        value = min(value, base * max(total - t, 0) / decay)
-    return value
+    factor = 1.0
+    if warmup > 0 and s < warmup:
+        factor = s / warmup
+    if decay > 0 and total is not None and s >= total - decay:
+        factor = min(factor, max(total - s, 0) / decay)
+    return base * factor

@@ -71,8 +71,10 @@ class TrainConfig:
     Decoder: ``decoder_order`` "before" | "after" | "none". ``b_dec_init`` "zeros" | "mean" |
     "geometric_median" (of the first batch); ``freeze_b_enc``.
     Optimiser: Adam ``lr`` (None: :math:`2\\cdot10^{-4}/\\sqrt{h/2^{14}}`), ``betas``,
-    ``adam_eps``, ``lr_warmup_steps``, ``lr_decay_steps`` (linear to 0 over the last steps of
-    ``steps``), ``max_grad_norm`` (None: no clipping).
+    ``adam_eps``, ``lr_warmup_steps``, ``lr_decay_steps`` (linear over the last steps of
+    ``steps``; see :func:`sae_ref.optim.linear_warmup_decay`), ``max_grad_norm`` (None: no
+    clipping), ``clip_first`` (clip the raw gradients before the decoder projection, as the
+    BatchTopK authors; otherwise after it, as dictionary_learning).
     BatchTopK :math:`\\theta`: ``theta_estimator`` (see :mod:`sae_ref.theta`), ``theta_window``.
     ``nonfinite``: "raise" or "skip" a batch with NaN/inf. ``seed`` of the initialisation.
     """
@@ -105,6 +107,7 @@ class TrainConfig:
     lr_warmup_steps: int = 0
     lr_decay_steps: int = 0
     max_grad_norm: float | None = None
+    clip_first: bool = False
     theta_estimator: str = "running_mean"
     theta_window: int = 1000
     nonfinite: str = "raise"
@@ -174,8 +177,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # BatchTopK authors (Bussmann et al. 2024, their public code): b_enc exists but is never
     # read (frozen at zero), per-row standardisation, mean-over-elements loss, AuxK dead after
     # 5 batches, k_aux 512, 1/32, residual not detached, renormalise before the step, Adam 3e-4
-    # (0.9, 0.99), no schedule, gradient clipping at 1e5 (their default max_grad_norm)
-    "authors": dict(freeze_b_enc=True, max_grad_norm=100_000.0, detach_residual=False),
+    # (0.9, 0.99), no schedule, gradient clipping at 1e5 (their default max_grad_norm) applied
+    # before the decoder projection
+    "authors": dict(freeze_b_enc=True, max_grad_norm=100_000.0, clip_first=True,
+                    detach_residual=False),
     # dictionary_learning's BatchTopK trainer: b_dec from the geometric median of the first
     # batch, sum-over-d loss, normalised AuxK (k_aux = d/2, detached residual) for latents dead
     # after 10M tokens, project -> clip at 1 -> Adam(0.9, 0.999) -> renormalise, lr
@@ -379,7 +384,7 @@ def _nmse(xp, x_hat, x):
 
 
 def _lr(config: TrainConfig, t: int) -> float:
-    return O.linear_warmup_decay(t, base=config.learning_rate(), warmup=config.lr_warmup_steps,
+    return O.linear_warmup_decay(t - 1, base=config.learning_rate(), warmup=config.lr_warmup_steps,
                                  decay=config.lr_decay_steps, total=config.steps)
 
 
@@ -387,6 +392,12 @@ def _update(xp, state, params, grads, t):
     """Decoder constraint, clipping and Adam, in the configured order."""
     config = state.config
     order = config.decoder_order
+    frozen = ("b_enc",) if config.freeze_b_enc else ()
+    if frozen:  # a frozen parameter has no gradient (it counts in no norm)
+        grads = replace(grads, b_enc=xp.zeros_like(grads.b_enc))
+    grad_norm = O.global_norm(grads)
+    if config.max_grad_norm is not None and config.clip_first:
+        grads, grad_norm = O.clip_by_global_norm(grads, config.max_grad_norm)
     if order == "before":  # rows unit-norm, gradient projected, then the step
         W = D._unit(xp, params.W_dec)
         params = replace(params, W_dec=W)
@@ -397,11 +408,8 @@ def _update(xp, state, params, grads, t):
     if log_theta:  # Adam on log(theta): d/dlog(theta) = theta * d/dtheta
         grads = replace(grads, theta=grads.theta * params.theta)
         params = replace(params, theta=xp.log(params.theta))
-    if config.max_grad_norm is not None:
+    if config.max_grad_norm is not None and not config.clip_first:
         grads, grad_norm = O.clip_by_global_norm(grads, config.max_grad_norm)
-    else:
-        grad_norm = O.global_norm(grads)
-    frozen = ("b_enc",) if config.freeze_b_enc else ()
     params, opt = O.adam_update(params, grads, state.opt, lr=_lr(config, t), t=t,
                                 betas=config.betas, eps=config.adam_eps, frozen=frozen)
     if log_theta:
