@@ -139,3 +139,14 @@ def test_batchtopk_recovers_planted_features_in_seconds(tmp_path):
     assert mean_max_cosine(rand, src.atoms) < 0.6
     assert mean_max_cosine(to_numpy(init_params(32, 256, xp=np, seed=0).W_dec), src.atoms) < 0.6
     assert score > 0.95, score
+
+
+def test_cli_train_names_a_bad_option_clearly(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--out", str(tmp_path / "r"), "--set", "no_such_field=1", "--no-progress"])
+    assert e.value.code == 2 and "no_such_field" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--out", str(tmp_path / "r"), "--preset", "nope"])
+    assert "preset" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path / "r"), "--data", str(tmp_path / "missing")]) == 2
+    assert "missing" in capsys.readouterr().err
