@@ -191,12 +191,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         b_dec_init="geometric_median", lr=None, betas=(0.9, 0.999), lr_warmup_steps=1000,
         max_grad_norm=1.0, theta_estimator="dictionary_learning"),
     # OpenAI (Gao et al. 2024): as above for AuxK and the decoder, k_aux = 256, b_dec from the
-    # first batch's geometric median, no theta of their own (sae-ref's running mean)
+    # first batch's geometric median, lr 2e-4/sqrt(h/2^14), Adam eps 6.25e-10, no theta of
+    # their own (sae-ref's running mean)
     "openai": dict(
         standardize=False, loss_unit="sample", aux_convention="normalized", k_aux=256,
-        dead_after=10_000_000, dead_unit="tokens", decoder_order="after",
+        dead_after=10_000_000, dead_unit="tokens", decoder_order="after", lr=None,
         b_dec_init="geometric_median", betas=(0.9, 0.999), adam_eps=6.25e-10, max_grad_norm=1.0),
-    # SAELens' BatchTopK: as dictionary_learning for the losses, theta by an EMA from 0
+    # SAELens' BatchTopK theta: the EMA from 0 (rate 0.01). The rest follows the
+    # dictionary_learning conventions and is not checked against SAELens' own trainer.
     "saelens": dict(
         standardize=False, loss_unit="sample", aux_convention="normalized", k_aux=None,
         dead_after=10_000_000, dead_unit="tokens", decoder_order="after", betas=(0.9, 0.999),
@@ -253,7 +255,7 @@ def geometric_median(x, *, iters: int = 100, tol: float = 1e-5):
 
 def init_state(config: TrainConfig, first_batch, *, stream: str = "host") -> TrainState:
     """A fresh state on ``first_batch``'s backend, device and dtype (the batch sets d and,
-    for ``b_dec_init`` "mean"/"geometric_median", the decoder bias; it is not trained on)."""
+    for ``b_dec_init`` "mean"/"geometric_median", the decoder bias; no step is taken)."""
     xp = C.namespace("init_state", first_batch=first_batch)
     C.floating("init_state", xp, "first_batch", first_batch, ndim=2)
     C.nonempty_batch("init_state", "first_batch", first_batch)
