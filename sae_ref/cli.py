@@ -122,24 +122,56 @@ def _source(args, parser):
     return ActivationStore(args.data)
 
 
+def _demo(args, parser) -> int:
+    if args.steps is not None and args.steps < 1:
+        parser.error("--steps must be >= 1")
+    if args.synthetic:
+        from sae_ref.demo import run
+
+        run(tuple(args.backend or ("numpy", "torch")), steps=args.steps, seed=args.seed)
+        return 0
+    from dataclasses import replace
+
+    from sae_ref.demo_real import DemoConfig, run
+
+    cfg = DemoConfig(backend=(args.backend or ["numpy"])[0], seed=args.seed)
+    if args.tokens is not None:
+        cfg = replace(cfg, tokens=args.tokens)
+    if args.steps is not None:
+        cfg = replace(cfg, steps=args.steps)
+    if args.ks is not None:
+        try:
+            cfg = replace(cfg, ks=tuple(int(v) for v in args.ks.split(",")))
+        except ValueError:
+            parser.error(f"--ks expects comma-separated integers, got {args.ks!r}")
+    try:
+        run(args.out, cfg)
+    except ImportError as e:
+        print(f"sae-ref demo: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="sae-ref", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="train a BatchTopK SAE on embedded synthetic data on each backend")
+    demo = sub.add_parser("demo", help="the main job: SAEs on real activations of a packaged model "
+                          "(offline), evaluated downstream; --synthetic for the cross-backend demo")
+    demo.add_argument("--synthetic", action="store_true",
+                      help="instead: a BatchTopK SAE on synthetic data on each backend")
     demo.add_argument("--backend", action="append", choices=BACKENDS,
-                      help="backend(s) to run on (repeatable); default numpy and torch")
-    demo.add_argument("--steps", type=int, default=None, help="training steps (default 2000)")
+                      help="training backend (default numpy; repeatable with --synthetic: "
+                      "default numpy and torch)")
+    demo.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    demo.add_argument("--tokens", type=int, default=None, help="activations to harvest (default 262144)")
+    demo.add_argument("--ks", default=None, help="comma-separated k values (default 16,32)")
+    demo.add_argument("--steps", type=int, default=None, help="training steps per SAE")
     demo.add_argument("--seed", type=int, default=0)
     _train_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "demo":
-        from sae_ref.demo import run
-
-        if args.steps is not None and args.steps < 1:
-            parser.error("--steps must be >= 1")
-        run(tuple(args.backend or ("numpy", "torch")), steps=args.steps, seed=args.seed)
-        return 0
+        return _demo(args, parser)
     try:
         return _train(args, parser)
     except (ValueError, FileNotFoundError, NotImplementedError) as e:

