@@ -9,6 +9,14 @@ The modules, one concept each:
   forward and backward;
 - :mod:`sae_ref.decoder` -- the unit-norm decoder constraint;
 - :mod:`sae_ref.sparse` -- the sparse code every op passes around;
+- :mod:`sae_ref.afa` -- AFA bounds, quasi-orthogonality, top-AFA and the AFA loss;
+- :mod:`sae_ref.optim`, :mod:`sae_ref.theta`, :mod:`sae_ref.train` -- Adam and schedules, the
+  BatchTopK inference threshold, the pure training step and its presets;
+- :mod:`sae_ref.fit`, :mod:`sae_ref.cli` -- the training loop with files and progress, and the
+  ``sae-ref`` command;
+- :mod:`sae_ref.data` -- activation stores, synthetic sources, the offline corpus, harvesting;
+- :mod:`sae_ref.io` -- checkpoints and the SAELens format;
+- :mod:`sae_ref.downstream` -- splicing an SAE into a transformers model (loss recovered);
 - :mod:`sae_ref.backends` -- what the standard lacks, per array library;
 - :mod:`sae_ref.validation` -- reusable property checks.
 """
