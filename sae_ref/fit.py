@@ -22,14 +22,12 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 from tqdm.auto import tqdm
 
 from sae_ref import _checks as C
-from sae_ref import theta as T
 from sae_ref.arrays import resolve
 from sae_ref.io import _atomic
 from sae_ref.io.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -182,8 +180,6 @@ def _export_config(state, inf_cfg):
     """BatchTopK is exported with its training activation and theta (saved as JumpReLU)."""
     if state.config.arch != "batchtopk":
         return inf_cfg
-    from dataclasses import replace
-
     return replace(state.config.sae_config(), theta=inf_cfg.theta)
 
 

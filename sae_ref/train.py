@@ -35,7 +35,7 @@ running-mean :math:`\theta`.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from array_api_compat import array_namespace, device as device_of
@@ -145,7 +145,7 @@ class TrainConfig:
         for name in ("sparsity_warmup_steps", "lr_warmup_steps", "lr_decay_steps"):
             C.integer_in(op, name, getattr(self, name), 0, 2**62)
 
-    def sae_config(self, theta: float | None = None) -> SAEConfig:
+    def sae_config(self) -> SAEConfig:
         """The :class:`~sae_ref.sae.SAEConfig` the forward pass uses."""
         return SAEConfig(_ACTIVATION[self.arch], k=self.k if self.arch in ("topk", "batchtopk") else None,
                          bandwidth=self.bandwidth, standardize=self.standardize)

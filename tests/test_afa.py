@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 from hypothesis import given, strategies as st
 
 from sae_ref.afa import afa_bounds, afa_loss, eps_lbo, f_tilde_norm, quasi_orthogonality, top_afa

@@ -61,7 +61,7 @@ def test_numpy_and_torch_follow_the_same_trajectory_for_50_steps():
     s_t, tr_t = _run("torch", config, 50)
     for name, a in s_np.params.arrays().items():
         assert_close(to_numpy(getattr(s_t.params, name)), to_numpy(a), rtol=1e-4, atol=1e-4)
-    for a, b in zip(tr_np, tr_t):
+    for a, b in zip(tr_np, tr_t, strict=True):
         assert abs(a["loss"] - b["loss"]) <= 1e-4 * max(1.0, abs(a["loss"]))
         assert a["l0"] == b["l0"]
     # the run really moved (a test that the comparison is not between two untrained SAEs)
@@ -129,7 +129,7 @@ def test_clip_by_global_norm_equals_torch_clip_grad_norm():
         norm_t = torch.nn.utils.clip_grad_norm_(ts, max_norm)
         clipped, norm = O.clip_by_global_norm(g, max_norm)
         assert math.isclose(float(norm), float(norm_t), rel_tol=1e-12)
-        for a, t in zip(clipped.arrays().values(), ts):
+        for a, t in zip(clipped.arrays().values(), ts, strict=True):
             assert_close(a, t.grad.numpy(), rtol=1e-12, atol=1e-15)
 
 
