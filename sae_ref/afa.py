@@ -32,8 +32,9 @@ from sae_ref import _checks as C
 from sae_ref.sparse import SparseCode
 
 RULES = ("nearest", "first_exceeding")
-#: The authors' sentinel: the last prefix norm is overwritten by this, so k <= h - 1.
-SENTINEL = 1e9
+#: The authors' sentinel: their code writes 1e8 into the last cumulative sum of squared
+#: scores, so the last prefix *norm* becomes 1e4 and (for targets below about 5e3) k <= h - 1.
+SENTINEL = 1e4
 
 
 @dataclass(frozen=True)
@@ -145,6 +146,12 @@ def top_afa(pre, scale, target, *, rule: str = "nearest", sentinel: bool = True)
     C.floating(op, xp, "target", target, shape=(B,))
     C.choice(op, "rule", rule, RULES)
     C.finite(op, xp, "pre", pre)
+    return _top_afa(xp, pre, scale, target, rule, sentinel)
+
+
+def _top_afa(xp, pre, scale, target, rule: str, sentinel: bool) -> SparseCode:
+    """:func:`top_afa` without the argument checks (the SAE forward checks once)."""
+    B, h = pre.shape
     a = xp.where(pre > 0, pre, xp.zeros_like(pre))
     s = (a * scale) ** 2
     order = xp.argsort(-s, axis=1, stable=True)  # descending; equal scores keep column order
@@ -181,8 +188,13 @@ def afa_loss(code: SparseCode, target):
     """
     op = "afa_loss"
     xp = C.namespace(op, values=code.values, target=target)
+    C.floating(op, xp, "target", target, shape=(code.shape[0],))
+    return _afa_loss(xp, code, target)
+
+
+def _afa_loss(xp, code: SparseCode, target):
+    """:func:`afa_loss` without the argument checks."""
     B = code.shape[0]
-    C.floating(op, xp, "target", target, shape=(B,))
     from sae_ref.backends import get_backend
 
     norm = xp.sqrt(get_backend(xp).segment_sum(code.rows, code.values * code.values, B))

@@ -34,13 +34,17 @@ def _train_parser(sub):
     p.add_argument("--device", default=None, help="e.g. cuda, cuda:1 (torch) or 0 (cupy)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--preset", default="sae-ref", help="named configuration (see sae_ref.train.PRESETS)")
-    p.add_argument("--arch", default=None, help="batchtopk, topk, jumprelu, relu-l1, sqrt-l1")
+    p.add_argument("--arch", default=None, help="batchtopk, topk, jumprelu, relu-l1, sqrt-l1, top-afa")
     p.add_argument("--h", type=int, default=None, help="latents (default 16384; synthetic: 8 x D)")
     p.add_argument("--k", type=int, default=None, help="active latents per sample (TopK, BatchTopK)")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--sparsity-coeff", type=float, default=None)
+    p.add_argument("--afa-coeff", type=float, default=None,
+                   help="coefficient of the AFA loss (any architecture; 0 = off)")
+    p.add_argument("--afa-target", default=None, choices=["x", "x_minus_b_dec"],
+                   help="AFA loss target: ||x|| (top-AFA authors) or ||x - b_dec|| (default)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="any other TrainConfig field, e.g. --set aux_coeff=0.05 (repeatable)")
     p.add_argument("--seed", type=int, default=None, help="initialisation seed")
@@ -71,12 +75,13 @@ def _train(args, parser) -> int:
         key, val = item.split("=", 1)
         overrides[key.strip()] = _value(val)
     for flag, field in (("arch", "arch"), ("h", "h"), ("k", "k"), ("steps", "steps"), ("lr", "lr"),
-                        ("sparsity_coeff", "sparsity_coeff"), ("seed", "seed"), ("nonfinite", "nonfinite")):
+                        ("sparsity_coeff", "sparsity_coeff"), ("seed", "seed"), ("nonfinite", "nonfinite"),
+                        ("afa_coeff", "afa_coeff"), ("afa_target", "afa_target")):
         if getattr(args, flag) is not None:
             overrides[field] = getattr(args, flag)
     if "h" not in overrides and args.data == "synthetic":
         overrides["h"] = 8 * source.d
-    if overrides.get("arch") in ("jumprelu", "relu-l1", "sqrt-l1") and "k" not in overrides:
+    if overrides.get("arch") in ("jumprelu", "relu-l1", "sqrt-l1", "top-afa") and "k" not in overrides:
         overrides["k"] = None
     try:
         config = preset(args.preset, **overrides)

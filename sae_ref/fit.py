@@ -9,9 +9,13 @@
   ``checkpoint_every`` steps and at the end; ``resume=True`` continues from the newest one
   exactly (bit for bit on NumPy: the data stream is a function of its position);
 - ``metrics.jsonl``: one line every ``log_every`` steps (the only host reads of the metrics);
-- ``sae/``: the trained SAE in the SAELens format (BatchTopK as JumpReLU with theta);
+- ``sae/``: the trained SAE in the SAELens format (BatchTopK as JumpReLU with theta; top-AFA
+  has no SAELens architecture and is kept in the checkpoint only);
 - ``summary.json``: final metrics and, for BatchTopK, the inference L0 that theta gives on
   held-out batches next to k.
+
+:func:`load_run` reads a trained SAE back (from the newest checkpoint, or from a SAELens
+directory) for evaluation.
 
 Batches are checked for NaN/inf on the host before they move to the device (raise, or skip
 and count with ``nonfinite="skip"``), so the steps themselves never sync.
@@ -24,6 +28,7 @@ import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -165,7 +170,10 @@ def fit(config: TrainConfig, source, *, backend: str = "numpy", device=None,
     held = _heldout(source, batch_size, holdout_batches, held_rows, xp, dev, dt)
     if held is not None:
         summary["heldout"] = heldout_l0(state, held)
-    if run is not None:
+    if run is not None and config.arch == "top-afa":
+        summary["sae_export"] = "none: SAELens has no top-AFA architecture; load_run reads the checkpoint"
+        _atomic.atomic_write_bytes(run / "summary.json", json.dumps(summary, indent=2).encode())
+    elif run is not None:
         sae_cfg = inference_config(state)
         meta = dict(saelens_metadata or {})
         meta.setdefault("training_architecture_details", {"architecture": config.arch, "k": config.k,
@@ -174,6 +182,39 @@ def fit(config: TrainConfig, source, *, backend: str = "numpy", device=None,
                      overwrite=True)
         _atomic.atomic_write_bytes(run / "summary.json", json.dumps(summary, indent=2).encode())
     return FitResult(state, summary)
+
+
+@dataclass(frozen=True)
+class LoadedSAE:
+    """A trained SAE read back: its parameters, the configuration to encode with (inference:
+    BatchTopK as threshold), the training configuration when known, and where it came from."""
+
+    params: Any
+    config: Any
+    train_config: TrainConfig | None
+    source: str
+
+
+def load_run(path, *, xp=None, device=None) -> LoadedSAE:
+    """The SAE of a run directory (its newest checkpoint, exact), or of a SAELens directory
+    (``path`` itself or ``path/sae``), on ``xp`` (default NumPy) and ``device``."""
+    import numpy as np
+
+    from sae_ref.io.saelens import load_saelens
+
+    xp = np if xp is None else xp
+    path = Path(path)
+    ckpt = path / "checkpoints"
+    if ckpt.is_dir() and latest_checkpoint(ckpt) is not None:
+        arrays, meta, t = load_checkpoint(ckpt)
+        state = state_from_arrays(arrays, meta, xp=xp, device=device)
+        return LoadedSAE(state.params, inference_config(state), state.config, f"{ckpt} (step {t})")
+    for d in (path, path / "sae"):
+        if (d / "cfg.json").is_file():
+            params, config, _ = load_saelens(d, xp=xp, device=device)
+            return LoadedSAE(params, config, None, str(d))
+    raise FileNotFoundError(f"load_run: argument 'path' {str(path)!r} holds neither checkpoints/ "
+                            "nor a SAELens directory (cfg.json)")
 
 
 def _export_config(state, inf_cfg):

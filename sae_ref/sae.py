@@ -38,7 +38,7 @@ from sae_ref import activations as A
 from sae_ref.backends import get_backend, uniform
 from sae_ref.sparse import SparseCode, values_at
 
-ACTIVATIONS = ("relu", "topk", "batchtopk", "jumprelu", "threshold")
+ACTIVATIONS = ("relu", "topk", "batchtopk", "jumprelu", "threshold", "top_afa")
 
 
 @dataclass(frozen=True)
@@ -78,13 +78,15 @@ class SAEParams:
 class SAEConfig:
     """Which activation the SAE uses and its hyperparameters.
 
-    activation : "relu" | "topk" | "batchtopk" | "jumprelu" | "threshold"
+    activation : "relu" | "topk" | "batchtopk" | "jumprelu" | "threshold" | "top_afa"
     k : target active latents per sample (topk, batchtopk)
     theta : the global inference threshold (threshold); JumpReLU's per-latent threshold is
         the parameter ``SAEParams.theta``
     bandwidth : JumpReLU kernel bandwidth :math:`\\varepsilon` (gradient only)
     standardize : centre each input row and divide by its std (BatchTopK authors); losses
         live in that space, :func:`reconstruct` maps outputs back
+    afa_rule, afa_sentinel : top-AFA only (:func:`sae_ref.afa.top_afa`): "nearest" prefix
+        norm (the authors) or "first_exceeding"; the authors' sentinel on the last prefix
     """
 
     activation: str = "batchtopk"
@@ -92,9 +94,14 @@ class SAEConfig:
     theta: float | None = None
     bandwidth: float = 0.001
     standardize: bool = False
+    afa_rule: str = "nearest"
+    afa_sentinel: bool = False
 
     def __post_init__(self):
+        from sae_ref.afa import RULES
+
         C.choice("SAEConfig", "activation", self.activation, ACTIVATIONS)
+        C.choice("SAEConfig", "afa_rule", self.afa_rule, RULES)
         if self.activation in ("topk", "batchtopk"):
             C.integer_in("SAEConfig", "k", self.k, 1, 2**62, f" for activation {self.activation!r}")
         if self.activation == "threshold" and self.theta is None:
@@ -230,8 +237,17 @@ def _check_params(op, params: SAEParams, x=None, config: SAEConfig | None = None
     return xp
 
 
-def _select(xp, pre, config: SAEConfig, theta) -> SparseCode:
+def _select(xp, pre, config: SAEConfig, params: SAEParams, x) -> SparseCode:
+    """The kept activations of ``pre``; ``x`` (top-AFA's target) is the input in the loss
+    space."""
     a = config.activation
+    theta = params.theta
+    if a == "top_afa":  # target ||x - b_dec||, scores scaled by the decoder row norms
+        from sae_ref.afa import _top_afa
+
+        target = xp.linalg.vector_norm(x - params.b_dec, axis=1)
+        scale = xp.linalg.vector_norm(params.W_dec, axis=1)
+        return _top_afa(xp, pre, scale, target, config.afa_rule, config.afa_sentinel)
     if a == "batchtopk":
         return A._batch_topk(pre, config.k)
     if a == "topk":
@@ -253,7 +269,7 @@ def encode(params: SAEParams, x, config: SAEConfig) -> SparseCode:
     xp = _check_params("encode", params, x, config)
     if config.standardize:
         x, _ = _standardize(xp, x, 1e-5)
-    return _select(xp, _pre(xp, params, x), config, params.theta)
+    return _select(xp, _pre(xp, params, x), config, params, x)
 
 
 def decode(params: SAEParams, code: SparseCode):
@@ -284,7 +300,7 @@ def _forward(xp, params: SAEParams, x, config: SAEConfig) -> Forward:
     if config.standardize:
         x, stats = _standardize(xp, x, 1e-5)
     pre = _pre(xp, params, x)
-    code = _select(xp, pre, config, params.theta)
+    code = _select(xp, pre, config, params, x)
     window = bandwidth = None
     if config.activation == "jumprelu":
         bandwidth = config.bandwidth

@@ -4,8 +4,10 @@ One step, for every architecture:
 
 1. forward (standardise if configured, encode, select, decode from the sparse code);
 2. the reconstruction loss and its gradient on :math:`\hat x` (``loss_unit``);
-3. the sparsity term of the architecture (L1, sqrt-L1, JumpReLU L0; none for TopK/BatchTopK),
-   its coefficient warmed up linearly over ``sparsity_warmup_steps``;
+3. the sparsity term of the architecture (L1, sqrt-L1, JumpReLU L0; none for TopK/BatchTopK
+   and top-AFA), its coefficient warmed up linearly over ``sparsity_warmup_steps``; the AFA
+   loss :math:`\lambda_{afa}\,\mathrm{mean}_b (\|f_b\| - t_b)^2` on any architecture
+   (``afa_coeff``; :mod:`sae_ref.afa`);
 4. the dead-latent counters (tokens since each latent last fired, the current batch
    included) and AuxK over the dead latents;
 5. the hand-written sparse backward (:func:`sae_ref.sae.backward`);
@@ -41,6 +43,7 @@ from typing import Any
 from array_api_compat import array_namespace, device as device_of
 
 from sae_ref import _checks as C
+from sae_ref import afa as F
 from sae_ref import auxk as K
 from sae_ref import decoder as D
 from sae_ref import losses as L
@@ -50,9 +53,12 @@ from sae_ref.sae import SAEConfig, SAEParams, _check_params, _forward, _standard
 
 #: The smallest JumpReLU threshold a linear (not log) parameterisation is clipped to.
 THETA_MIN = 1e-6
-ARCHS = ("batchtopk", "topk", "jumprelu", "relu-l1", "sqrt-l1")
+ARCHS = ("batchtopk", "topk", "jumprelu", "relu-l1", "sqrt-l1", "top-afa")
 _ACTIVATION = {"batchtopk": "batchtopk", "topk": "topk", "jumprelu": "jumprelu",
-               "relu-l1": "relu", "sqrt-l1": "relu"}
+               "relu-l1": "relu", "sqrt-l1": "relu", "top-afa": "top_afa"}
+#: The AFA loss target: ||x|| (the top-AFA authors' code) or ||x - b_dec|| (the norm top-AFA's
+#: selection matches; the consistent choice), both in the loss space.
+AFA_TARGETS = ("x", "x_minus_b_dec")
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,9 @@ class TrainConfig:
     clipping), ``clip_first`` (clip the raw gradients before the decoder projection, as the
     BatchTopK authors; otherwise after it, as dictionary_learning).
     BatchTopK :math:`\\theta`: ``theta_estimator`` (see :mod:`sae_ref.theta`), ``theta_window``.
+    AFA (:mod:`sae_ref.afa`): ``afa_coeff`` :math:`\\lambda_{afa}` of the AFA loss (0: off; any
+    architecture), ``afa_target`` one of :data:`AFA_TARGETS`; top-AFA's ``afa_rule`` and
+    ``afa_sentinel``.
     ``nonfinite``: "raise" or "skip" a batch with NaN/inf. ``seed`` of the initialisation.
     """
 
@@ -110,6 +119,10 @@ class TrainConfig:
     clip_first: bool = False
     theta_estimator: str = "running_mean"
     theta_window: int = 1000
+    afa_coeff: float = 0.0
+    afa_target: str = "x_minus_b_dec"
+    afa_rule: str = "nearest"
+    afa_sentinel: bool = False
     nonfinite: str = "raise"
     seed: int = 0
     preset: str = "sae-ref"
@@ -128,10 +141,12 @@ class TrainConfig:
         C.choice(op, "b_dec_init", self.b_dec_init, ("zeros", "mean", "geometric_median"))
         C.choice(op, "theta_estimator", self.theta_estimator, T.KINDS)
         C.choice(op, "nonfinite", self.nonfinite, ("raise", "skip"))
+        C.choice(op, "afa_target", self.afa_target, AFA_TARGETS)
+        C.choice(op, "afa_rule", self.afa_rule, F.RULES)
         if self.k_aux is not None:
             C.integer_in(op, "k_aux", self.k_aux, 1, 2**62)
         C.integer_in(op, "dead_after", self.dead_after, 1, 2**62)
-        for name in ("sparsity_coeff", "aux_coeff"):
+        for name in ("sparsity_coeff", "aux_coeff", "afa_coeff"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise ValueError(f"{op}: argument '{name}' must be a finite number >= 0, got {getattr(self, name)!r}")
         if self.lr is not None:
@@ -148,7 +163,8 @@ class TrainConfig:
     def sae_config(self) -> SAEConfig:
         """The :class:`~sae_ref.sae.SAEConfig` the forward pass uses."""
         return SAEConfig(_ACTIVATION[self.arch], k=self.k if self.arch in ("topk", "batchtopk") else None,
-                         bandwidth=self.bandwidth, standardize=self.standardize)
+                         bandwidth=self.bandwidth, standardize=self.standardize,
+                         afa_rule=self.afa_rule, afa_sentinel=self.afa_sentinel)
 
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else 2e-4 / math.sqrt(self.h / 2**14)
@@ -203,6 +219,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         standardize=False, loss_unit="sample", aux_convention="normalized", k_aux=None,
         dead_after=10_000_000, dead_unit="tokens", decoder_order="after", betas=(0.9, 0.999),
         theta_estimator="saelens_ema"),
+    # top-AFA authors (Lee et al. 2025, their public code, built on the BatchTopK authors'):
+    # the "authors" recipe with the top-AFA activation (nearest prefix, their sentinel), AFA
+    # loss against ||x|| of the standardised input. Their default afa_coeff is 0 and their
+    # sweep {1/128, 1/64, 1/32, 1/24, 1/16}; the preset takes the middle, 1/32.
+    "afa-authors": dict(arch="top-afa", freeze_b_enc=True, max_grad_norm=100_000.0,
+                        clip_first=True, detach_residual=False, afa_coeff=1 / 32,
+                        afa_target="x", afa_sentinel=True),
 }
 
 
@@ -285,7 +308,7 @@ def _sparsity(xp, config, fwd, params, coeff):
     """The architecture's sparsity term: (value, g_code, g_theta, g_W_dec), scaled by coeff."""
     a = config.arch
     zero = xp.zeros((), dtype=fwd.x.dtype, device=device_of(fwd.x))
-    if a in ("topk", "batchtopk"):
+    if a in ("topk", "batchtopk", "top-afa"):
         return zero, None, None, None
     if a == "jumprelu":
         value, g_theta = L._jumprelu_l0(xp, fwd.pre, params.theta, fwd.bandwidth, fwd.window)
@@ -297,6 +320,29 @@ def _sparsity(xp, config, fwd, params, coeff):
         return coeff * value, coeff * g, None, None
     value, g, g_W = L.l1(fwd.code, params.W_dec if config.l1_decoder_norm else None)
     return coeff * value, coeff * g, None, None if g_W is None else coeff * g_W
+
+
+def _afa(xp, config, fwd, params, g_code):
+    r"""The AFA loss term: (value, g_code with its gradient added, gradient on b_dec or None).
+
+    With target :math:`t_b = \|x_b - b_{dec}\|`, :math:`\partial t_b / \partial b_{dec} =
+    -(x_b - b_{dec}) / t_b` (0 where :math:`t_b = 0`); the target :math:`\|x_b\|` has no
+    parameter in it. :math:`x` is the input in the loss space (standardised if configured).
+    """
+    if config.afa_coeff == 0:
+        return xp.zeros((), dtype=fwd.x.dtype, device=device_of(fwd.x)), g_code, None
+    c = config.afa_coeff
+    centred = fwd.x - params.b_dec if config.afa_target == "x_minus_b_dec" else fwd.x
+    target = xp.linalg.vector_norm(centred, axis=1)
+    value, g_values, g_target = F._afa_loss(xp, fwd.code, target)
+    g_values = c * g_values
+    g_code = g_values if g_code is None else g_code + g_values
+    g_b_dec = None
+    if config.afa_target == "x_minus_b_dec":
+        safe = xp.where(target > 0, target, xp.ones_like(target))
+        w = xp.where(target > 0, c * g_target / safe, xp.zeros_like(target))
+        g_b_dec = -xp.sum(w[:, None] * centred, axis=0)
+    return c * value, g_code, g_b_dec
 
 
 def _is_finite(xp, x) -> bool:
@@ -338,6 +384,7 @@ def _step(xp, state: TrainState, x):
     mse, g_xhat = L._mse(xp, fwd.x_hat, fwd.x, config.loss_unit)
     coeff = O.linear_warmup_decay(t, base=config.sparsity_coeff, warmup=config.sparsity_warmup_steps)
     sparsity, g_code, g_theta, g_W_sp = _sparsity(xp, config, fwd, params, coeff)
+    afa_value, g_code, g_b_dec_afa = _afa(xp, config, fwd, params, g_code)
     # dead-latent counters: tokens since each latent last fired, the current batch included
     fired = fwd.code.latent_counts() > 0
     since = xp.where(fired, xp.zeros_like(state.since_fired), state.since_fired + B)
@@ -356,6 +403,8 @@ def _step(xp, state: TrainState, x):
             g_W_extra = c * aux.g_W_dec if g_W_extra is None else g_W_extra + c * aux.g_W_dec
     grads = backward(params, fwd, g_xhat, g_code=g_code, g_theta=g_theta,
                      g_pre_extra=g_pre_extra, g_W_dec_extra=g_W_extra)
+    if g_b_dec_afa is not None:
+        grads = replace(grads, b_dec=grads.b_dec + g_b_dec_afa)
     params, opt, grad_norm = _update(xp, state, params, grads, t)
     est = state.theta
     if config.arch == "batchtopk":
@@ -363,8 +412,8 @@ def _step(xp, state: TrainState, x):
     new = replace(state, params=params, opt=opt, t=t, since_fired=since, theta=est,
                   tokens=state.tokens + B)
     metrics = {
-        "loss": mse + sparsity + aux_value, "mse": mse, "nmse": _nmse(xp, fwd.x_hat, fwd.x), "sparsity": sparsity,
-        "aux": aux_value, "l0": xp.sum(fwd.code.l0()) / B,
+        "loss": mse + sparsity + aux_value + afa_value, "mse": mse, "nmse": _nmse(xp, fwd.x_hat, fwd.x),
+        "sparsity": sparsity, "aux": aux_value, "afa": afa_value, "l0": xp.sum(fwd.code.l0()) / B,
         "dead_fraction": xp.astype(xp.count_nonzero(dead), x.dtype) / config.h,
         "grad_norm": grad_norm, "lr": _lr(config, t), "step": t, "tokens": new.tokens,
         "skipped": state.skipped,

@@ -98,7 +98,7 @@ def test_half_precision_forward_selects_as_float32_on_the_same_values(act, dtype
     assert fwd16.x_hat.dtype == dt and fwd16.code.values.dtype == dt and fwd16.pre.dtype == dt
     params32 = params16.map(lambda a: a.float())
     xp = array_namespace(fwd16.pre)
-    code32 = _select(xp, fwd16.pre.float(), cfg, params32.theta)
+    code32 = _select(xp, fwd16.pre.float(), cfg, params32, fwd16.x.float())
     assert torch.equal(fwd16.code.rows, code32.rows) and torch.equal(fwd16.code.cols, code32.cols)
     assert torch.equal(fwd16.code.values.float(), code32.values)
     x_hat32 = _decode(xp, params32, code32)

@@ -140,6 +140,10 @@ def _to_saelens(op, params, config, metadata, dtype) -> tuple[dict[str, np.ndarr
     if not isinstance(config, SAEConfig):
         raise TypeError(f"{op}: argument 'config' must be SAEConfig, got {type(config).__name__}")
     _check_params(op, params, None, config)
+    if config.activation not in _ARCHITECTURE:
+        raise NotImplementedError(
+            f"{op}: activation {config.activation!r} has no SAELens architecture (SAELens cannot "
+            "run it); keep the training checkpoint, which sae_ref.fit.load_run reads")
     if dtype is not None and dtype not in _FLOAT_DTYPES:
         raise ValueError(f"{op}: argument 'dtype' must be one of {list(_FLOAT_DTYPES)}, got {dtype!r}")
     arrays = {n: to_numpy(getattr(params, n)) for n in ("W_enc", "W_dec", "b_enc", "b_dec")}
