@@ -62,7 +62,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from array_api_compat import array_namespace, device as device_of, is_array_api_obj, is_torch_namespace
+from array_api_compat import array_namespace, is_array_api_obj, is_torch_namespace
+from array_api_compat import device as device_of
 
 from sae_ref import _checks as C
 from sae_ref.afa import f_tilde_norm, quasi_orthogonality
@@ -193,7 +194,7 @@ class ZFPoints:
         The decoder's quasi-orthogonality (:func:`sae_ref.afa.quasi_orthogonality`); NaN when
         not measured.
     tokens : {"all", "last"}
-        All tokens of the batches, or only the rows marked as sequence ends.
+        All tokens of the batches, or the last token of each sequence.
     space : {"input", "standardized"}
         Where :math:`z` and :math:`\\hat z` live (see the module docs).
     """
@@ -215,7 +216,7 @@ class ZFPoints:
         return int(self.z_norm.shape[0])
 
 
-def zf_points(params: SAEParams, config: SAEConfig, batches, *, ends=None,
+def zf_points(params: SAEParams, config: SAEConfig, batches, *, ends=None, tokens: str | None = None,
               measure_eps: bool = True, block: int = 2048) -> ZFPoints:
     """Stream ``batches`` through the SAE and collect the per-token ZF statistics.
 
@@ -229,9 +230,17 @@ def zf_points(params: SAEParams, config: SAEConfig, batches, *, ends=None,
         endless stream with ``itertools.islice``).
     ends : iterable of bool arrays [B], or one array, optional
         One mask per batch (same namespace and device) marking the rows that end a sequence;
-        only those rows are kept (``tokens="last"``). Default: every row.
+        only those rows are kept. Default: every row.
+    tokens : {"all", "last"}, optional
+        What ``ZFPoints.tokens`` records: by default "last" when ``ends`` is given, else
+        "all"; pass "last" when the batches already hold one row per sequence
+        (:func:`text_activations` with ``tokens="last"``).
     measure_eps : bool
         Also measure the decoder's quasi-orthogonality (O(h^2 d) work, ``block`` rows at a time).
+
+    Row-wise activations (relu, topk, jumprelu, threshold) give the same statistics however
+    the tokens are cut into batches; BatchTopK's selection depends on the batch (evaluate it
+    with its threshold inference, ``SAEConfig("threshold", theta=...)``).
 
     Returns
     -------
@@ -241,6 +250,7 @@ def zf_points(params: SAEParams, config: SAEConfig, batches, *, ends=None,
     op = "zf_points"
     xp = _check_params(op, params, None, config)
     _check_h(op, params)
+    tokens = _tokens_label(op, tokens, ends)
     block = C.integer_in(op, "block", block, 1, 2**40)
     if is_array_api_obj(batches):
         batches = [batches]
@@ -252,7 +262,16 @@ def zf_points(params: SAEParams, config: SAEConfig, batches, *, ends=None,
     if ends is not None and not isinstance(ends, Iterable):
         raise TypeError(f"{op}: argument 'ends' must be an iterable of boolean arrays, got {type(ends).__name__}")
     parts = _collect(op, xp, params, config, batches, None if ends is None else iter(ends))
-    return _points(xp, params, config, parts, "all" if ends is None else "last", measure_eps, block)
+    return _points(xp, params, config, parts, tokens, measure_eps, block)
+
+
+def _tokens_label(op: str, tokens, ends) -> str:
+    if tokens is None:
+        return "all" if ends is None else "last"
+    C.choice(op, "tokens", tokens, TOKEN_MODES)
+    if tokens == "all" and ends is not None:
+        raise ValueError(f"{op}: argument 'tokens' is 'all' but 'ends' keeps only sequence ends")
+    return tokens
 
 
 def _collect(op, xp, params, config, batches, ends: Iterator | None) -> list[TokenStats]:
@@ -306,8 +325,8 @@ def _points(xp, params, config, parts, tokens, measure_eps, block) -> ZFPoints:
                     tokens=tokens, space="standardized" if config.standardize else "input", **eps)
 
 
-def zf_points_saelens(directory, batches, *, ends=None, measure_eps: bool = True,
-                      block: int = 2048) -> ZFPoints:
+def zf_points_saelens(directory, batches, *, ends=None, tokens: str | None = None,
+                      measure_eps: bool = True, block: int = 2048) -> ZFPoints:
     """:func:`zf_points` for a SAELens directory, loaded onto the namespace, device and dtype
     of the first batch (:func:`sae_ref.io.saelens.load_saelens`; its layer-norm
     normalisation becomes ``standardize``)."""
@@ -324,7 +343,7 @@ def zf_points_saelens(directory, batches, *, ends=None, measure_eps: bool = True
         raise TypeError(f"{op}: argument 'batches[0]' must be an array, got {type(first).__name__}")
     xp = array_namespace(first)
     params, config, _ = load_saelens(directory, xp=xp, device=device_of(first), dtype=first.dtype)
-    return zf_points(params, config, itertools.chain([first], it), ends=ends,
+    return zf_points(params, config, itertools.chain([first], it), ends=ends, tokens=tokens,
                      measure_eps=measure_eps, block=block)
 
 
@@ -425,7 +444,7 @@ def text_activations(model, tokenizer, texts: Sequence[str], *, layer: int, toke
         raise ValueError(f"{op}: argument 'texts' is empty")
     max_length = C.integer_in(op, "max_length", max_length, 1, 2**31)
     batch_size = C.integer_in(op, "batch_size", batch_size, 1, 2**31)
-    n = D.n_layers(model)
+    n = len(D.find_blocks(model, op=op))
     layer = C.integer_in(op, "layer", layer, 0, n, f" (the model has {n} blocks)")
     xp = array_namespace(np.zeros(1)) if xp is None else array_namespace(xp.zeros(1))
     dtype = resolve_dtype(op, xp, dtype)
@@ -471,7 +490,18 @@ def _torch_float64():
 
 
 __all__ = [
-    "BANDS", "FTilde", "QUANTILES", "TOKEN_MODES", "TokenStats", "ZFPoints", "f_tilde",
-    "outside_band", "sequence_ends", "text_activations", "token_stats", "zf_points",
-    "zf_points_saelens", "zf_summary",
+    "BANDS",
+    "QUANTILES",
+    "TOKEN_MODES",
+    "FTilde",
+    "TokenStats",
+    "ZFPoints",
+    "f_tilde",
+    "outside_band",
+    "sequence_ends",
+    "text_activations",
+    "token_stats",
+    "zf_points",
+    "zf_points_saelens",
+    "zf_summary",
 ]

@@ -160,7 +160,7 @@ def _band_lines(ax, bands, top, low, log):
         ax.set_ylim(0.0, top)
     ax.plot(xs, xs, color="k", lw=1.0, label="$y = x$")
     for j, c in enumerate(bands):
-        style = dict(color="0.35", lw=0.9, ls=_BAND_STYLES[j % len(_BAND_STYLES)])
+        style = {"color": "0.35", "lw": 0.9, "ls": _BAND_STYLES[j % len(_BAND_STYLES)]}
         ax.plot(xs, xs / np.sqrt(1.0 + c), label=rf"$\varepsilon(h-1) = {c:g}$", **style)
         if c < 1:
             ax.plot(xs, xs / np.sqrt(1.0 - c), **style)

@@ -11,6 +11,7 @@ half violins checked. Oracles are written here in NumPy.
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -196,7 +197,7 @@ def test_streaming_over_batches_equals_one_batch(backend, seed, N, parts, activa
     params, config = _on(backend, p, theta=activation == "jumprelu"), _config(activation, 3, standardize)
     sizes = _split(rng, N, parts)
     starts = np.cumsum([0] + sizes)
-    stream = (backend.asarray(x[s:e]) for s, e in zip(starts[:-1], starts[1:]))   # a generator
+    stream = (backend.asarray(x[s:e]) for s, e in itertools.pairwise(starts))   # a generator
     whole = zf_points(params, config, backend.asarray(x))
     _assert_points(zf_points(params, config, stream), whole, rtol=1e-12, atol=1e-14)
 
@@ -221,8 +222,8 @@ def test_last_token_mode_keeps_exactly_the_sequence_ends(backend, seed, n_seq, p
     assert np.array_equal(mask, want_mask)
     sizes = _split(rng, N, parts)
     starts = np.cumsum([0] + sizes)
-    xs = [backend.asarray(x[s:e]) for s, e in zip(starts[:-1], starts[1:])]
-    ms = [backend.asarray(mask[s:e]) for s, e in zip(starts[:-1], starts[1:])]
+    xs = [backend.asarray(x[s:e]) for s, e in itertools.pairwise(starts)]
+    ms = [backend.asarray(mask[s:e]) for s, e in itertools.pairwise(starts)]
     last = zf_points(params, config, xs, ends=ms)
     every = zf_points(params, config, xs)
     assert last.tokens == "last" and len(last) == n_seq
@@ -338,7 +339,7 @@ def test_text_activations_give_every_real_token_or_the_last_one_of_each_text(bac
     real token; padding in a batch of texts changes nothing (up to float32 rounding)."""
     model, tok = minilm
     alone = [_alone(model, tok, t, layer) for t in TEXTS]
-    kw = dict(layer=layer, batch_size=3, xp=backend.xp, device=backend.device, dtype="float64")
+    kw = {"layer": layer, "batch_size": 3, "xp": backend.xp, "device": backend.device, "dtype": "float64"}
     every = np.concatenate([backend.numpy(a) for a in text_activations(model, tok, TEXTS, tokens="all", **kw)])
     last = np.concatenate([backend.numpy(a) for a in text_activations(model, tok, TEXTS, tokens="last", **kw)])
     assert_close(every, np.concatenate(alone), rtol=1e-4, atol=1e-5)
@@ -353,8 +354,8 @@ def test_zf_points_over_the_last_tokens_of_texts(minilm):
 
     params = init_params(384, 512, xp=np, seed=0)
     pts = zf_points(params, SAEConfig("topk", k=8, standardize=True),
-                    text_activations(model, tok, TEXTS, layer=3, tokens="last", batch_size=2))
-    assert len(pts) == len(TEXTS) and pts.space == "standardized"
+                    text_activations(model, tok, TEXTS, layer=3, tokens="last", batch_size=2), tokens="last")
+    assert len(pts) == len(TEXTS) and pts.space == "standardized" and pts.tokens == "last"
     assert np.all(pts.l0 == 8)
 
 
@@ -409,6 +410,10 @@ def test_errors_name_the_argument(backend):
         zf_points(params, config, [x, x], ends=[backend.asarray(np.ones(3, dtype=bool))])
     with pytest.raises(ValueError, match="'ends' has more masks"):
         zf_points(params, config, [x], ends=[backend.asarray(np.ones(3, dtype=bool))] * 2)
+    with pytest.raises(ValueError, match="'tokens' is 'all' but 'ends'"):
+        zf_points(params, config, x, ends=backend.asarray(np.ones(3, dtype=bool)), tokens="all")
+    with pytest.raises(ValueError, match="'tokens' must be one of"):
+        zf_points(params, config, x, tokens="first")
     with pytest.raises(ValueError, match="'ends' marks no row"):
         zf_points(params, config, x, ends=backend.asarray(np.zeros(3, dtype=bool)))
     with pytest.raises(TypeError, match="'code'"):
