@@ -66,7 +66,7 @@ from array_api_compat import array_namespace, is_array_api_obj, is_torch_namespa
 from array_api_compat import device as device_of
 
 from sae_ref import _checks as C
-from sae_ref.afa import f_tilde_norm, quasi_orthogonality
+from sae_ref.afa import eps_lbo, f_tilde_norm, quasi_orthogonality
 from sae_ref.arrays import to_numpy
 from sae_ref.sae import SAEConfig, SAEParams, _check_params, _forward
 from sae_ref.sparse import SparseCode
@@ -170,11 +170,11 @@ def _token_stats(xp, params: SAEParams, x, config: SAEConfig) -> TokenStats:
 
 
 def _eps_lbo(xp, z_norm, f_norm, h: int):
-    f2 = f_norm * f_norm
-    safe = xp.where(f2 > 0, f2, xp.ones_like(f2))
-    value = xp.abs(z_norm * z_norm - f2) / ((h - 1) * safe)
-    degenerate = xp.where(z_norm > 0, xp.full_like(f2, float("inf")), xp.zeros_like(f2))
-    return xp.where(f2 > 0, value, degenerate)
+    """:func:`sae_ref.afa.eps_lbo` with the tokens where :math:`\\tilde f = 0` set apart."""
+    ok = f_norm > 0
+    value = eps_lbo(z_norm, xp.where(ok, f_norm, xp.ones_like(f_norm)), h)
+    degenerate = xp.where(z_norm > 0, xp.full_like(f_norm, float("inf")), xp.zeros_like(f_norm))
+    return xp.where(ok, value, degenerate)
 
 
 # --- streaming over batches ---------------------------------------------------------------------------
@@ -283,8 +283,8 @@ def _collect(op, xp, params, config, batches, ends: Iterator | None) -> list[Tok
         if ends is not None:
             mask = next(ends, None)
             if mask is None:
-                raise ValueError(f"{op}: argument 'ends' has fewer masks than 'batches' ({i}, "
-                                 f"but batches[{i}] exists)")
+                raise ValueError(f"{op}: argument 'ends' has fewer masks than 'batches': "
+                                 f"none for batches[{i}]")
             (index,) = xp.nonzero(_check_mask(op, xp, f"ends[{i}]", mask, x))
             stats = stats.take(xp, index)
         parts.append(stats)
