@@ -63,6 +63,8 @@ batch of everything), and undefined (nan) with batches of one token.
      - ``per_token_about_zero``
    * - OpenAI sparse_autoencoder ``train.py``, the scaled training MSE
      - ``pooled``, with :math:`\mu` and the total from a separate statistics sample
+   * - OpenAI sparse_autoencoder ``kernels.py``, ``normalized_mse`` (its AuxK term)
+     - ``batch_mean``
    * - sae-ref :func:`sae_ref.losses.nmse`
      - ``about_zero`` (``reduce="pooled"``), ``per_token_about_zero`` (``reduce="per_row"``)
 

@@ -420,7 +420,7 @@ def evaluate_store(params, config, store, *, batch_size: int = 4096,
     if not isinstance(params, SAEParams):
         raise TypeError(f"evaluate_store: argument 'params' must be SAEParams, got {type(params).__name__}")
     xp = array_namespace(params.W_enc)
-    where = dict(xp=xp, device=device_of(params.W_enc), dtype=params.W_enc.dtype, rows=rows)
+    where = {"xp": xp, "device": device_of(params.W_enc), "dtype": params.W_enc.dtype, "rows": rows}
     mean = None
     if per_token_mean:
         total, n = None, 0

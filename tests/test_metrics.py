@@ -10,6 +10,8 @@ with input standardisation the metrics live in the input's own space.
 
 from __future__ import annotations
 
+import itertools
+import json
 import math
 
 import numpy as np
@@ -33,7 +35,7 @@ def _split(n: int, cuts: list[int]) -> list[int]:
     """Batch sizes (each >= 1) summing to n, from arbitrary integers."""
     points = sorted({1 + c % (n - 1) for c in cuts}) if n > 1 else []
     edges = [0, *points, n]
-    return [b - a for a, b in zip(edges[:-1], edges[1:], strict=True)]
+    return [b - a for a, b in itertools.pairwise(edges)]
 
 
 def _draw(seed, n, d, h, dtype, offset, density):
@@ -56,14 +58,14 @@ def _safe(num, den):
 def _oracle(x, x_hat, f, sizes, ref=None) -> dict:
     """Every metric from its definition, float64 NumPy, two-pass means, batches by slicing."""
     X, Xh, Fd = (np.asarray(a, dtype=np.float64) for a in (x, x_hat, f))
-    N, d = X.shape
+    N = X.shape[0]
     h = Fd.shape[1]
     R = X - Xh
     rr, xx = (R**2).sum(1), (X**2).sum(1)
     tot = ((X - X.mean(0)) ** 2).sum()
     starts = np.cumsum([0, *sizes])
     batch_dev = np.concatenate([((X[a:b] - X[a:b].mean(0)) ** 2).sum(1)
-                                for a, b in zip(starts[:-1], starts[1:], strict=True)])
+                                for a, b in itertools.pairwise(starts)])
     nx, nh = np.linalg.norm(X, axis=1), np.linalg.norm(Xh, axis=1)
     fired = Fd != 0
     counts = fired.sum(0)
@@ -91,7 +93,7 @@ def _oracle(x, x_hat, f, sizes, ref=None) -> dict:
 
 
 def _stream(backend, x, x_hat, f, sizes, ref=None):
-    n, d = x.shape
+    d = x.shape[1]
     mean = None if ref is None else backend.asarray(ref)
     s = M.init(d, f.shape[1], xp=backend.xp, device=backend.device, mean=mean)
     a = 0
@@ -111,12 +113,12 @@ def _assert_matches(m: M.Metrics, want: dict, rtol: float, names=None):
             assert_close(got, exp, rtol=rtol, atol=1e-12, what=k)
 
 
-sizes_and_data = dict(
-    seed=st.integers(0, 2**31 - 1), n=st.integers(2, 40), d=st.integers(2, 6),
-    h=st.integers(1, 12), cuts=st.lists(st.integers(0, 1000), max_size=4),
-    dtype=st.sampled_from([np.float32, np.float64]), offset=st.sampled_from([0.0, 3.0]),
-    density=st.sampled_from([0.0, 0.2, 0.7]),
-)
+sizes_and_data = {
+    "seed": st.integers(0, 2**31 - 1), "n": st.integers(2, 40), "d": st.integers(2, 6),
+    "h": st.integers(1, 12), "cuts": st.lists(st.integers(0, 1000), max_size=4),
+    "dtype": st.sampled_from([np.float32, np.float64]), "offset": st.sampled_from([0.0, 3.0]),
+    "density": st.sampled_from([0.0, 0.2, 0.7]),
+}
 
 
 # --- every metric against the oracle ------------------------------------------------------------
@@ -197,7 +199,7 @@ def test_a_constant_bias_error_separates_the_fvu_definitions_as_documented(backe
     got = {k: float(v) for k, v in F.values(s).items()}
     c2, var = float(c @ c), float(((x - ref) ** 2).sum(1).mean())
     starts = np.cumsum([0, *sizes])
-    blocks = [x[p:q] for p, q in zip(starts[:-1], starts[1:], strict=True)]
+    blocks = [x[p:q] for p, q in itertools.pairwise(starts)]
     n_var_j = sum(float(((blk - blk.mean(0)) ** 2).sum()) for blk in blocks)
     dev_j = np.concatenate([((blk - blk.mean(0)) ** 2).sum(1) for blk in blocks])
     closed = {
@@ -324,8 +326,6 @@ def test_summary_is_json_ready_and_names_every_explained_variance(backend):
     x, x_hat, f = _draw(1, 8, 3, 4, np.float32, 1.0, 0.5)
     m = M.result(_stream(backend, x, x_hat, f, [8]))
     s = m.summary()
-    import json
-
     json.dumps(s)
     for k in F.DEFINITIONS:
         ev = s["explained_variance_" + k]
@@ -396,7 +396,7 @@ def test_a_nan_row_in_the_store_is_reported_with_its_shard(tmp_path):
 # --- the plot ------------------------------------------------------------------------------------
 def test_log_density_plot_draws_the_histogram_and_saves_atomically(tmp_path):
     pytest.importorskip("matplotlib")
-    x, x_hat, f = _draw(5, 50, 3, 20, np.float64, 0.0, 0.1)
+    x = _draw(5, 50, 3, 20, np.float64, 0.0, 0.1)[0]
     m = M.evaluate(init_params(3, 20, xp=np, dtype=np.float64), SAEConfig("topk", k=2), [x])
     path = tmp_path / "density.png"
     fig = M.plot_log_density(m, path=path)
