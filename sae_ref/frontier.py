@@ -13,10 +13,14 @@ model       :math:`y(x)`                                    parameters
 ``power``   :math:`a\, x^n`                                 :math:`a > 0,\ n`
 ==========  ==============================================  =========================
 
-:math:`x_{1/2}` is where the curve crosses :math:`y = 1/2` (for ``power``,
-:math:`x_{1/2} = (2a)^{-1/n}`); a family with a larger :math:`x_{1/2}` reaches the same
-performance hit at a smaller :math:`L_0`, and :func:`compare` reports the ratio of two
-families' :math:`x_{1/2}`.
+:math:`x_{1/2}` is where the Hill curves cross :math:`y = 1/2`; for ``power`` it is reported
+as that crossing, :math:`x_{1/2} = (2a)^{-1/n}`. The ``linear`` model keeps the parameter as
+ALGORITHMS.md writes it, :math:`y = x / x_{1/2}`: the slope at the origin of the Hill curve with
+that :math:`x_{1/2}`, so a linear fit of points near the origin estimates the Hill
+:math:`x_{1/2}`; the line itself reaches 1/2 at :math:`x_{1/2}/2` (and 1 at :math:`x_{1/2}`).
+A family with a larger :math:`x_{1/2}` reaches the same performance hit at a smaller
+:math:`L_0`; :func:`compare` reports the ratio of two families' :math:`x_{1/2}` (compare fits
+of one model: the ratio does not depend on the convention then).
 
 The fit (:func:`fit_frontier`) drops points with :math:`y \notin (0, 1)` or :math:`x \le 0`
 with a :class:`FrontierWarning`, starts from a closed-form or linearised estimate, and refines
@@ -162,7 +166,7 @@ def _lm(xp, model, x, u, y, theta0, *, max_iter: int, dev):
                 return _done(theta, J, S, True, it)
         step = float(xp.max(xp.abs(delta)))
         size = float(xp.max(xp.abs(theta)))
-        small = step <= 1e-13 * (1.0 + size) or S - S2 <= 1e-15 * S or S2 == 0.0
+        small = step <= 1e-12 * (1.0 + size) or S2 == 0.0
         theta, J, r, S = trial, J2, r2, S2
         lam = max(lam / 10.0, 1e-15)
         if small:
@@ -182,10 +186,12 @@ class FrontierFit:
     model : one of :data:`MODELS`
     params, stderr : natural parameters by name (:data:`PARAMS`) and their standard errors
     cov : covariance of the natural parameters, as nested tuples (NaN when n_used <= p)
-    x_half, x_half_stderr : where the curve crosses 1/2, and its standard error
+    x_half, x_half_stderr : :math:`x_{1/2}` and its standard error: where the curve crosses
+        1/2 (hill1, hill, power); for linear the parameter of :math:`y = x / x_{1/2}`
     rss : residual sum of squares on the points used
     n_used, n_dropped : points fitted, points left out (y outside (0, 1) or x <= 0)
-    converged, n_iter : Levenberg-Marquardt's outcome
+    converged, n_iter : Levenberg-Marquardt's outcome (a fit that did not converge warns and
+        reports NaN uncertainties)
     """
 
     model: str
@@ -314,7 +320,7 @@ def fit_frontier(x, y, model: str = "hill1", *, xp=None, start: dict | None = No
         warnings.warn(f"{op}: Levenberg-Marquardt did not converge in {max_iter} iterations "
                       f"(model {model!r})", FrontierWarning, stacklevel=2)
     th = [float(theta[i]) for i in range(p)]
-    cov_int = _covariance(xp, J, rss, n, p)
+    cov_int = _covariance(xp, J, rss, n, p) if ok else [[math.nan] * p for _ in range(p)]
     nat, scale = _natural(model, th)
     cov = tuple(tuple(cov_int[i][j] * scale[i] * scale[j] for j in range(p)) for i in range(p))
     names = PARAMS[model]
@@ -356,7 +362,8 @@ class FrontierComparison:
     r"""The ratio :math:`x_{1/2}^{(a)} / x_{1/2}^{(b)}` and its delta-method standard error.
 
     :math:`\mathrm{se}(r) = r \sqrt{(\mathrm{se}_a / x_a)^2 + (\mathrm{se}_b / x_b)^2}`,
-    treating the two fits as independent.
+    treating the two fits as independent; NaN when either :math:`x_{1/2}` is not a positive
+    finite number (a degenerate fit).
     """
 
     ratio: float
@@ -380,6 +387,9 @@ def compare(fit_a: FrontierFit, fit_b: FrontierFit) -> FrontierComparison:
         if not isinstance(f, FrontierFit):
             raise TypeError(f"compare: argument '{name}' must be a FrontierFit, got {type(f).__name__}")
     xa, xb = fit_a.x_half, fit_b.x_half
+    if not all(v > 0 and math.isfinite(v) for v in (xa, xb)):  # a degenerate fit
+        return FrontierComparison(xa / xb if xb != 0 else math.nan, math.nan, xa, xb,
+                                  fit_a.model, fit_b.model)
     r = xa / xb
     se = r * math.sqrt((fit_a.x_half_stderr / xa) ** 2 + (fit_b.x_half_stderr / xb) ** 2)
     return FrontierComparison(r, se, xa, xb, fit_a.model, fit_b.model)
