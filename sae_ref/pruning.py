@@ -478,7 +478,9 @@ def sweep(params: SAEParams, config: SAEConfig, batches: Iterable, method: str,
     values : the parameter values, e.g. ``[0, 0.05, 0.1]`` (0 is the unpruned SAE)
     stats : frozen :class:`PruningStats` (``percent_of_max``, ``latent_quantile``)
     downstream : optional ``downstream(pruned) -> float``, called once per value with the
-        :class:`PrunedSAE`; e.g. a downstream loss through a model splice
+        :class:`PrunedSAE`; e.g. a downstream loss through a model splice, ``lambda p:
+        loss_recovered(model, texts, layer=3, sae_fn=sae_replace(p.params, p.config,
+        fn=p))["loss_sae"]`` with :mod:`sae_ref.downstream`
 
     Returns
     -------
@@ -527,7 +529,7 @@ def sweep(params: SAEParams, config: SAEConfig, batches: Iterable, method: str,
 
 
 __all__ = [
-    "METHODS", "PruningStats", "PrunedSAE", "PruningPoint", "global_threshold",
-    "latent_quantile", "lowest_k", "percent_of_max", "prune", "quantile_thresholds",
+    "METHODS", "PrunedSAE", "PruningPoint", "PruningStats", "global_threshold", "latent_quantile",
+    "lowest_k", "percent_of_max", "prune", "quantile_thresholds",
     "reference_stats", "sweep",
 ]

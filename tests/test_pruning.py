@@ -5,6 +5,7 @@ Oracles are dense float64 NumPy, written from ALGORITHMS.md section 5 without sa
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -12,7 +13,8 @@ import pytest
 from hypothesis import given, strategies as st
 
 from sae_ref.pruning import (METHODS, PrunedSAE, global_threshold, latent_quantile, lowest_k,
-                             percent_of_max, prune, quantile_thresholds, reference_stats, sweep)
+                             percent_of_max, prune, quantile_thresholds,
+                             reference_stats, sweep)
 from sae_ref.sae import SAEConfig, SAEParams
 from sae_ref.sparse import SparseCode
 from sae_ref.validation.oracles import assert_close
@@ -66,7 +68,7 @@ def _tau_oracle(ref, q):
     tau = np.full(ref.shape[1], -np.inf)
     for j in range(ref.shape[1]):
         v = np.sort(ref[ref[:, j] > 0, j])
-        n = int(math.floor(q * len(v) + 1e-9))
+        n = math.floor(q * len(v) + 1e-9)
         if n >= 1:
             tau[j] = v[n - 1]
     return tau
@@ -79,7 +81,7 @@ def _apply(backend, f, ref, method, value):
 
 def _param(method, r):
     """A parameter of the method from r in [0, 1]."""
-    return {"lowest_k": int(round(4 * r)), "percent_of_max": r, "latent_quantile": r,
+    return {"lowest_k": round(4 * r), "percent_of_max": r, "latent_quantile": r,
             "global_threshold": 2.0 * r}[method]
 
 
@@ -307,7 +309,7 @@ def test_sweep_reports_l0_mse_nmse_fvu_of_the_pruned_reconstruction_in_input_spa
         assert_close(p.l0, l0, rtol=0, atol=0, what="l0")
         assert_close([p.mse, p.nmse, p.fvu], [mse, nmse, fvu], rtol=1e-9, what="errors")
         assert_close(p.downstream, xh.sum(), rtol=1e-9, what="downstream")
-    assert all(a.l0 >= b.l0 for a, b in zip(pts, pts[1:]))
+    assert all(a.l0 >= b.l0 for a, b in itertools.pairwise(pts))
 
 
 def test_pruned_sae_code_is_the_pruned_encoding(backend):
