@@ -500,7 +500,13 @@ def test_bad_arguments_are_named(call, match):
 
 
 def test_every_check_is_registered_with_a_sae_ref_implementation():
+    import sae_ref.validation as V
+
     assert set(sae_ref_implementations()) == set(CHECKS) - {"sae"}
+    assert set(V.__all__) == set(V._EXPORTS)
+    assert all(getattr(V, name) is not None for name in V.__all__)
+    with pytest.raises(AttributeError, match="no attribute 'check_nothing'"):
+        V.check_nothing  # noqa: B018
 
 
 # --- strategies -------------------------------------------------------------------------------
@@ -696,6 +702,28 @@ def test_dictionary_learning_layout_passes_end_to_end():
     assert r.ok, str(r)
 
 
+class BatchTopKSAE(AutoEncoderTopK):
+    """dictionary_learning's BatchTopK layout: inference through one threshold buffer."""
+
+    def __init__(self, threshold):
+        super().__init__(k=2)
+        self.register_buffer("threshold", torch.tensor(threshold))
+
+    def encode(self, x, use_threshold=True):
+        a = torch.relu(self.encoder(x - self.b_dec))
+        return a * (a > self.threshold)
+
+
+@pytest.mark.parametrize("theta", [0.3, -1.0])
+def test_threshold_inference_module_passes_end_to_end(theta):
+    """A scalar threshold buffer is the global inference threshold (theta = -1, the value
+    before any estimate, keeps every positive activation)."""
+    m = TorchSAE(BatchTopKSAE(theta))
+    assert m.config.activation == "threshold" and m.config.theta == pytest.approx(theta)
+    r = check_sae(m, max_examples=10)
+    assert r.ok, str(r)
+
+
 def test_module_with_topk_on_the_wrong_axis_fails_end_to_end():
     r = check_sae(AutoEncoderTopK(axis=0), max_examples=10)
     assert {"sae.encode_matches_reference", "sae.gradients_match_reference"} <= failed(r), str(r)
@@ -741,7 +769,7 @@ def test_pytest_plugin_fixture_passes_and_fails_with_the_report(tmp_path):
         """))
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "sae_ref.validation.plugin", "-p",
                           "no:cacheprovider", "--sae-ref-max-examples", "8", "test_user.py"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
     assert out.returncode == 1, out.stdout + out.stderr
     assert "1 failed, 1 passed" in out.stdout
     assert "threshold.strict_at_theta" in out.stdout and "minimal example" in out.stdout

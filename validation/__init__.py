@@ -59,7 +59,12 @@ _EXPORTS = {
     "torch_step_vjp": "adapters",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [  # noqa: RUF022 (grouped as in _EXPORTS)
+    "check_batch_topk", "check_topk", "check_threshold", "check_jumprelu", "check_top_afa",
+    "check_theta_estimator", "check_auxk", "check_fvu", "check_decoder_constraint", "check_sae",
+    "check_sae_ref", "CHECKS", "Report", "Outcome", "ValidationError", "TorchSAE", "torch_fn",
+    "torch_vjp", "torch_step_vjp",
+]
 
 
 def __getattr__(name: str):

@@ -273,7 +273,7 @@ class TorchSAE:
             out = self._run_forward(self._tensor(x))
             loss = (out * self._tensor(g_xhat)).sum()
             grads = torch.autograd.grad(loss, list(raw.values()), allow_unused=True)
-        return {k: np.asarray(as_numpy(g), dtype=np.float64) for k, g in zip(raw, grads) if g is not None}
+        return {k: np.asarray(as_numpy(g), dtype=np.float64) for k, g in zip(raw, grads, strict=True) if g is not None}
 
     def pullback(self, ref_grads: SAEParams) -> dict[str, np.ndarray]:
         """sae-ref's gradients (on its parameterisation) carried onto the module's tensors."""
@@ -284,9 +284,9 @@ class TorchSAE:
             names = [n for n in ref if getattr(ref_grads, n, None) is not None]
             outs = [ref[n] for n in names]
             gouts = [torch.as_tensor(np.asarray(getattr(ref_grads, n), dtype=np.float64), dtype=o.dtype,
-                                     device=o.device) for n, o in zip(names, outs)]
+                                     device=o.device) for n, o in zip(names, outs, strict=True)]
             grads = torch.autograd.grad(outs, list(raw.values()), grad_outputs=gouts, allow_unused=True)
-        return {k: np.asarray(as_numpy(g), dtype=np.float64) for k, g in zip(raw, grads) if g is not None}
+        return {k: np.asarray(as_numpy(g), dtype=np.float64) for k, g in zip(raw, grads, strict=True) if g is not None}
 
     def __repr__(self) -> str:
         return f"TorchSAE({self.name}, layout={self.layout!r}, {self.config})"

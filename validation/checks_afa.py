@@ -122,7 +122,7 @@ def check_top_afa(fn, *, rule: str = "nearest", sentinel: bool = True, xp=None, 
         f = out(ex)
         if isinstance(f, Finding):
             return f
-        s, order = _scores(ex)
+        _, order = _scores(ex)
         for b in range(f.shape[0]):
             n = int(np.count_nonzero(f[b]))
             want = np.zeros(f.shape[1], dtype=bool)

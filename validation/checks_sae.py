@@ -45,7 +45,7 @@ from hypothesis.extra import numpy as hnp
 from sae_ref.sae import backward, encode, forward
 from sae_ref.validation._common import as_float64, describe_difference
 from sae_ref.validation.report import Report
-from sae_ref.validation.runner import MAX_EXAMPLES, Finding, Invariant, call_user, run_invariants
+from sae_ref.validation.runner import Finding, Invariant, call_user, run_invariants
 
 #: Dimensions up to which inputs are drawn entry by entry (larger ones from a drawn seed).
 ELEMENTWISE_MAX_D = 16

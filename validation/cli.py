@@ -16,6 +16,7 @@ invariant holds, 1 when one is broken, 2 for a usage error.
 
 >>> from sae_ref.validation.cli import main
 >>> main(["sae-ref", "--only", "topk", "--max-examples", "3", "--quiet"])
+sae-ref: 7 invariant(s), all hold
 0
 """
 

@@ -10,7 +10,8 @@ arrays from it (fast, for the test suite's own properties). The elementwise stra
 through hypothesis, so a failure shrinks to a small, readable example: the checks of
 :mod:`sae_ref.validation.checks` use them. Their values are float16-representable or on a
 grid of exact values, so a float32 implementation and a float64 oracle see the same numbers
-and equal entries tie exactly.
+and equal entries tie exactly. :func:`on_backend` moves any strategy's draws to another array
+library.
 
 >>> from hypothesis import given
 >>> from sae_ref.validation.strategies import pre_activations
@@ -256,3 +257,29 @@ def ground_truth_batches(draw, *, max_batch: int = 6, max_d: int = 8, max_l0: in
         f[i, keep] = mags[i, keep]
     b = draw(hnp.arrays(np.float64, (d,), elements=st.floats(-1, 1, width=16)), label="b")
     return {"x": (f @ D + b).astype(dtype), "f": f.astype(dtype), "D": D.astype(dtype), "b": b.astype(dtype)}
+
+
+def on_backend(strategy, xp, device=None):
+    """``strategy`` with every NumPy array it draws (also inside dicts, lists and tuples) moved
+    to the array library ``xp`` on ``device``, dtype kept: the same draws on any backend.
+
+    >>> import array_api_strict as xs
+    >>> from hypothesis import given, settings
+    >>> @settings(max_examples=3, database=None)
+    ... @given(on_backend(pre_activation_batches(), xs))
+    ... def test(z):
+    ...     assert type(z).__module__.startswith("array_api_strict")
+    >>> test()
+    """
+    def move(v):
+        if isinstance(v, np.ndarray):
+            dtype = xp.bool if v.dtype == np.bool_ else getattr(xp, v.dtype.name)
+            kw = {} if device is None else {"device": device}
+            return xp.asarray(np.array(v, copy=True), dtype=dtype, **kw)
+        if isinstance(v, dict):
+            return {k: move(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return type(v)(move(x) for x in v)
+        return v
+
+    return strategy.map(move)
