@@ -76,7 +76,7 @@ def _library_in(xp, device):
         raise ValueError("make_interface: argument 'device' needs an array library 'xp' as well")
 
     def convert(a: np.ndarray):
-        a = np.ascontiguousarray(a)
+        a = np.array(a, copy=True, order="C")  # the implementation may write into its inputs
         dtype = xp.bool if a.dtype == np.bool_ else getattr(xp, a.dtype.name)
         if device is None:
             return xp.asarray(a, dtype=dtype)
