@@ -17,6 +17,15 @@ The modules, one concept each:
 - :mod:`sae_ref.data` -- activation stores, synthetic sources, the offline corpus, harvesting;
 - :mod:`sae_ref.io` -- checkpoints and the SAELens format;
 - :mod:`sae_ref.downstream` -- splicing an SAE into a transformers model (loss recovered);
+- :mod:`sae_ref.metrics`, :mod:`sae_ref.fvu` -- evaluation metrics streamed in float64, and
+  explained variance under each named definition (which library uses which);
+- :mod:`sae_ref.zf`, :mod:`sae_ref.zf_plots` -- the AFA evaluation of any SAE (f-tilde,
+  epsLBO, the ZF plot and half-violins);
+- :mod:`sae_ref.pruning` -- removing the lowest activations, four ways, with frozen statistics;
+- :mod:`sae_ref.frontier`, :mod:`sae_ref.frontier_plots` -- Hill-curve and other frontier fits
+  on any backend, and their figures;
+- :mod:`sae_ref.report`, :mod:`sae_ref.report_page` -- ``sae-ref report``: all of the above
+  on held-out activations, written as one page;
 - :mod:`sae_ref.backends` -- what the standard lacks, per array library;
 - :mod:`sae_ref.validation` -- reusable property checks.
 """

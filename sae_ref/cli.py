@@ -210,7 +210,7 @@ def main(argv=None) -> int:
                       "default numpy and torch)")
     demo.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     demo.add_argument("--tokens", type=int, default=None, help="activations to harvest (default 262144)")
-    demo.add_argument("--ks", default=None, help="comma-separated k values (default 16,32)")
+    demo.add_argument("--ks", default=None, help="comma-separated k values (default 8,16,32,64)")
     demo.add_argument("--steps", type=int, default=None, help="training steps per SAE")
     demo.add_argument("--seed", type=int, default=0)
     _train_parser(sub)

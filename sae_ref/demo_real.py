@@ -25,7 +25,7 @@ from sae_ref.io import _atomic
 class DemoConfig:
     layer: int = 3
     tokens: int = 262_144       # harvested rows
-    ks: tuple[int, ...] = (16, 32)
+    ks: tuple[int, ...] = (8, 16, 32, 64)
     h: int = 1536               # 4 x d
     steps: int = 600
     batch_size: int = 1024

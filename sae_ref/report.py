@@ -133,7 +133,8 @@ def evaluate_run(path, store, cfg: ReportConfig, ds=None, *, prune: bool = False
         zf = zf_points(params, config, _batches(store, cfg, rows, xp, dev, dt))
     out = {"label": Path(path).name, "path": str(path), "family": _family(loaded),
            "source": loaded.source, "activation": config.activation, "theta": config.theta,
-           "k": config.k, "metrics": m.summary(), "zf": zf_summary(zf), "_metrics": m, "_zf": zf,
+           "k": config.k, "metrics": {**m.summary(), **l0_quantiles(m.l0_histogram)},
+           "zf": zf_summary(zf), "_metrics": m, "_zf": zf,
            "downstream": None, "pruning": None}
     if ds is not None:
         from sae_ref.downstream import sae_replace
@@ -141,6 +142,20 @@ def evaluate_run(path, store, cfg: ReportConfig, ds=None, *, prune: bool = False
         out["downstream"] = _recovered(ds, sae_replace(params, config))
     if prune:
         out["pruning"] = _prune(params, config, store, cfg, rows, ds, xp, dev, dt)
+    return out
+
+
+def l0_quantiles(histogram, qs=(0.05, 0.5, 0.95)) -> dict:
+    """The per-sample L0 distribution from its histogram (counts of L0 = 0..h): the std and
+    the quantiles ``l0_qNN`` (the smallest L0 whose cumulative share reaches q)."""
+    hist = np.asarray(histogram, dtype=np.float64)
+    n = hist.sum()
+    values = np.arange(hist.shape[0], dtype=np.float64)
+    mean = float((values * hist).sum() / n)
+    out = {"l0_std": float(np.sqrt((((values - mean) ** 2) * hist).sum() / n))}
+    cum = np.cumsum(hist) / n
+    for q in qs:
+        out[f"l0_q{round(100 * q):02d}"] = int(np.searchsorted(cum, q - 1e-12))
     return out
 
 

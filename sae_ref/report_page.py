@@ -26,13 +26,14 @@ def _fig(results, key, alt) -> list[str]:
 
 def _metrics(results) -> list[str]:
     runs = results["runs"]
-    head = ["SAE", "family", "inference", "L0", "NMSE", "FVU pooled", "cosine", "L2 ratio",
+    head = ["SAE", "family", "inference", "L0", "L0 q05–q95", "NMSE", "FVU pooled", "cosine", "L2 ratio",
             "rel. bias", "dead", "dense >1%", "dense >10%", "recovered (mean abl.)", "recovered (zero abl.)"]
     rows = []
     for r in runs:
         m, ds = r["metrics"], r["downstream"] or {}
         inf = r["activation"] + (f" θ={r['theta']:.4g}" if r["theta"] is not None else "")
-        rows.append([r["label"], r["family"], inf, _f(m["l0_mean"], ".2f"), _f(m["nmse"]),
+        rows.append([r["label"], r["family"], inf, _f(m["l0_mean"], ".2f"),
+                     f"{m['l0_q05']}–{m['l0_q95']}", _f(m["nmse"]),
                      _f(m["fvu_pooled"]), _f(m["cosine_similarity"]), _f(m["l2_ratio"]),
                      _f(m["relative_reconstruction_bias"]), str(m["n_dead"]), str(m["n_dense_1pct"]),
                      str(m["n_dense_10pct"]), _f(ds.get("recovered_mean"), ".3f"),

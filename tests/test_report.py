@@ -128,3 +128,13 @@ def test_report_cli_writes_the_page_and_names_a_bad_prune_target(setup, tmp_path
     r = subprocess.run(base + ["--out", str(tmp_path / "bad"), "--prune", "nope"], capture_output=True, text=True)
     assert r.returncode == 2 and "'prune'" in r.stderr and "nope" in r.stderr
     assert not (tmp_path / "bad" / "report.md").exists()
+
+
+def test_l0_quantiles_read_the_histogram_like_numpy_on_the_samples():
+    from sae_ref.report import l0_quantiles
+
+    l0 = np.random.default_rng(0).integers(0, 40, size=997)
+    got = l0_quantiles(np.bincount(l0, minlength=64))
+    assert got["l0_std"] == pytest.approx(l0.std())
+    for q in (0.05, 0.5, 0.95):
+        assert got[f"l0_q{round(100 * q):02d}"] == np.quantile(l0, q, method="inverted_cdf")
