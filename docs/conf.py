@@ -59,6 +59,7 @@ nb_merge_streams = True
 # --- API pages ----------------------------------------------------------------------------------
 autodoc_member_order = "bysource"
 autodoc_typehints = "none"
+autodoc_preserve_defaults = True  # signatures show ``xp=np`` as written, not the module's repr
 autodoc_default_options = {"exclude-members": "__init__, __post_init__"}
 numpydoc_show_class_members = False
 numpydoc_class_members_toctree = False

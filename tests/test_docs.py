@@ -64,8 +64,9 @@ def test_strict_build_passes(site):
 
 
 def test_every_executed_page_has_outputs_and_rendered_figures(site):
-    """Each notebook page shows its executed outputs; operation pages and the differences page
-    show at least one figure, and no figure is left as a bare text repr."""
+    """Each notebook page shows its executed outputs and no path of the checkout (warnings print
+    one); operation pages and the differences page show at least one figure, and no figure is
+    left as a bare text repr."""
     rc, _, html = site
     assert rc == 0
     pages = notebook_pages()
@@ -74,6 +75,7 @@ def test_every_executed_page_has_outputs_and_rendered_figures(site):
         text = (html / f"{page}.html").read_text()
         assert "cell_output" in text, f"{page}: no executed output"
         assert "&lt;Figure size" not in text, f"{page}: a figure was not rendered as an image"
+        assert str(ROOT) not in text, f"{page}: an output shows a path of the checkout (a warning?)"
         if page.startswith("ops/") or page == "differences":
             assert re.search(r'<img [^>]*src="[^"]*_images/', text), f"{page}: no figure"
 
