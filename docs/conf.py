@@ -7,6 +7,13 @@ Build (strict: any warning, or any error in an executed page, fails the build)::
 Everything is offline: the pages are MyST Markdown and MyST-NB notebooks executed at build
 time, the API pages come from the docstrings (numpydoc), and MathJax is copied into the
 site from the ``sphinx-mathjax-offline`` package instead of being loaded from a CDN.
+``SAE_REF_DOCS_EXECUTE=cache`` reuses the outputs of unchanged pages between local builds.
+
+Adding a page: write ``docs/ops/NAME.md`` (an operation) or ``docs/tutorials/NAME.md`` as a
+MyST-NB notebook (the ``file_format: mystnb`` header of the existing pages) and add ``NAME`` to
+the toctree of that folder's ``index.md``. A table of the property tests of an operation is
+``sae-invariants`` with the test files and a ``:match:`` pattern (see ``_ext/saeref_docs.py``).
+API pages need nothing: every public module gets one at build time.
 """
 
 from __future__ import annotations

@@ -33,7 +33,8 @@ def sphinx_build(src: Path, out: Path, *extra: str, confdir: Path | None = None)
            "-d", str(out / "doctrees"), *extra, str(src), str(out / "html")]
     if confdir is not None:
         cmd[3:3] = ["-c", str(confdir)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ))
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ),
+                          check=False)
     return proc.returncode, proc.stdout + proc.stderr
 
 
@@ -90,7 +91,7 @@ def test_operation_pages_show_source_and_link_their_invariants_to_the_tests(site
             continue
         text = (html / f"{page}.html").read_text()
         assert "highlight-python" in text, f"{page}: no source shown"
-        links = re.findall(r'<table class="[^"]*sae-invariants[^"]*".*?</table>', text, re.S)
+        links = re.findall(r'<table class="[^"]*sae-invariants[^"]*".*?</table>', text, re.DOTALL)
         assert links, f"{page}: no invariants table"
         targets = re.findall(r'href="\.\./reference/tests/(test_\w+)\.html#([\w-]+)"', links[0])
         assert targets, f"{page}: the invariants table links to no test"
@@ -113,12 +114,14 @@ def test_api_reference_has_a_page_per_public_module(site):
 
 
 BROKEN_PAGES = {
-    "a failing code cell": ("---\nfile_format: mystnb\nkernelspec:\n  name: python3\n---\n\n"
-                            "# Broken\n\n```{code-cell} ipython3\nraise ValueError('broken on purpose')\n```\n",
-                            "broken on purpose"),
-    "a test that does not exist": ("# Stale\n\n```{sae-invariants} tests/test_activations.py\n"
-                                   ":names: test_that_does_not_exist\n```\n",
-                                   "test_that_does_not_exist"),
+    "a failing code cell": (
+        ("---\nfile_format: mystnb\nkernelspec:\n  name: python3\n---\n\n"
+         "# Broken\n\n```{code-cell} ipython3\nraise ValueError('broken on purpose')\n```\n"),
+        "broken on purpose"),
+    "a test that does not exist": (
+        ("# Stale\n\n```{sae-invariants} tests/test_activations.py\n"
+         ":names: test_that_does_not_exist\n```\n"),
+        "test_that_does_not_exist"),
 }
 
 

@@ -22,6 +22,7 @@ import pkgutil
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from docutils import nodes
 from docutils.parsers.rst import directives
@@ -110,7 +111,7 @@ class InvariantsDirective(SphinxDirective):
 
     required_arguments = 1
     optional_arguments = 8
-    option_spec = {"match": directives.unchanged, "names": directives.unchanged}
+    option_spec: ClassVar[dict] = {"match": directives.unchanged, "names": directives.unchanged}
 
     def run(self):
         pattern = self.options.get("match")
