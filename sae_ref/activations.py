@@ -5,15 +5,15 @@ Every activation takes the encoder pre-activation ``pre`` (shape [B, h]) and ret
 (all positive: ReLU comes before any selection). Their backward maps a gradient on the code's
 values to a gradient on ``pre`` at the same places.
 
-=============  =======================================================================
-op             keeps
-=============  =======================================================================
-``relu``       every :math:`z_{ij} > 0`
-``topk``       per row, the k largest of :math:`\mathrm{relu}(z_i)` that are positive
-``batch_topk`` the :math:`B k` largest of :math:`\mathrm{relu}(z)` over the whole batch that are positive
-``jumprelu``   :math:`z_{ij} > \theta_j` (per-latent threshold, :math:`\theta > 0`)
-``threshold``  :math:`z_{ij} > \theta` and :math:`z_{ij} > 0` (one global :math:`\theta`, or per latent)
-=============  =======================================================================
+==============  =======================================================================
+op              keeps
+==============  =======================================================================
+``relu``        every :math:`z_{ij} > 0`
+``topk``        per row, the k largest of :math:`\mathrm{relu}(z_i)` that are positive
+``batch_topk``  the :math:`B k` largest of :math:`\mathrm{relu}(z)` over the whole batch that are positive
+``jumprelu``    :math:`z_{ij} > \theta_j` (per-latent threshold, :math:`\theta > 0`)
+``threshold``   :math:`z_{ij} > \theta` and :math:`z_{ij} > 0` (one global :math:`\theta`, or per latent)
+==============  =======================================================================
 
 Ties at the cut of ``topk`` / ``batch_topk`` go to the lower index
 (see :func:`sae_ref.backends.top_n_mask`), identically on every backend.

@@ -274,8 +274,9 @@ def fit_frontier(x, y, model: str = "hill1", *, xp=None, start: dict | None = No
         Performance hit :math:`1 - \text{loss recovered}` of each SAE.
     model : "linear" | "hill1" | "hill" | "power"
     xp : array namespace used when ``x`` and ``y`` are plain sequences (default NumPy)
-    start : optional starting point, natural parameters by name (e.g. ``{"x_half": 0.1,
-        "n": 1.0}``); default the closed-form or linearised estimate below
+    start : dict, optional
+        Starting point, natural parameters by name (e.g. ``{"x_half": 0.1, "n": 1.0}``);
+        default the closed-form or linearised estimate below.
     max_iter : Levenberg-Marquardt iterations at most
 
     Points with :math:`y \notin (0, 1)` or :math:`x \le 0` are dropped with a
