@@ -39,6 +39,13 @@ class StandardBackend:
         h = x.shape[-1]
         return s[:, h - n : h - n + 1]
 
+    def top_n_indices(self, x, n: int, *, axis: int | None = None):
+        """Flat indices (ascending) of the ``n`` largest entries under the tie rule, and the
+        cut: :func:`sae_ref.backends.top_n_indices` with this backend's ``kth_largest``."""
+        from ._select import top_n_indices
+
+        return top_n_indices(x, n, axis=axis, backend=self)
+
     # -- sparse products --------------------------------------------------------------------
     def spmm(self, out_index, in_index, values, dense, n_out: int):
         """``out[out_index[i]] += values[i] * dense[in_index[i]]``; ``out`` has shape (n_out, d).

@@ -44,6 +44,7 @@ from bench_core import _sync, machine, timeit  # the sibling script's helpers
 import sae_ref
 from sae_ref import activations as A
 from sae_ref.arrays import resolve
+from sae_ref.profile import phases
 from sae_ref.sae import SAEConfig, encode
 from sae_ref.train import TrainConfig, inference_config, init_state, step
 
@@ -65,6 +66,16 @@ def time_steps(state, x0, x1, repeats, xp):
     return statistics.median(times), new, float(sae_ref.to_numpy(metrics["dead_fraction"]))
 
 
+def profile_phases(state, x0, x1, repeats, xp):
+    """Seconds per phase of the step (mean over ``repeats`` steps from the same state), from
+    :func:`sae_ref.profile.phases`: each phase waits for its device before the clock reads."""
+    state, _ = step(state, x0, check=False)
+    with phases() as seconds:
+        for _ in range(repeats):
+            step(state, x1, check=False)
+    return {name: s / repeats for name, s in seconds.items()}
+
+
 def suppress(state, share, xp):
     """Scale the encoder columns of the first ``share`` of the latents by 0.1 (see the module
     docstring): they stop winning the selection and go dead, and AuxK has work."""
@@ -74,19 +85,35 @@ def suppress(state, share, xp):
     return replace(state, params=replace(state.params, W_enc=W * (1.0 - 0.9 * weak)))
 
 
-def bench(backend: str, d: int, h: int, k: int, B: int, repeats: int, dead_after: int, dead_share: float):
-    xp, dev = resolve(backend)
+def inputs(B: int, d: int):
+    """The two float32 NumPy batches ``(x0, x1)`` of shape (B, d), standard normal, that every
+    harness times on."""
     rng = np.random.default_rng(1)
-    x0, x1 = (xp.asarray(rng.standard_normal((B, d)), dtype=xp.float32, device=dev) for _ in range(2))
+    return tuple(rng.standard_normal((B, d)).astype(np.float32) for _ in range(2))
+
+
+def setup(backend: str, d: int, h: int, k: int, B: int, dead_after: int, dead_share: float):
+    """``(xp, x0, x1, state)``: the batches on ``backend`` and the starting state of the timed
+    steps (default TrainConfig, BatchTopK, ``dead_share`` of the latents suppressed)."""
+    xp, dev = resolve(backend)
+    x0, x1 = (xp.asarray(x, device=dev) for x in inputs(B, d))
     config = TrainConfig(arch="batchtopk", h=h, k=k, dead_after=dead_after)
-    times, info = {}, {}
     with sae_ref.no_checks():
         state = suppress(init_state(config, x0, stream="device"), dead_share, xp)
+    return xp, x0, x1, state
+
+
+def bench(backend: str, d: int, h: int, k: int, B: int, repeats: int, dead_after: int, dead_share: float):
+    xp, x0, x1, state = setup(backend, d, h, k, B, dead_after, dead_share)
+    config = state.config
+    times, info = {}, {}
+    with sae_ref.no_checks():
         params = state.params
         times["gemm (x @ W_enc)"] = timeit(lambda: x0 @ params.W_enc, xp, repeats)
         times["train step"], trained, info["dead"] = time_steps(state, x0, x1, repeats, xp)
         off = replace(state, config=replace(config, aux_convention=None))
         times["train step, AuxK off"], _, _ = time_steps(off, x0, x1, repeats, xp)
+        info["phases"] = profile_phases(state, x0, x1, repeats, xp)
         state = trained
         pre = x0 @ params.W_enc
         times["select (topk)"] = timeit(lambda: A._topk(pre, k).values, xp, repeats)
@@ -134,6 +161,11 @@ def main(argv=None):
         print(f"\n[{name}]  {'work':<22} {'seconds':>9} {'/ gemm':>8} {'tokens/s':>10}")
         for w, t in times.items():
             print(f"[{name}]  {w:<22} {t:9.4f} {t / gemm:8.2f} {shape['B'] / t:10.0f}")
+        total = sum(info["phases"].values())
+        print(f"[{name}]  train step by phase (sae_ref.profile; the sum, {total:.4f} s, includes the "
+              f"waits at each mark):")
+        for w, t in info["phases"].items():
+            print(f"[{name}]    {w:<26} {t:9.4f} {t / gemm:8.2f}")
         print(f"[{name}]  AuxK dead fraction in the timed steps {info['dead']:.1%}; "
               f"threshold inference: theta={info['theta']:.4g}, L0={info['l0']:.1f} (k={shape['k']})")
 

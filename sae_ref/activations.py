@@ -31,7 +31,7 @@ from __future__ import annotations
 from array_api_compat import array_namespace, device as device_of
 
 from sae_ref import _checks as C
-from sae_ref.backends import get_backend, top_n_mask
+from sae_ref.backends import get_backend
 from sae_ref.sparse import SparseCode
 
 
@@ -77,10 +77,21 @@ def topk(pre, k: int) -> SparseCode:
 
 
 def _topk(pre, k: int, backend=None) -> SparseCode:
-    mask, cut = top_n_mask(pre, k, axis=-1, backend=backend, return_cut=True)
-    if not bool(array_namespace(pre).all(cut > 0)):  # some row has fewer than k positives
-        mask = mask & (pre > 0)
-    return SparseCode.from_mask(pre, mask)
+    be = backend if backend is not None else get_backend(array_namespace(pre))
+    idx, cut = be.top_n_indices(pre, k, axis=-1)
+    return _code_at(pre, idx, not bool(array_namespace(pre).all(cut > 0)))
+
+
+def _code_at(pre, idx, drop_nonpositive: bool) -> SparseCode:
+    """The code of ``pre`` at the flat indices ``idx`` (ascending), without the non-positive
+    entries when asked (a selection whose cut is not positive keeps only positive values)."""
+    xp = array_namespace(pre)
+    B, h = pre.shape
+    values = xp.take(xp.reshape(pre, (-1,)), idx)
+    if drop_nonpositive:
+        positive = values > 0
+        idx, values = idx[positive], values[positive]
+    return SparseCode(idx // h, idx % h, values, (B, h))
 
 
 # --- BatchTopK --------------------------------------------------------------------------------
@@ -106,10 +117,9 @@ def batch_topk(pre, k: int) -> SparseCode:
 
 
 def _batch_topk(pre, k: int, backend=None) -> SparseCode:
-    mask, cut = top_n_mask(pre, pre.shape[0] * k, backend=backend, return_cut=True)
-    if not bool(cut > 0):  # fewer than B*k positive entries: keep the positive ones
-        mask = mask & (pre > 0)
-    return SparseCode.from_mask(pre, mask)
+    be = backend if backend is not None else get_backend(array_namespace(pre))
+    idx, cut = be.top_n_indices(pre, pre.shape[0] * k)
+    return _code_at(pre, idx, not bool(cut > 0))  # cut <= 0: fewer than B*k positive entries
 
 
 # --- threshold inference ----------------------------------------------------------------------

@@ -35,6 +35,7 @@ from array_api_compat import array_namespace, device as device_of
 
 from sae_ref import _checks as C
 from sae_ref import activations as A
+from sae_ref import profile as P
 from sae_ref.backends import get_backend, uniform
 from sae_ref.sparse import SparseCode, values_at
 
@@ -299,13 +300,18 @@ def _forward(xp, params: SAEParams, x, config: SAEConfig) -> Forward:
     stats = None
     if config.standardize:
         x, stats = _standardize(xp, x, 1e-5)
+    P.mark("standardize", x)
     pre = _pre(xp, params, x)
+    P.mark("encoder gemm", pre)
     code = _select(xp, pre, config, params, x)
     window = bandwidth = None
     if config.activation == "jumprelu":
         bandwidth = config.bandwidth
         window = A._window(xp, pre, params.theta, bandwidth)
-    return Forward(x, pre, code, _decode(xp, params, code), stats, window, bandwidth)
+    P.mark("select", code.values)
+    x_hat = _decode(xp, params, code)
+    P.mark("decode", x_hat)
+    return Forward(x, pre, code, x_hat, stats, window, bandwidth)
 
 
 def reconstruct(params: SAEParams, x, config: SAEConfig):

@@ -48,6 +48,7 @@ from sae_ref import auxk as K
 from sae_ref import decoder as D
 from sae_ref import losses as L
 from sae_ref import optim as O
+from sae_ref import profile as P
 from sae_ref import theta as T
 from sae_ref.sae import SAEConfig, SAEParams, _check_params, _forward, _standardize, backward, init_params
 
@@ -385,6 +386,7 @@ def _step(xp, state: TrainState, x):
     coeff = O.linear_warmup_decay(t, base=config.sparsity_coeff, warmup=config.sparsity_warmup_steps)
     sparsity, g_code, g_theta, g_W_sp = _sparsity(xp, config, fwd, params, coeff)
     afa_value, g_code, g_b_dec_afa = _afa(xp, config, fwd, params, g_code)
+    P.mark("loss", g_xhat)
     # dead-latent counters: tokens since each latent last fired, the current batch included
     fired = fwd.code.latent_counts() > 0
     since = xp.where(fired, xp.zeros_like(state.since_fired), state.since_fired + B)
@@ -401,14 +403,17 @@ def _step(xp, state: TrainState, x):
         if aux.code.nnz:
             g_pre_extra = aux.code.with_values(c * aux.g_values)
             g_W_extra = c * aux.g_W_dec if g_W_extra is None else g_W_extra + c * aux.g_W_dec
+    P.mark("auxk", g_xhat)
     grads = backward(params, fwd, g_xhat, g_code=g_code, g_theta=g_theta,
                      g_pre_extra=g_pre_extra, g_W_dec_extra=g_W_extra)
     if g_b_dec_afa is not None:
         grads = replace(grads, b_dec=grads.b_dec + g_b_dec_afa)
+    P.mark("backward", grads.W_enc)
     params, opt, grad_norm = _update(xp, state, params, grads, t)
     est = state.theta
     if config.arch == "batchtopk":
         est = T.theta_update(est, T.batch_min_kept(fwd.code.values), step=t)
+    P.mark("theta", est.buf)
     new = replace(state, params=params, opt=opt, t=t, since_fired=since, theta=est,
                   tokens=state.tokens + B)
     metrics = {
@@ -420,6 +425,7 @@ def _step(xp, state: TrainState, x):
     }
     if config.arch == "batchtopk":
         metrics["theta"] = T.theta_value(est)
+    P.mark("metrics", metrics["loss"])
     return new, metrics
 
 
@@ -455,6 +461,7 @@ def _update(xp, state, params, grads, t):
         grads = replace(grads, W_dec=D._project(xp, W, grads.W_dec))
     elif order == "after":
         grads = replace(grads, W_dec=D._project(xp, params.W_dec, grads.W_dec))
+    P.mark("clip + decoder constraint", grads.W_dec)
     log_theta = config.arch == "jumprelu" and config.log_theta
     if log_theta:  # Adam on log(theta): d/dlog(theta) = theta * d/dtheta
         grads = replace(grads, theta=grads.theta * params.theta)
@@ -463,12 +470,14 @@ def _update(xp, state, params, grads, t):
         grads, grad_norm = O.clip_by_global_norm(grads, config.max_grad_norm)
     params, opt = O.adam_update(params, grads, state.opt, lr=_lr(config, t), t=t,
                                 betas=config.betas, eps=config.adam_eps, frozen=frozen)
+    P.mark("adam", params.W_enc)
     if log_theta:
         params = replace(params, theta=xp.exp(params.theta))
     elif params.theta is not None:  # a linear threshold is kept positive (JumpReLU needs it)
         params = replace(params, theta=xp.maximum(params.theta, xp.full_like(params.theta, THETA_MIN)))
     if order == "after":
         params = replace(params, W_dec=D._unit(xp, params.W_dec))
+    P.mark("clip + decoder constraint", params.W_dec)
     return params, opt, grad_norm
 
 
