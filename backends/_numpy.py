@@ -5,7 +5,20 @@ from __future__ import annotations
 import numpy as np
 from scipy import sparse
 
-from ._standard import CHUNK, StandardBackend
+from ._standard import StandardBackend
+
+#: Entries per chunk of the sampled products (two gathered [chunk, d] blocks stay in cache).
+SDDMM_CHUNK = 1024
+#: Elements per chunk of the fused Adam step.
+ADAM_CHUNK = 1 << 15
+
+
+def _same_flat_layout(arrays) -> bool:
+    """Whether the arrays are contiguous with the same shape and strides, so their flat
+    memory-order views line up element for element."""
+    first = arrays[0]
+    return all(isinstance(a, np.ndarray) and a.shape == first.shape and a.strides == first.strides
+               and (a.flags.c_contiguous or a.flags.f_contiguous) for a in arrays)
 
 
 class NumpyBackend(StandardBackend):
@@ -21,18 +34,65 @@ class NumpyBackend(StandardBackend):
         return np.partition(x, h - n, axis=-1)[:, h - n : h - n + 1]
 
     def spmm(self, out_index, in_index, values, dense, n_out):
-        # A compressed-sparse-row product (SciPy's C++ loop) beats any pure-NumPy scatter:
-        # np.add.at is ~50x and add.reduceat ~10x slower on (nnz, d) contributions.
-        m = sparse.csr_matrix((values, (out_index, in_index)), shape=(n_out, dense.shape[0]))
+        # SciPy's compiled sparse products beat any pure-NumPy scatter (np.add.at is ~50x and
+        # add.reduceat ~10x slower on (nnz, d) contributions). The compressed axis is the one
+        # that reads ``dense`` in order: columns (CSC) when the output is the smaller side
+        # (decoding: each dictionary row is read once), rows (CSR) otherwise (gradients).
+        fmt = sparse.csc_matrix if n_out < dense.shape[0] else sparse.csr_matrix
+        m = fmt((values, (out_index, in_index)), shape=(n_out, dense.shape[0]))
         return np.asarray(m @ dense, dtype=dense.dtype)
 
     def sddmm(self, a, b, a_index, b_index):
-        out = np.empty(a_index.shape[0], dtype=np.result_type(a, b))
-        for s in range(0, a_index.shape[0], CHUNK):
-            out[s : s + CHUNK] = np.einsum(
-                "ij,ij->i", a[a_index[s : s + CHUNK]], b[b_index[s : s + CHUNK]]
-            )
+        # gathered rows in cache-sized chunks, reused buffers, and a fused dot (vecdot)
+        n = a_index.shape[0]
+        dt = np.result_type(a, b)
+        out = np.empty(n, dtype=dt)
+        step = min(SDDMM_CHUNK, max(n, 1))
+        ga = np.empty((step, a.shape[1]), dtype=a.dtype)
+        gb = np.empty((step, b.shape[1]), dtype=b.dtype)
+        for s in range(0, n, step):
+            e = min(s + step, n)
+            np.take(a, a_index[s:e], axis=0, out=ga[: e - s])
+            np.take(b, b_index[s:e], axis=0, out=gb[: e - s])
+            np.vecdot(ga[: e - s], gb[: e - s], out=out[s:e])
         return out
+
+    def adam(self, p, g, m, v, *, lr, b1, b2, eps, t, inplace=False):
+        arrays = (p, g, m, v)
+        if not _same_flat_layout(arrays) or p.dtype != g.dtype:
+            return super().adam(p, g, m, v, lr=lr, b1=b1, b2=b2, eps=eps, t=t, inplace=inplace)
+        # the standard formula's operations in the same order (so the same bits), applied
+        # chunk by chunk in cache instead of pass by pass over the whole parameter
+        out = (p, m, v) if inplace else tuple(np.empty_like(a) for a in (p, m, v))
+        pf, gf, mf, vf = (a.ravel(order="K") for a in arrays)
+        po, mo, vo = (a.ravel(order="K") for a in out)
+        bc1 = 1.0 - b1**t
+        bc2_sqrt = (1.0 - b2**t) ** 0.5
+        tmp = np.empty(min(ADAM_CHUNK, pf.shape[0]), dtype=p.dtype)
+        for s in range(0, pf.shape[0], ADAM_CHUNK):
+            e = min(s + ADAM_CHUNK, pf.shape[0])
+            gc, w = gf[s:e], tmp[: e - s]
+            np.multiply(mf[s:e], b1, out=mo[s:e])
+            np.multiply(gc, 1.0 - b1, out=w)
+            mo[s:e] += w
+            np.multiply(vf[s:e], b2, out=vo[s:e])
+            np.multiply(gc, gc, out=w)
+            w *= 1.0 - b2
+            vo[s:e] += w
+            np.sqrt(vo[s:e], out=w)
+            w /= bc2_sqrt
+            w += eps
+            np.divide(mo[s:e], w, out=w)
+            w *= lr / bc1
+            np.subtract(pf[s:e], w, out=po[s:e])
+        return out
+
+    def sum_squares(self, g):
+        flat = np.asarray(g).ravel(order="K")  # a view for C- or F-ordered arrays
+        return np.asarray(np.dot(flat, flat))
+
+    def latent_major(self, W_enc):
+        return np.asfortranarray(W_enc)
 
     def segment_sum(self, index, values, n):
         return np.bincount(index, weights=values, minlength=n).astype(values.dtype, copy=False)

@@ -106,10 +106,34 @@ class StandardBackend:
         zero = xp.zeros((), dtype=values.dtype, device=dev)
         return xp.reshape(xp.where(hit, xp.take(vals, pos), zero), shape)
 
+    # -- optimiser ---------------------------------------------------------------------------
+    def adam(self, p, g, m, v, *, lr: float, b1: float, b2: float, eps: float, t: int,
+             inplace: bool = False):
+        """One Adam step on one parameter; returns ``(p, m, v)`` (PyTorch's arithmetic, see
+        :mod:`sae_ref.optim`). ``inplace=True`` lets a backend overwrite ``p``, ``m`` and ``v``
+        (the caller donates them); the result is the same either way."""
+        bc1 = 1.0 - b1**t
+        bc2_sqrt = (1.0 - b2**t) ** 0.5
+        xp = array_namespace(p, g)
+        m = b1 * m + (1.0 - b1) * g
+        v = b2 * v + (1.0 - b2) * (g * g)
+        return p - (lr / bc1) * (m / (xp.sqrt(v) / bc2_sqrt + eps)), m, v
+
+    def sum_squares(self, g):
+        """:math:`\\sum g^2` over every entry of ``g``, a 0-D array."""
+        xp = array_namespace(g)
+        return xp.sum(g * g)
+
     # -- memory layout ----------------------------------------------------------------------
     def contiguous(self, x):
         """``x`` in row-major memory (the standard has no notion of layout: identity here)."""
         return x
+
+    def latent_major(self, W_enc):
+        """``W_enc`` [d, h] stored with the latents as the slow axis (column-major), the layout
+        of its gradient (built latent by latent from the sparse code), so the optimiser's
+        elementwise passes run over matching memory. Identity here."""
+        return W_enc
 
     # -- random numbers ---------------------------------------------------------------------
     def uniform(self, xp, seed: int, shape, *, low, high, dtype, device):

@@ -84,6 +84,25 @@ class TorchBackend(StandardBackend):
     def contiguous(self, x):
         return x.contiguous()
 
+    def latent_major(self, W_enc):
+        return W_enc.T.contiguous().T
+
+    def adam(self, p, g, m, v, *, lr, b1, b2, eps, t, inplace=False):
+        fused = getattr(torch, "_fused_adam_", None)
+        if fused is None or p.dtype not in (torch.float32, torch.float64) or p.stride() != g.stride():
+            return super().adam(p, g, m, v, lr=lr, b1=b1, b2=b2, eps=eps, t=t, inplace=inplace)
+        if not inplace:
+            p, m, v = (a.clone(memory_format=torch.preserve_format) for a in (p, m, v))
+        # PyTorch's own fused kernel (vectorised, multi-threaded on the CPU, one launch on a
+        # GPU); the step count is a tensor on the parameter's device, so nothing is read back
+        step = torch.full((), float(t), dtype=torch.float32, device=p.device)
+        fused([p], [g], [m], [v], [], [step], lr=lr, beta1=b1, beta2=b2, weight_decay=0.0,
+              eps=eps, amsgrad=False, maximize=False)
+        return p, m, v
+
+    def sum_squares(self, g):
+        return torch.linalg.vector_norm(g).square()
+
     def to_dense(self, rows, cols, values, shape):
         out = torch.zeros(shape, dtype=values.dtype, device=values.device)
         out[rows, cols] = values

@@ -23,7 +23,7 @@ TINY = 1e-12
 
 
 def _unit(xp, W):
-    norms = xp.linalg.vector_norm(W, axis=1, keepdims=True)
+    norms = xp.sqrt(xp.vecdot(W, W, axis=-1))[:, None]  # vecdot: no [h, d] temporary
     return W / xp.where(norms > TINY, norms, xp.ones_like(norms))
 
 
@@ -50,8 +50,12 @@ def project_grad(W_dec, g_W_dec):
 
 
 def _project(xp, W, g):
-    u = _unit(xp, W)
-    return g - xp.sum(g * u, axis=1, keepdims=True) * u
+    return _project_unit(xp, _unit(xp, W), g)
+
+
+def _project_unit(xp, u, g):
+    """:func:`project_grad` for rows ``u`` already of unit norm (or zero)."""
+    return g - xp.vecdot(g, u, axis=-1)[:, None] * u
 
 
 def constrained_step(W_dec, g_W_dec, step, *, order: str = "before"):

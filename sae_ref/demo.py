@@ -54,7 +54,7 @@ def train(setup: DemoSetup, backend: str, steps: int):
     log, losses = [], []
     with no_checks():
         while state.t < steps:
-            state, m = step(state, next(stream), check=False)
+            state, m = step(state, next(stream), check=False, donate=True)
             losses.append(m["loss"])
             if state.t % 100 == 0 or state.t == steps:
                 log.append((state.t, float(m["mse"]), float(m["nmse"]), float(m["l0"]),

@@ -148,7 +148,7 @@ def fit(config: TrainConfig, source, *, backend: str = "numpy", device=None,
     last = {}
     with C.no_checks(), (open(log_path, "a") if log_path is not None else _nullfile()) as log:
         while state.t < config.steps:
-            state, metrics = step(state, next(stream), check=False)
+            state, metrics = step(state, next(stream), check=False, donate=True)
             bar.update(1)
             if state.t % log_every == 0 or state.t == config.steps:
                 last = _read_metrics(metrics)

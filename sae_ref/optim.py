@@ -28,6 +28,7 @@ from dataclasses import dataclass, replace
 
 from array_api_compat import array_namespace
 
+from sae_ref.backends import get_backend
 from sae_ref.sae import SAEParams
 
 
@@ -42,38 +43,37 @@ class AdamState:
 def adam_init(params: SAEParams) -> AdamState:
     """Zero moments shaped like ``params``."""
     xp = array_namespace(params.W_enc)
-    zeros = params.map(xp.zeros_like)
-    return AdamState(zeros, zeros)
+    return AdamState(params.map(xp.zeros_like), params.map(xp.zeros_like))  # never shared: steps may write in place
 
 
 def adam_update(params: SAEParams, grads: SAEParams, state: AdamState, *, lr: float, t: int,
                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                frozen: tuple[str, ...] = ()) -> tuple[SAEParams, AdamState]:
+                frozen: tuple[str, ...] = (), inplace: bool = False) -> tuple[SAEParams, AdamState]:
     """One Adam step (``t`` counts from 1); parameters named in ``frozen`` are left alone.
 
     A frozen parameter keeps its value and its moments, as PyTorch does for a parameter whose
-    gradient is ``None``.
+    gradient is ``None``. The arithmetic is the backend's ``adam``
+    (:meth:`sae_ref.backends.StandardBackend.adam`: the formula above; NumPy runs the same
+    operations chunk by chunk in cache, torch its fused kernel). With ``inplace=True`` the
+    caller donates ``params`` and ``state``: their arrays may be overwritten.
     """
     b1, b2 = betas
-    bc1 = 1.0 - b1**t
-    bc2_sqrt = (1.0 - b2**t) ** 0.5
-    xp = array_namespace(params.W_enc)
+    be = get_backend(array_namespace(params.W_enc))
     new_p, new_m, new_v = {}, {}, {}
     for name, p in params.arrays().items():
         if name in frozen:
             continue
-        g = getattr(grads, name)
-        m = b1 * getattr(state.m, name) + (1.0 - b1) * g
-        v = b2 * getattr(state.v, name) + (1.0 - b2) * (g * g)
-        new_p[name] = p - (lr / bc1) * (m / (xp.sqrt(v) / bc2_sqrt + eps))
-        new_m[name], new_v[name] = m, v
+        new_p[name], new_m[name], new_v[name] = be.adam(
+            p, getattr(grads, name), getattr(state.m, name), getattr(state.v, name),
+            lr=lr, b1=b1, b2=b2, eps=eps, t=t, inplace=inplace)
     return replace(params, **new_p), AdamState(replace(state.m, **new_m), replace(state.v, **new_v))
 
 
 def global_norm(grads: SAEParams):
     """:math:`\\sqrt{\\sum_p \\|g_p\\|^2}` over every gradient, a 0-D array (no host read)."""
     xp = array_namespace(grads.W_enc)
-    return xp.sqrt(sum(xp.sum(g * g) for g in grads.arrays().values()))
+    be = get_backend(xp)
+    return xp.sqrt(sum(be.sum_squares(g) for g in grads.arrays().values()))
 
 
 def clip_by_global_norm(grads: SAEParams, max_norm: float):

@@ -136,7 +136,9 @@ def init_params(d: int, h: int, *, xp=np, dtype=None, device=None, seed: int = 0
     bound = (6.0 / h) ** 0.5
     W_enc = uniform(xp, seed, (d, h), low=-bound, high=bound, dtype=dtype, device=device, stream=stream)
     W_dec = W_enc.T
-    W_dec = get_backend(xp).contiguous(W_dec / xp.linalg.vector_norm(W_dec, axis=1, keepdims=True))
+    be = get_backend(xp)
+    W_dec = be.contiguous(W_dec / xp.linalg.vector_norm(W_dec, axis=1, keepdims=True))
+    W_enc = be.latent_major(W_enc)  # the layout of its gradient (see StandardBackend.latent_major)
     th = None if theta is None else xp.full((h,), theta, dtype=dtype, device=device)
     return SAEParams(
         W_enc, xp.zeros((h,), dtype=dtype, device=device), W_dec,
@@ -262,7 +264,9 @@ def _select(xp, pre, config: SAEConfig, params: SAEParams, x) -> SparseCode:
 
 
 def _pre(xp, params, x):
-    return (x - params.b_dec) @ params.W_enc + params.b_enc
+    pre = (x - params.b_dec) @ params.W_enc
+    pre += params.b_enc  # in place: no second [B, h] array
+    return pre
 
 
 def encode(params: SAEParams, x, config: SAEConfig) -> SparseCode:

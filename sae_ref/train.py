@@ -50,6 +50,7 @@ from sae_ref import losses as L
 from sae_ref import optim as O
 from sae_ref import profile as P
 from sae_ref import theta as T
+from sae_ref.backends import get_backend
 from sae_ref.sae import SAEConfig, SAEParams, _check_params, _forward, _standardize, backward, init_params
 
 #: The smallest JumpReLU threshold a linear (not log) parameterisation is clipped to.
@@ -350,7 +351,7 @@ def _is_finite(xp, x) -> bool:
     return bool(xp.all(xp.isfinite(x)))
 
 
-def step(state: TrainState, batch, *, check: bool = True) -> tuple[TrainState, dict]:
+def step(state: TrainState, batch, *, check: bool = True, donate: bool = False) -> tuple[TrainState, dict]:
     """One training step on ``batch`` [B, d]; returns the new state and the step's metrics.
 
     Metrics (0-D arrays on the device unless noted): ``loss`` (the total), ``mse`` (in
@@ -361,6 +362,10 @@ def step(state: TrainState, batch, *, check: bool = True) -> tuple[TrainState, d
     With ``check=True`` a batch containing NaN/inf raises ValueError (``nonfinite="raise"``)
     or is skipped and counted (``"skip"``); the training loop checks on the host instead and
     passes ``check=False`` so the hot path reads nothing back.
+
+    ``donate=True`` hands ``state`` over to the step: its arrays may be updated in place (no
+    allocation of new parameters and moments), so ``state`` must not be used afterwards; the
+    training loop donates. The result is the same either way.
     """
     config, params = state.config, state.params
     with C.no_checks():
@@ -374,10 +379,10 @@ def step(state: TrainState, batch, *, check: bool = True) -> tuple[TrainState, d
             raise ValueError(f"step: argument 'batch' contains NaN or inf (step {state.t + 1}); "
                              "set nonfinite='skip' to skip such batches and count them")
         return replace(state, skipped=state.skipped + 1), {"skipped": state.skipped + 1, "step": state.t}
-    return _step(xp, state, batch)
+    return _step(xp, state, batch, donate)
 
 
-def _step(xp, state: TrainState, x):
+def _step(xp, state: TrainState, x, donate: bool = False):
     config, params = state.config, state.params
     t = state.t + 1
     B = x.shape[0]
@@ -409,7 +414,7 @@ def _step(xp, state: TrainState, x):
     if g_b_dec_afa is not None:
         grads = replace(grads, b_dec=grads.b_dec + g_b_dec_afa)
     P.mark("backward", grads.W_enc)
-    params, opt, grad_norm = _update(xp, state, params, grads, t)
+    params, opt, grad_norm = _update(xp, state, params, grads, t, donate)
     est = state.theta
     if config.arch == "batchtopk":
         est = T.theta_update(est, T.batch_min_kept(fwd.code.values), step=t)
@@ -445,7 +450,7 @@ def _lr(config: TrainConfig, t: int) -> float:
                                  decay=config.lr_decay_steps, total=config.steps)
 
 
-def _update(xp, state, params, grads, t):
+def _update(xp, state, params, grads, t, donate=False):
     """Decoder constraint, clipping and Adam, in the configured order."""
     config = state.config
     order = config.decoder_order
@@ -458,7 +463,7 @@ def _update(xp, state, params, grads, t):
     if order == "before":  # rows unit-norm, gradient projected, then the step
         W = D._unit(xp, params.W_dec)
         params = replace(params, W_dec=W)
-        grads = replace(grads, W_dec=D._project(xp, W, grads.W_dec))
+        grads = replace(grads, W_dec=D._project_unit(xp, W, grads.W_dec))
     elif order == "after":
         grads = replace(grads, W_dec=D._project(xp, params.W_dec, grads.W_dec))
     P.mark("clip + decoder constraint", grads.W_dec)
@@ -469,7 +474,8 @@ def _update(xp, state, params, grads, t):
     if config.max_grad_norm is not None and not config.clip_first:
         grads, grad_norm = O.clip_by_global_norm(grads, config.max_grad_norm)
     params, opt = O.adam_update(params, grads, state.opt, lr=_lr(config, t), t=t,
-                                betas=config.betas, eps=config.adam_eps, frozen=frozen)
+                                betas=config.betas, eps=config.adam_eps, frozen=frozen,
+                                inplace=donate)
     P.mark("adam", params.W_enc)
     if log_theta:
         params = replace(params, theta=xp.exp(params.theta))
@@ -484,12 +490,14 @@ def _update(xp, state, params, grads, t):
 # --- state <-> files --------------------------------------------------------------------------
 def state_arrays(state: TrainState) -> tuple[dict, dict]:
     """The state as named NumPy arrays plus a JSON-serialisable dict (for checkpoints)."""
+    import numpy as np
+
     from sae_ref.arrays import to_numpy
 
     arrays = {}
     for prefix, group in (("params", state.params), ("adam.m", state.opt.m), ("adam.v", state.opt.v)):
         for name, a in group.arrays().items():
-            arrays[f"{prefix}.{name}"] = to_numpy(a)
+            arrays[f"{prefix}.{name}"] = np.ascontiguousarray(to_numpy(a))
     arrays["since_fired"] = to_numpy(state.since_fired)
     arrays["theta.buf"] = to_numpy(state.theta.buf)
     est = state.theta
@@ -507,9 +515,12 @@ def state_from_arrays(arrays: dict, meta: dict, *, xp, device=None) -> TrainStat
     def put(a):
         return xp.asarray(a, device=device) if device is not None else xp.asarray(a)
 
+    be = get_backend(xp)
+
     def group(prefix):
         names = [f.name for f in fields(SAEParams)]
         got = {n: put(arrays[f"{prefix}.{n}"]) for n in names if f"{prefix}.{n}" in arrays}
+        got["W_enc"] = be.latent_major(got["W_enc"])  # the layout init_params gives
         return SAEParams(**got)
 
     th = meta["theta"]
