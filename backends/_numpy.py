@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 from scipy import sparse
 
@@ -10,7 +13,25 @@ from ._standard import StandardBackend
 #: Entries per chunk of the sampled products (two gathered [chunk, d] blocks stay in cache).
 SDDMM_CHUNK = 1024
 #: Elements per chunk of the fused Adam step.
-ADAM_CHUNK = 1 << 15
+ADAM_CHUNK = 1 << 16
+
+
+_POOL = None
+
+
+def _parallel(part, n: int, grain: int) -> None:
+    """Run ``part(lo, hi)`` over ``range(n)`` split into one contiguous piece per core (the
+    pieces write disjoint outputs; NumPy's kernels release the GIL). Small ``n`` runs inline."""
+    global _POOL
+    workers = os.cpu_count() or 1
+    if workers == 1 or n < 4 * grain:
+        part(0, n)
+        return
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(workers, thread_name_prefix="sae-ref")
+    bounds = [n * i // workers for i in range(workers + 1)]
+    for f in [_POOL.submit(part, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]:
+        f.result()
 
 
 def _same_flat_layout(arrays) -> bool:
@@ -43,18 +64,22 @@ class NumpyBackend(StandardBackend):
         return np.asarray(m @ dense, dtype=dense.dtype)
 
     def sddmm(self, a, b, a_index, b_index):
-        # gathered rows in cache-sized chunks, reused buffers, and a fused dot (vecdot)
+        # gathered rows in cache-sized chunks, reused buffers, a fused dot (vecdot); the
+        # chunks are shared among threads (NumPy releases the GIL in take and vecdot)
         n = a_index.shape[0]
-        dt = np.result_type(a, b)
-        out = np.empty(n, dtype=dt)
-        step = min(SDDMM_CHUNK, max(n, 1))
-        ga = np.empty((step, a.shape[1]), dtype=a.dtype)
-        gb = np.empty((step, b.shape[1]), dtype=b.dtype)
-        for s in range(0, n, step):
-            e = min(s + step, n)
-            np.take(a, a_index[s:e], axis=0, out=ga[: e - s])
-            np.take(b, b_index[s:e], axis=0, out=gb[: e - s])
-            np.vecdot(ga[: e - s], gb[: e - s], out=out[s:e])
+        out = np.empty(n, dtype=np.result_type(a, b))
+
+        def part(lo, hi):
+            step = min(SDDMM_CHUNK, max(hi - lo, 1))
+            ga = np.empty((step, a.shape[1]), dtype=a.dtype)
+            gb = np.empty((step, b.shape[1]), dtype=b.dtype)
+            for s in range(lo, hi, step):
+                e = min(s + step, hi)
+                np.take(a, a_index[s:e], axis=0, out=ga[: e - s])
+                np.take(b, b_index[s:e], axis=0, out=gb[: e - s])
+                np.vecdot(ga[: e - s], gb[: e - s], out=out[s:e])
+
+        _parallel(part, n, SDDMM_CHUNK)
         return out
 
     def adam(self, p, g, m, v, *, lr, b1, b2, eps, t, inplace=False):
@@ -68,23 +93,27 @@ class NumpyBackend(StandardBackend):
         po, mo, vo = (a.ravel(order="K") for a in out)
         bc1 = 1.0 - b1**t
         bc2_sqrt = (1.0 - b2**t) ** 0.5
-        tmp = np.empty(min(ADAM_CHUNK, pf.shape[0]), dtype=p.dtype)
-        for s in range(0, pf.shape[0], ADAM_CHUNK):
-            e = min(s + ADAM_CHUNK, pf.shape[0])
-            gc, w = gf[s:e], tmp[: e - s]
-            np.multiply(mf[s:e], b1, out=mo[s:e])
-            np.multiply(gc, 1.0 - b1, out=w)
-            mo[s:e] += w
-            np.multiply(vf[s:e], b2, out=vo[s:e])
-            np.multiply(gc, gc, out=w)
-            w *= 1.0 - b2
-            vo[s:e] += w
-            np.sqrt(vo[s:e], out=w)
-            w /= bc2_sqrt
-            w += eps
-            np.divide(mo[s:e], w, out=w)
-            w *= lr / bc1
-            np.subtract(pf[s:e], w, out=po[s:e])
+
+        def part(lo, hi):
+            tmp = np.empty(min(ADAM_CHUNK, hi - lo), dtype=p.dtype)
+            for s in range(lo, hi, ADAM_CHUNK):
+                e = min(s + ADAM_CHUNK, hi)
+                gc, w = gf[s:e], tmp[: e - s]
+                np.multiply(mf[s:e], b1, out=mo[s:e])
+                np.multiply(gc, 1.0 - b1, out=w)
+                mo[s:e] += w
+                np.multiply(vf[s:e], b2, out=vo[s:e])
+                np.multiply(gc, gc, out=w)
+                w *= 1.0 - b2
+                vo[s:e] += w
+                np.sqrt(vo[s:e], out=w)
+                w /= bc2_sqrt
+                w += eps
+                np.divide(mo[s:e], w, out=w)
+                w *= lr / bc1
+                np.subtract(pf[s:e], w, out=po[s:e])
+
+        _parallel(part, pf.shape[0], ADAM_CHUNK)
         return out
 
     def sum_squares(self, g):

@@ -17,6 +17,17 @@ from ._standard import CHUNK, StandardBackend, _below
 _NUMPY_VIEWABLE = (torch.float16, torch.float32, torch.float64)
 
 
+def _on_cpu(*tensors) -> bool:
+    """Whether every tensor is a CPU float16/32/64 tensor that NumPy can view without a copy."""
+    return all(t.device.type == "cpu" and t.dtype in _NUMPY_VIEWABLE and not t.requires_grad for t in tensors)
+
+
+def _numpy():
+    from . import get_backend
+
+    return get_backend(np)
+
+
 class TorchBackend(StandardBackend):
     name = "torch"
 
@@ -34,13 +45,14 @@ class TorchBackend(StandardBackend):
         if x.device.type == "cpu" and x.dtype in _NUMPY_VIEWABLE:
             # NumPy's passes (compare, nonzero, partition) are 2-3x faster than torch's on the
             # CPU; the view shares memory, so this costs no copy
-            from . import get_backend
-
-            idx, cut = get_backend(np).top_n_indices(x.detach().numpy(), n, axis=axis)
+            idx, cut = _numpy().top_n_indices(x.detach().numpy(), n, axis=axis)
             return torch.from_numpy(idx), torch.from_numpy(np.asarray(cut))
         return super().top_n_indices(x, n, axis=axis)
 
     def spmm(self, out_index, in_index, values, dense, n_out):
+        if _on_cpu(values, dense):  # SciPy's products on NumPy views: no copy, 2-10x faster
+            out = _numpy().spmm(out_index.numpy(), in_index.numpy(), values.numpy(), dense.numpy(), n_out)
+            return torch.from_numpy(out)
         if dense.dtype in (torch.float32, torch.float64) and out_index.shape[0] > 0:
             # a CSR product (torch.sparse, MKL on the CPU) is 1.5-6x faster than index_add_
             idx = torch.stack([out_index, in_index])
@@ -58,6 +70,8 @@ class TorchBackend(StandardBackend):
         return out
 
     def sddmm(self, a, b, a_index, b_index):
+        if _on_cpu(a, b) and a.dtype == b.dtype:
+            return torch.from_numpy(_numpy().sddmm(a.numpy(), b.numpy(), a_index.numpy(), b_index.numpy()))
         n = a_index.shape[0]
         if n > 0 and a.dtype in (torch.float32, torch.float64) and a.dtype == b.dtype:
             key = a_index * b.shape[0] + b_index
