@@ -59,12 +59,48 @@ def _train_parser(sub):
     p.add_argument("--nonfinite", default=None, choices=["raise", "skip"],
                    help="what to do with a batch holding NaN/inf (default: raise)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="data-parallel ranks started here (torch.distributed: Gloo on the CPU, NCCL "
+                   "with --device cuda, one GPU per rank); --batch-size is the global batch. Under "
+                   "torchrun, leave it out: the ranks come from the launcher")
     return p
 
 
+def _train_rank(rank: int, size: int, argv: list) -> int:
+    """One rank of ``sae-ref train --nproc N`` (started by :func:`sae_ref.dist.launch.spawn`)."""
+    return main(argv)
+
+
+def _spawn_train(args) -> int:
+    from sae_ref.dist.launch import RankError, spawn
+
+    argv = list(args.argv)
+    i = argv.index("--nproc") if "--nproc" in argv else None
+    if i is not None:
+        del argv[i : i + 2]
+    else:
+        argv = [a for a in argv if not a.startswith("--nproc=")]
+    cuda = (args.device or "").startswith("cuda")
+    try:
+        spawn(_train_rank, args.nproc, argv, backend="nccl" if cuda else "gloo", timeout_s=600)
+    except RankError as e:
+        print(f"sae-ref train: error: {e}\nthe last checkpoint in {args.out}/checkpoints is intact: "
+              "continue with the same command and --resume (any --nproc)", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _train(args, parser) -> int:
+    from sae_ref.dist.launch import comm_from_env, is_torchrun
     from sae_ref.fit import fit
     from sae_ref.train import PRESETS, preset
+
+    if args.nproc < 1:
+        parser.error(f"--nproc must be >= 1, got {args.nproc}")
+    if args.nproc > 1 and not is_torchrun():
+        return _spawn_train(args)
+    comm = comm_from_env() if is_torchrun() else None
+    rank = 0 if comm is None else comm.rank
 
     if args.preset not in PRESETS:
         parser.error(f"--preset must be one of {sorted(PRESETS)}, got {args.preset!r}")
@@ -92,7 +128,9 @@ def _train(args, parser) -> int:
                  batch_size=args.batch_size, run_dir=args.out, checkpoint_every=args.checkpoint_every,
                  keep=args.keep, resume=args.resume, log_every=args.log_every,
                  holdout_batches=args.holdout_batches, data_seed=args.data_seed,
-                 progress=not args.no_progress)
+                 progress=not args.no_progress, comm=comm)
+    if rank != 0:
+        return 0
     s = result.summary
     fm = s.get("final_metrics", {})
     print(f"trained {s['steps']} steps, {s['tokens']:,} tokens on {args.backend}: "
@@ -218,6 +256,7 @@ def main(argv=None) -> int:
     sub.add_parser("validate", add_help=False, help="check an SAE implementation (a module's "
                    "object, or SAELens files) against sae-ref's invariants; sae-ref validate --help")
     args = parser.parse_args(argv)
+    args.argv = argv
     if args.command == "demo":
         return _demo(args, parser)
     run = _train if args.command == "train" else _report

@@ -109,11 +109,27 @@ def fit(config: TrainConfig, source, *, backend: str = "numpy", device=None,
         dtype: str = "float32", batch_size: int = 4096, run_dir=None,
         checkpoint_every: int | None = None, keep: int | None = 3, resume: bool = False,
         log_every: int = 50, holdout_batches: int = 4, data_seed: int = 0,
-        progress: bool = True, saelens_metadata: dict | None = None) -> FitResult:
-    """Train ``config`` on ``source`` for ``config.steps`` steps (see the module docstring)."""
+        progress: bool = True, saelens_metadata: dict | None = None, comm=None) -> FitResult:
+    """Train ``config`` on ``source`` for ``config.steps`` steps (see the module docstring).
+
+    ``comm`` (a :class:`sae_ref.dist.Comm` of R > 1 ranks, e.g. from
+    :func:`sae_ref.dist.comm_from_env` under ``torchrun``): data-parallel training. Every rank
+    reads the same global batches of ``batch_size`` rows (so the data order, resuming and the
+    results do not depend on R) and trains on its ``batch_size / R`` rows; the ranks' steps
+    equal one process's step on the global batch (:mod:`sae_ref.dist.data_parallel`). Rank 0
+    alone writes the log, checkpoints and exports; a run resumes with any number of ranks.
+    """
     xp, dev = resolve(backend, device)
     dt = _dtype(xp, dtype)
     batch_size = C.integer_in("fit", "batch_size", batch_size, 1, 2**40)
+    rank, size = (0, 1) if comm is None else (comm.rank, comm.size)
+    if batch_size % size:
+        raise ValueError(f"fit: argument 'batch_size' ({batch_size}) must be a multiple of the number of ranks ({size})")
+    rows = slice(rank * batch_size // size, (rank + 1) * batch_size // size)
+    if rank != 0:  # only rank 0 writes files and shows progress
+        progress, writer = False, False
+    else:
+        writer = True
     train_rows, held_rows = _split(source, batch_size, holdout_batches)
     run = Path(run_dir) if run_dir is not None else None
     ckpt_dir = run / "checkpoints" if run is not None else None
@@ -131,6 +147,8 @@ def fit(config: TrainConfig, source, *, backend: str = "numpy", device=None,
     if state is None:
         state = init_state(config, next(source.stream(batch_size, position=0, **stream_kw)))
     stream = source.stream(batch_size, position=position, **stream_kw)
+    if not writer:
+        run = ckpt_dir = None
     log_path = run / "metrics.jsonl" if run is not None else None
     if run is not None:
         run.mkdir(parents=True, exist_ok=True)
@@ -148,7 +166,8 @@ def fit(config: TrainConfig, source, *, backend: str = "numpy", device=None,
     last = {}
     with C.no_checks(), (open(log_path, "a") if log_path is not None else _nullfile()) as log:
         while state.t < config.steps:
-            state, metrics = step(state, next(stream), check=False, donate=True)
+            x = next(stream)
+            state, metrics = step(state, x if size == 1 else x[rows], check=False, donate=True, comm=comm)
             bar.update(1)
             if state.t % log_every == 0 or state.t == config.steps:
                 last = _read_metrics(metrics)
@@ -167,7 +186,7 @@ def fit(config: TrainConfig, source, *, backend: str = "numpy", device=None,
     summary = {"steps": state.t, "tokens": state.tokens, "skipped": skipped + stream.skipped,
                "config": config.to_dict(), "backend": backend, "dtype": dtype,
                "final_metrics": last, "k": config.k}
-    held = _heldout(source, batch_size, holdout_batches, held_rows, xp, dev, dt)
+    held = _heldout(source, batch_size, holdout_batches, held_rows, xp, dev, dt) if writer else None
     if held is not None:
         summary["heldout"] = heldout_l0(state, held)
     if run is not None and config.arch == "top-afa":

@@ -299,15 +299,17 @@ def forward(params: SAEParams, x, config: SAEConfig) -> Forward:
     return _forward(xp, params, x, config)
 
 
-def _forward(xp, params: SAEParams, x, config: SAEConfig) -> Forward:
-    """:func:`forward` without the argument checks (training loops check once)."""
+def _forward(xp, params: SAEParams, x, config: SAEConfig, select=None) -> Forward:
+    """:func:`forward` without the argument checks (training loops check once). ``select``,
+    if given, replaces the selection (``select(pre) -> SparseCode``: data-parallel BatchTopK
+    finds its cut across ranks)."""
     stats = None
     if config.standardize:
         x, stats = _standardize(xp, x, 1e-5)
     P.mark("standardize", x)
     pre = _pre(xp, params, x)
     P.mark("encoder gemm", pre)
-    code = _select(xp, pre, config, params, x)
+    code = _select(xp, pre, config, params, x) if select is None else select(pre)
     window = bandwidth = None
     if config.activation == "jumprelu":
         bandwidth = config.bandwidth

@@ -351,7 +351,8 @@ def _is_finite(xp, x) -> bool:
     return bool(xp.all(xp.isfinite(x)))
 
 
-def step(state: TrainState, batch, *, check: bool = True, donate: bool = False) -> tuple[TrainState, dict]:
+def step(state: TrainState, batch, *, check: bool = True, donate: bool = False,
+         comm=None) -> tuple[TrainState, dict]:
     """One training step on ``batch`` [B, d]; returns the new state and the step's metrics.
 
     Metrics (0-D arrays on the device unless noted): ``loss`` (the total), ``mse`` (in
@@ -366,6 +367,14 @@ def step(state: TrainState, batch, *, check: bool = True, donate: bool = False) 
     ``donate=True`` hands ``state`` over to the step: its arrays may be updated in place (no
     allocation of new parameters and moments), so ``state`` must not be used afterwards; the
     training loop donates. The result is the same either way.
+
+    ``comm`` (a :class:`sae_ref.dist.Comm` of more than one rank): data-parallel training.
+    ``batch`` is this rank's rows of the global batch (the ranks' batches concatenated in rank
+    order); BatchTopK's cut is found over the global batch
+    (:func:`sae_ref.dist.batch_topk_sharded`), the gradients (weighted by each rank's share of
+    the rows), the latents' firing counts, the theta statistic and the metrics are all-reduced,
+    so every rank takes the same step as one process on the global batch
+    (:mod:`sae_ref.dist.data_parallel`).
     """
     config, params = state.config, state.params
     with C.no_checks():
@@ -379,21 +388,28 @@ def step(state: TrainState, batch, *, check: bool = True, donate: bool = False) 
             raise ValueError(f"step: argument 'batch' contains NaN or inf (step {state.t + 1}); "
                              "set nonfinite='skip' to skip such batches and count them")
         return replace(state, skipped=state.skipped + 1), {"skipped": state.skipped + 1, "step": state.t}
+    if comm is not None and comm.size > 1:
+        from sae_ref.dist.data_parallel import Reducer
+
+        return _step(xp, state, batch, donate, Reducer(comm, state.config, batch))
     return _step(xp, state, batch, donate)
 
 
-def _step(xp, state: TrainState, x, donate: bool = False):
+def _step(xp, state: TrainState, x, donate: bool = False, dp=None):
+    """One step; ``dp`` (a :class:`sae_ref.dist.data_parallel.Reducer`) makes it one rank's
+    part of a data-parallel step: every batch-wide quantity goes through it."""
     config, params = state.config, state.params
     t = state.t + 1
-    B = x.shape[0]
-    fwd = _forward(xp, params, x, config.sae_config())
+    B = x.shape[0] if dp is None else dp.B
+    fwd = _forward(xp, params, x, config.sae_config(), None if dp is None else dp.select)
     mse, g_xhat = L._mse(xp, fwd.x_hat, fwd.x, config.loss_unit)
     coeff = O.linear_warmup_decay(t, base=config.sparsity_coeff, warmup=config.sparsity_warmup_steps)
     sparsity, g_code, g_theta, g_W_sp = _sparsity(xp, config, fwd, params, coeff)
     afa_value, g_code, g_b_dec_afa = _afa(xp, config, fwd, params, g_code)
     P.mark("loss", g_xhat)
     # dead-latent counters: tokens since each latent last fired, the current batch included
-    fired = fwd.code.latent_counts() > 0
+    counts = fwd.code.latent_counts()
+    fired = (counts if dp is None else dp.sum(counts)) > 0
     since = xp.where(fired, xp.zeros_like(state.since_fired), state.since_fired + B)
     dead = since >= _dead_after_tokens(config, B)
     aux_value = xp.zeros((), dtype=x.dtype, device=device_of(x))
@@ -413,17 +429,24 @@ def _step(xp, state: TrainState, x, donate: bool = False):
                      g_pre_extra=g_pre_extra, g_W_dec_extra=g_W_extra)
     if g_b_dec_afa is not None:
         grads = replace(grads, b_dec=grads.b_dec + g_b_dec_afa)
+    if dp is not None:  # this rank's share of the global mean, summed over the ranks
+        grads = dp.gradients(grads)
     P.mark("backward", grads.W_enc)
     params, opt, grad_norm = _update(xp, state, params, grads, t, donate)
     est = state.theta
     if config.arch == "batchtopk":
-        est = T.theta_update(est, T.batch_min_kept(fwd.code.values), step=t)
+        m_t = T.batch_min_kept(fwd.code.values)
+        est = T.theta_update(est, m_t if dp is None else dp.min(m_t), step=t)
     P.mark("theta", est.buf)
     new = replace(state, params=params, opt=opt, t=t, since_fired=since, theta=est,
                   tokens=state.tokens + B)
+    nmse = _nmse(xp, fwd.x_hat, fwd.x) if dp is None else dp.nmse(fwd.x_hat, fwd.x)
+    if dp is not None:  # every rank reports the global batch's values
+        mse, sparsity, aux_value, afa_value = dp.means(mse, sparsity, aux_value, afa_value)
     metrics = {
-        "loss": mse + sparsity + aux_value + afa_value, "mse": mse, "nmse": _nmse(xp, fwd.x_hat, fwd.x),
-        "sparsity": sparsity, "aux": aux_value, "afa": afa_value, "l0": xp.sum(fwd.code.l0()) / B,
+        "loss": mse + sparsity + aux_value + afa_value, "mse": mse, "nmse": nmse,
+        "sparsity": sparsity, "aux": aux_value, "afa": afa_value,
+        "l0": (xp.sum(fwd.code.l0()) if dp is None else dp.sum(xp.sum(fwd.code.l0()))) / B,
         "dead_fraction": xp.astype(xp.count_nonzero(dead), x.dtype) / config.h,
         "grad_norm": grad_norm, "lr": _lr(config, t), "step": t, "tokens": new.tokens,
         "skipped": state.skipped,
