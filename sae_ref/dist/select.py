@@ -40,8 +40,8 @@ kept, as on one device.
 per round and once more, 8; each round ``(R - 1) P s`` (pivots) ``+ 8 R P`` (counts); the
 final gather ``(R - 1)(8 + s m_max)`` with ``m_max <= P R``; the count at the cut 8. With
 surplus ties: 8 more, and ``8 (R - 1)`` (``rows``) or ``8 B + 8 (R - 1)`` (``cols``). For
-d=768, h=16384, k=32, B=4096 in float32 on 2 ranks this measured 10,360 bytes (``rows``, two
-rounds) and 5,972 bytes (``cols``, one round) per rank, against 134,217,728 for gathering the
+d=768, h=16384, k=32, B=4096 in float32 on 2 ranks this measured 10,352 bytes (``rows``, two
+rounds) and 5,964 bytes (``cols``, one round) per rank, against 134,217,728 for gathering the
 other rank's pre-activations (``benchmarks/bench_dist.py``).
 
 **TopK across column shards** gathers each rank's local top ``min(k, h_r)`` values of every row
