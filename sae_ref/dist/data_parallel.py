@@ -54,7 +54,8 @@ class HostComm(Comm):
         import numpy as np
         import torch
 
-        return torch.from_numpy(np.ascontiguousarray(x))
+        a = np.asarray(x)  # NumPy reductions may give scalars; 0-D arrays stay 0-D
+        return torch.from_numpy(a if a.flags.c_contiguous else np.ascontiguousarray(a))
 
     def _reduce(self, x, op):
         return self.inner._reduce(self._t(x), op).numpy()
