@@ -18,8 +18,10 @@ _NUMPY_VIEWABLE = (torch.float16, torch.float32, torch.float64)
 
 
 def _on_cpu(*tensors) -> bool:
-    """Whether every tensor is a CPU float16/32/64 tensor that NumPy can view without a copy."""
-    return all(t.device.type == "cpu" and t.dtype in _NUMPY_VIEWABLE and not t.requires_grad for t in tensors)
+    """Whether every tensor is a CPU float32/64 tensor (the dtypes SciPy's sparse products
+    take) that NumPy can view without a copy."""
+    return all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and not t.requires_grad
+               for t in tensors)
 
 
 def _numpy():
