@@ -19,8 +19,13 @@ class CupyBackend(StandardBackend):
         h = x.shape[-1]
         return cp.partition(x, h - n, axis=-1)[:, h - n : h - n + 1]
 
-    def spmm(self, out_index, in_index, values, dense, n_out):
-        out = cp.zeros((n_out, dense.shape[1]), dtype=dense.dtype)
+    def spmm(self, out_index, in_index, values, dense, n_out, *, out=None, accumulate=False):
+        if out is None or out.shape != (n_out, dense.shape[1]) or out.dtype != dense.dtype:
+            if accumulate:
+                return out + self.spmm(out_index, in_index, values, dense, n_out)
+            out = cp.zeros((n_out, dense.shape[1]), dtype=dense.dtype)
+        elif not accumulate:  # the caller's buffer: reused across steps, no allocation
+            out.fill(0)
         for s in range(0, out_index.shape[0], CHUNK):
             contrib = dense[in_index[s : s + CHUNK]] * values[s : s + CHUNK, None]
             cupyx.scatter_add(out, out_index[s : s + CHUNK], contrib)

@@ -1,9 +1,17 @@
-"""NumPy fast paths: ``np.partition`` for selection, SciPy's CSR product and ``bincount`` for sums."""
+"""NumPy fast paths: ``np.partition`` for selection, compiled kernels (Numba; SciPy's sparse
+products where Numba is switched off) for the sparse products and the decoder's Adam step,
+``bincount`` for sums.
+
+``NumpyBackend(compiled=False)``, or the environment variable ``SAE_REF_COMPILED=0`` for the
+shared instance, keeps to NumPy and SciPy: the tests check both paths against the
+pure-standard oracle.
+"""
 
 from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import numpy as np
 from scipy import sparse
@@ -34,6 +42,21 @@ def _parallel(part, n: int, grain: int) -> None:
         f.result()
 
 
+_BLAS = []
+
+
+def _blas_controller():
+    """threadpoolctl's controller of the BLAS libraries loaded (None without threadpoolctl)."""
+    if not _BLAS:
+        try:
+            from threadpoolctl import ThreadpoolController
+
+            _BLAS.append(ThreadpoolController())
+        except ImportError:
+            _BLAS.append(None)
+    return _BLAS[0]
+
+
 def _same_flat_layout(arrays) -> bool:
     """Whether the arrays are contiguous with the same shape and strides, so their flat
     memory-order views line up element for element."""
@@ -42,8 +65,90 @@ def _same_flat_layout(arrays) -> bool:
                and (a.flags.c_contiguous or a.flags.f_contiguous) for a in arrays)
 
 
+_FLOATS = (np.float32, np.float64)
+
+
+def _compiled_kernels():
+    """The kernels module, or None when ``SAE_REF_COMPILED=0`` or Numba is not importable."""
+    if os.environ.get("SAE_REF_COMPILED", "1") == "0":
+        return None
+    try:
+        from . import _kernels
+    except ImportError:  # numba missing or broken: SciPy's products still work
+        return None
+    return _kernels
+
+
+def _rows(*arrays) -> bool:
+    """Whether the arrays are C-contiguous float32/float64 of one dtype (what the kernels take)."""
+    first = arrays[0]
+    return all(isinstance(a, np.ndarray) and a.dtype == first.dtype and a.dtype in _FLOATS
+               and a.flags.c_contiguous for a in arrays)
+
+
+def _index(i):
+    return np.ascontiguousarray(i, dtype=np.int64)
+
+
+#: Entries below which a sparse product never looks for a dense block (small products are
+#: fast either way).
+DENSE_MIN_NNZ = 1 << 18
+#: The share of its block of touched rows x columns that a product's entries must fill for
+#: the block to be multiplied densely: a GEMM runs 10-20x more multiply-adds per second than
+#: the sparse kernels, so a block an eighth full is cheaper dense.
+DENSE_MIN_FILL = 1 / 8
+
+
+def _dense_block(out_index, in_index, n_out, n_in):
+    """For a product whose entries (out_index, in_index) fill at least ``DENSE_MIN_FILL`` of
+    the block of the distinct rows and columns they touch (as AuxK's code does when few
+    latents are dead: every row picks among the same few columns): the distinct ids of each
+    side and each entry's position among them, ``(o_ids, i_ids, o_pos, i_pos)``; else None."""
+    nnz = out_index.shape[0]
+    if nnz < DENSE_MIN_NNZ:
+        return None
+    ids = []
+    for index, n in ((out_index, n_out), (in_index, n_in)):
+        seen = np.zeros(n, dtype=bool)
+        seen[index] = True
+        ids.append(np.flatnonzero(seen))
+    if nnz < DENSE_MIN_FILL * ids[0].shape[0] * ids[1].shape[0]:
+        return None
+    pos = []
+    for index, n, u in ((out_index, n_out, ids[0]), (in_index, n_in, ids[1])):
+        where = np.empty(n, dtype=np.int64)
+        where[u] = np.arange(u.shape[0])
+        pos.append(where[index])
+    return ids[0], ids[1], pos[0], pos[1]
+
+
+def _block_matrix(block, values):
+    """The dense [n_o, n_i] block of ``values`` at ``(o_pos, i_pos)``, duplicates summed."""
+    o_ids, i_ids, o_pos, i_pos = block
+    n_o, n_i = o_ids.shape[0], i_ids.shape[0]
+    flat = o_pos * n_i + i_pos
+    Z = np.zeros(n_o * n_i, dtype=values.dtype)
+    if _has_duplicates(flat, Z.shape[0]):
+        np.add.at(Z, flat, values)
+    else:
+        Z[flat] = values
+    return o_ids, i_ids, Z.reshape(n_o, n_i)
+
+
+def _has_duplicates(flat, n):
+    seen = np.zeros(n, dtype=np.int8)
+    seen[flat] = 1
+    return int(np.count_nonzero(seen)) != flat.shape[0]
+
+
 class NumpyBackend(StandardBackend):
     name = "numpy"
+
+    def __init__(self, compiled: bool | None = None):
+        self._kernels_module = None if compiled is False else _compiled_kernels()
+        if compiled and self._kernels_module is None:
+            raise ImportError("NumpyBackend(compiled=True) needs numba (pip install numba)")
+        self.compiled = self._kernels_module is not None
 
     def kth_largest(self, x, n, *, axis=None):
         x = np.asarray(x)
@@ -54,16 +159,54 @@ class NumpyBackend(StandardBackend):
         h = x.shape[-1]
         return np.partition(x, h - n, axis=-1)[:, h - n : h - n + 1]
 
-    def spmm(self, out_index, in_index, values, dense, n_out):
+    def spmm(self, out_index, in_index, values, dense, n_out, *, out=None, accumulate=False):
+        d = dense.shape[1]
+        fits = out is not None and out.shape == (n_out, d) and _rows(out, dense)
+        if accumulate and not fits:
+            return out + self.spmm(out_index, in_index, values, dense, n_out)
+        block = _dense_block(out_index, in_index, n_out, dense.shape[0])
+        if block is not None:  # the entries fill much of their rows x columns: one GEMM
+            o_ids, i_ids, Z = _block_matrix(block, values)
+            if not fits:
+                out = np.zeros((n_out, d), dtype=dense.dtype)
+            elif not accumulate:
+                out[...] = 0
+            out[o_ids] += (Z @ dense[i_ids]).astype(dense.dtype, copy=False)
+            return out
+        K = self._kernels_module
+        if K is not None and _rows(values, dense) and values.ndim == 1:
+            # a counting sort by output row, then each output row accumulated by one thread
+            # from the dense rows it needs, into the caller's buffer when given (no [n_out, d]
+            # allocation per step)
+            indptr, order = K.group_by(_index(out_index), n_out)
+            if not fits:
+                out = np.empty((n_out, d), dtype=dense.dtype)
+            work = (values.shape[0] + n_out) * d
+            K.run(K.spmm_grouped, work, indptr, order, _index(in_index), values, dense, out, accumulate)
+            return out
         # SciPy's compiled sparse products beat any pure-NumPy scatter (np.add.at is ~50x and
         # add.reduceat ~10x slower on (nnz, d) contributions). The compressed axis is the one
         # that reads ``dense`` in order: columns (CSC) when the output is the smaller side
         # (decoding: each dictionary row is read once), rows (CSR) otherwise (gradients).
         fmt = sparse.csc_matrix if n_out < dense.shape[0] else sparse.csr_matrix
         m = fmt((values, (out_index, in_index)), shape=(n_out, dense.shape[0]))
-        return np.asarray(m @ dense, dtype=dense.dtype)
+        prod = np.asarray(m @ dense, dtype=dense.dtype)
+        if accumulate:
+            out += prod
+            return out
+        return prod
 
     def sddmm(self, a, b, a_index, b_index):
+        block = _dense_block(a_index, b_index, a.shape[0], b.shape[0])
+        if block is not None and a.dtype == b.dtype:  # the sampled places fill much of the block
+            a_ids, b_ids, a_pos, b_pos = block
+            M = a[a_ids] @ b[b_ids].T
+            return M[a_pos, b_pos]
+        K = self._kernels_module
+        if K is not None and _rows(a, b):  # one vectorised dot per entry, no gathered copies
+            out = np.empty(a_index.shape[0], dtype=a.dtype)
+            K.run(K.sddmm, out.shape[0] * a.shape[1], a, b, _index(a_index), _index(b_index), out)
+            return out
         # gathered rows in cache-sized chunks, reused buffers, a fused dot (vecdot); the
         # chunks are shared among threads (NumPy releases the GIL in take and vecdot)
         n = a_index.shape[0]
@@ -86,14 +229,21 @@ class NumpyBackend(StandardBackend):
         arrays = (p, g, m, v)
         if not _same_flat_layout(arrays) or p.dtype != g.dtype:
             return super().adam(p, g, m, v, lr=lr, b1=b1, b2=b2, eps=eps, t=t, inplace=inplace)
-        # the standard formula's operations in the same order (so the same bits), applied
-        # chunk by chunk in cache instead of pass by pass over the whole parameter
         out = (p, m, v) if inplace else tuple(np.empty_like(a) for a in (p, m, v))
         pf, gf, mf, vf = (a.ravel(order="K") for a in arrays)
         po, mo, vo = (a.ravel(order="K") for a in out)
         bc1 = 1.0 - b1**t
         bc2_sqrt = (1.0 - b2**t) ** 0.5
+        K = self._kernels_module
+        if K is not None and p.dtype in _FLOATS:
+            # one multi-threaded pass; scalars in the arrays' dtype, as NumPy's passes use them
+            f = p.dtype.type
+            K.run(K.adam, pf.shape[0], pf, gf, mf, vf, po, mo, vo, f(b1), f(1.0 - b1), f(b2),
+                  f(1.0 - b2), f(bc2_sqrt), f(eps), f(lr / bc1))
+            return out
 
+        # the standard formula's operations in the same order (so the same bits), applied
+        # chunk by chunk in cache instead of pass by pass over the whole parameter
         def part(lo, hi):
             tmp = np.empty(min(ADAM_CHUNK, hi - lo), dtype=p.dtype)
             for s in range(lo, hi, ADAM_CHUNK):
@@ -115,6 +265,69 @@ class NumpyBackend(StandardBackend):
 
         _parallel(part, pf.shape[0], ADAM_CHUNK)
         return out
+
+    def decoder_adam(self, W, g, m, v, *, lr, b1, b2, eps, t, order, inplace=False):
+        K = self._kernels_module
+        if K is None or not _rows(W, g, m, v) or W.ndim != 2 or W.shape != g.shape:
+            return super().decoder_adam(W, g, m, v, lr=lr, b1=b1, b2=b2, eps=eps, t=t,
+                                        order=order, inplace=inplace)
+        from sae_ref.decoder import TINY
+
+        if not inplace:
+            W, m, v = W.copy(), m.copy(), v.copy()
+        # one pass over the rows, each in cache: normalise, project, Adam (, renormalise)
+        K.run(K.decoder_adam, W.size, W, g, m, v, lr / (1.0 - b1**t), b1, b2, eps,
+              (1.0 - b2**t) ** 0.5, order == "after", TINY)
+        return W, m, v
+
+    def add_row_vector(self, x, v):
+        K = self._kernels_module
+        if K is not None and _rows(x, v) and x.ndim == 2 and v.shape == (x.shape[1],):
+            K.run(K.add_row_vector, x.size, x, v)  # all cores; NumPy's += runs on one
+            return x
+        x += v
+        return x
+
+    def group_max(self, x, g):
+        K = self._kernels_module
+        B, h = x.shape
+        if K is not None and _rows(x) and g > 1:
+            out = np.empty((B, h // g), dtype=x.dtype)
+            K.run(K.group_max, x.size, x, g, out)
+            return out
+        return super().group_max(x, g)
+
+    @contextmanager
+    def scope(self):
+        # OpenBLAS's workers spin for ~0.1 s after each product before they sleep, and took
+        # half the cores from every multi-threaded pass that followed the encoder GEMM (2x
+        # slower selection and Adam on 2 cores). Inside the scope BLAS runs on the calling
+        # thread only, and :meth:`matmul` splits the big product over this module's threads,
+        # which sleep when idle.
+        ctl = _blas_controller()
+        if ctl is None:
+            yield
+            return
+        with ctl.limit(limits=1, user_api="blas"):
+            yield
+
+    def matmul(self, a, b, *, out=None):
+        if out is None or out.shape != (a.shape[0], b.shape[1]) or out.dtype != np.result_type(a, b):
+            return a @ b
+        if a.shape[0] * a.shape[1] * b.shape[1] < 1 << 26:  # small: BLAS as configured
+            return np.matmul(a, b, out=out)
+        with self.scope():  # row blocks, one per core, each a single-threaded BLAS product
+            _parallel(lambda lo, hi: np.matmul(a[lo:hi], b, out=out[lo:hi]), a.shape[0], 64)
+        return out
+
+    def indices_at_least(self, x, lo):
+        K = self._kernels_module
+        lo = np.asarray(lo, dtype=x.dtype)
+        if K is not None and _rows(x) and x.ndim == 2 and lo.size in (1, x.shape[0]):
+            # no [B, h] boolean mask; one bound per row (a whole-array bound repeated)
+            bounds = np.ascontiguousarray(np.broadcast_to(lo.reshape(-1), (x.shape[0],)))
+            return K.run(K.indices_at_least, x.size, x, bounds)
+        return np.flatnonzero(x >= lo)
 
     def sum_squares(self, g):
         flat = np.asarray(g).ravel(order="K")  # a view for C- or F-ordered arrays

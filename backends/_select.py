@@ -103,13 +103,12 @@ def top_n_indices(x, n: int, *, axis: int | None = None, backend=None):
     per_row = axis is not None
     g = _group(h, 8 * n, 1 if per_row else B)
     if g > 1:
-        groups = xp.max(xp.reshape(x, (B, g, h // g)), axis=1)
+        groups = be.group_max(x, g)
         lo = be.kth_largest(groups, n, axis=axis)
     else:
         lo = be.kth_largest(x, n, axis=axis)
     flat = xp.reshape(x, (-1,))
-    (cand,) = xp.nonzero(xp.reshape(x >= lo, (-1,)))
-    cand = xp.astype(cand, xp.int64)
+    cand = xp.astype(be.indices_at_least(x, lo), xp.int64)
     vals = xp.take(flat, cand)
     if per_row:
         keep, cut = _keep_per_row(xp, be, vals, cand // h, n, B)

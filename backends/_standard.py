@@ -7,6 +7,8 @@ would do, sorted segment sums where a scatter-add would do).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 from array_api_compat import array_namespace, device as device_of
 
@@ -47,12 +49,17 @@ class StandardBackend:
         return top_n_indices(x, n, axis=axis, backend=self)
 
     # -- sparse products --------------------------------------------------------------------
-    def spmm(self, out_index, in_index, values, dense, n_out: int):
+    def spmm(self, out_index, in_index, values, dense, n_out: int, *, out=None,
+             accumulate: bool = False):
         """``out[out_index[i]] += values[i] * dense[in_index[i]]``; ``out`` has shape (n_out, d).
 
         A sparse (n_out x n_in) matrix with entries ``values`` at ``(out_index, in_index)``
-        (duplicates summed) times a dense (n_in x d) matrix.
+        (duplicates summed) times a dense (n_in x d) matrix. ``out``: a buffer the result may
+        be written into (a backend that can returns it; this one returns a new array).
+        ``accumulate=True``: the result is ``out`` plus the product (``out`` required).
         """
+        if accumulate:
+            return out + self.spmm(out_index, in_index, values, dense, n_out)
         xp = array_namespace(values, dense)
         dev = device_of(dense)
         d = dense.shape[1]
@@ -78,6 +85,38 @@ class StandardBackend:
         if not parts:
             return xp.zeros((0,), dtype=a.dtype, device=device_of(a))
         return xp.concat(parts) if len(parts) > 1 else parts[0]
+
+    @contextmanager
+    def scope(self):
+        """A context for a whole training step, in which the backend arranges its threads
+        (NumPy: BLAS single-threaded, the backend's own threads split the work). Nothing
+        here."""
+        yield
+
+    def matmul(self, a, b, *, out=None):
+        """``a @ b``; ``out``: a buffer the product may be written into (a backend that can
+        returns it: no new [B, h] array per training step; this one returns a new array)."""
+        return a @ b
+
+    def add_row_vector(self, x, v):
+        """``x += v`` (``v`` of shape [n] added to every row of the 2-D ``x``), in place where
+        the library allows; returns the sum."""
+        x += v
+        return x
+
+    def group_max(self, x, g: int):
+        """Each row's maxima over ``g`` column slabs: ``out[r, j] = max_s x[r, s h/g + j]``
+        (``g`` divides h), shape [B, h/g]."""
+        xp = array_namespace(x)
+        B, h = x.shape
+        return xp.max(xp.reshape(x, (B, g, h // g)), axis=1)
+
+    def indices_at_least(self, x, lo):
+        """Flat (row-major) indices, ascending, of the entries of the 2-D ``x`` that are
+        ``>= lo``."""
+        xp = array_namespace(x)
+        (idx,) = xp.nonzero(xp.reshape(x >= lo, (-1,)))
+        return idx
 
     def segment_sum(self, index, values, n: int):
         """``out[index[i]] += values[i]`` for a 1-D ``values``; ``out`` has shape (n,)."""
@@ -118,6 +157,26 @@ class StandardBackend:
         m = b1 * m + (1.0 - b1) * g
         v = b2 * v + (1.0 - b2) * (g * g)
         return p - (lr / bc1) * (m / (xp.sqrt(v) / bc2_sqrt + eps)), m, v
+
+    def decoder_adam(self, W, g, m, v, *, lr: float, b1: float, b2: float, eps: float, t: int,
+                     order: str, inplace: bool = False):
+        """The decoder's Adam step under the unit-norm constraint; returns ``(W, m, v)``.
+
+        ``order="before"``: rows renormalised, the gradient projected off them, then
+        :meth:`adam`. ``order="after"``: the gradient projected off the unit rows, :meth:`adam`
+        on the rows as they were, then the rows renormalised (:mod:`sae_ref.decoder`). A
+        backend may fuse the passes (NumPy does, row by row in cache); ``inplace`` as in
+        :meth:`adam`.
+        """
+        from sae_ref.decoder import _project_unit, _unit
+
+        xp = array_namespace(W, g)
+        u = _unit(xp, W)
+        g = _project_unit(xp, u, g)
+        if order == "before":
+            return self.adam(u, g, m, v, lr=lr, b1=b1, b2=b2, eps=eps, t=t, inplace=inplace)
+        W, m, v = self.adam(W, g, m, v, lr=lr, b1=b1, b2=b2, eps=eps, t=t, inplace=inplace)
+        return _unit(xp, W), m, v
 
     def sum_squares(self, g):
         """:math:`\\sum g^2` over every entry of ``g``, a 0-D array."""

@@ -51,10 +51,15 @@ class TorchBackend(StandardBackend):
             return torch.from_numpy(idx), torch.from_numpy(np.asarray(cut))
         return super().top_n_indices(x, n, axis=axis)
 
-    def spmm(self, out_index, in_index, values, dense, n_out):
-        if _on_cpu(values, dense):  # SciPy's products on NumPy views: no copy, 2-10x faster
-            out = _numpy().spmm(out_index.numpy(), in_index.numpy(), values.numpy(), dense.numpy(), n_out)
-            return torch.from_numpy(out)
+    def spmm(self, out_index, in_index, values, dense, n_out, *, out=None, accumulate=False):
+        if _on_cpu(values, dense) and (out is None or _on_cpu(out)):
+            # the NumPy backend's kernels on NumPy views: no copy
+            buf = None if out is None else out.numpy()
+            res = _numpy().spmm(out_index.numpy(), in_index.numpy(), values.numpy(), dense.numpy(),
+                                n_out, out=buf, accumulate=accumulate)
+            return out if buf is not None and res is buf else torch.from_numpy(res)
+        if accumulate:
+            return out + self.spmm(out_index, in_index, values, dense, n_out)
         if dense.dtype in (torch.float32, torch.float64) and out_index.shape[0] > 0:
             # a CSR product (torch.sparse, MKL on the CPU) is 1.5-6x faster than index_add_
             idx = torch.stack([out_index, in_index])
@@ -115,6 +120,22 @@ class TorchBackend(StandardBackend):
         fused([p], [g], [m], [v], [], [step], lr=lr, beta1=b1, beta2=b2, weight_decay=0.0,
               eps=eps, amsgrad=False, maximize=False)
         return p, m, v
+
+    def decoder_adam(self, W, g, m, v, *, lr, b1, b2, eps, t, order, inplace=False):
+        if _on_cpu(W, g, m, v) and all(a.is_contiguous() for a in (W, g, m, v)):
+            if not inplace:
+                W, m, v = W.clone(), m.clone(), v.clone()
+            out = _numpy().decoder_adam(W.numpy(), g.numpy(), m.numpy(), v.numpy(), lr=lr, b1=b1,
+                                        b2=b2, eps=eps, t=t, order=order, inplace=True)
+            return tuple(torch.from_numpy(a) for a in out)  # views of W, m, v when fused
+        return super().decoder_adam(W, g, m, v, lr=lr, b1=b1, b2=b2, eps=eps, t=t, order=order,
+                                    inplace=inplace)
+
+    def matmul(self, a, b, *, out=None):
+        if (out is not None and tuple(out.shape) == (a.shape[0], b.shape[1]) and out.dtype == a.dtype == b.dtype
+                and out.device == a.device and not (a.requires_grad or b.requires_grad)):
+            return torch.matmul(a, b, out=out)
+        return a @ b
 
     def sum_squares(self, g):
         return torch.linalg.vector_norm(g).square()

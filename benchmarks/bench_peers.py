@@ -135,8 +135,7 @@ def run_saeref(backend, d, h, k, B, repeats, dead_share):
     import sae_ref
 
     xp, x0, x1, state = setup(backend, d, h, k, B, dead_after=1, dead_share=dead_share)
-    with sae_ref.no_checks():
-        seconds, _, dead = time_steps(state, x0, x1, repeats, xp)
+    seconds, _, dead = time_steps(state, x0, x1, repeats, xp)
     return {"seconds": seconds, "dead": dead}
 
 

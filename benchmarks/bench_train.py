@@ -4,20 +4,22 @@
     python benchmarks/bench_train.py --small          # d=128 h=2048 k=16 B=512: a quick run
     python benchmarks/bench_train.py --backend numpy --repeats 5
 
-For each backend it times (median of ``--repeats`` runs after one warm-up):
+For each backend it times (median of ``--repeats`` runs after warm-up):
 
 - ``gemm``: the dense encoder product ``x @ W_enc`` (the only O(B h d) work in a step);
-- ``train step``: one whole :func:`sae_ref.train.step` (``check=False``, inside
+- ``train step, AuxK off``: one whole :func:`sae_ref.train.step` (``check=False``, inside
   :func:`sae_ref.no_checks`) with sae-ref's default :class:`~sae_ref.train.TrainConfig`
-  (BatchTopK, per-row standardisation, AuxK "authors" with k_aux 512, decoder constraint, Adam,
-  running-mean theta), except ``dead_after=1`` batch: every latent that did not fire in the
-  current batch counts as dead. On Gaussian inputs every latent fires in every batch of
-  B*k = 131072 kept entries, so to give AuxK its work the encoder columns of a share
-  (``--dead-share``, default half) of the latents are scaled by 0.1: their pre-activations stay
-  positive about half the time but never win the batch selection, so they are dead and AuxK
-  selects its k_aux per row among them (the measured dead fraction is printed). Every timed
-  step starts from the same state (after one warm-up step), so each does the same work;
-- ``train step, AuxK off``: the same with ``aux_convention=None``, for the cost of AuxK;
+  (BatchTopK, per-row standardisation, decoder constraint, Adam, running-mean theta) but
+  ``aux_convention=None``. Steps run in succession on two batches, each donating its state
+  (``donate=True``) as the training loop does, after two warm-up steps;
+- ``train step, N% dead``: the same with AuxK "authors" (k_aux 512) and ``dead_after=1``
+  batch: every latent that did not fire in the current batch counts as dead. On Gaussian
+  inputs every latent fires in every batch of B*k = 131072 kept entries, so to give AuxK its
+  work the encoder columns of N% of the latents (``--dead-share``, repeatable; default 1%,
+  10% and 50%) are scaled by 0.1: their pre-activations stay positive about half the time
+  but never win the selection, so they are dead and AuxK selects min(k_aux, n_dead) per row
+  among them (the measured dead fractions are printed). The step is printed by phase for
+  AuxK off and for the middle share;
 - ``select (topk)`` / ``select (batchtopk)``: the selections alone on the pre-activations;
 - ``encode (threshold)``: inference with the global threshold theta the training steps
   estimated (standardise, GEMM, ``z > theta``), and ``encode (batchtopk)`` for comparison.
@@ -53,26 +55,30 @@ SMALL = {"d": 128, "h": 2048, "k": 16, "B": 512}
 
 
 def time_steps(state, x0, x1, repeats, xp):
-    """Median seconds of ``repeats`` steps on ``x1``, each from the state one warm-up step on
-    ``x0`` left. Returns (seconds, the state after a timed step, the dead fraction)."""
-    state, _ = step(state, x0, check=False)
-    _sync(xp, state.params.W_enc)
+    """Median seconds of ``repeats`` successive training steps on ``x0``/``x1`` alternately,
+    after two warm-up steps, each donating its state as the training loop does (so ``state``
+    is consumed). Returns (seconds, the final state, the dead fraction of the last step)."""
     times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        new, metrics = step(state, x1, check=False)
-        _sync(xp, new.params.W_enc)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), new, float(sae_ref.to_numpy(metrics["dead_fraction"]))
+    with sae_ref.no_checks():
+        for i in range(2 + repeats):
+            t0 = time.perf_counter()
+            state, metrics = step(state, (x0, x1)[i % 2], check=False, donate=True)
+            _sync(xp, state.params.W_enc)
+            if i >= 2:
+                times.append(time.perf_counter() - t0)
+    return statistics.median(times), state, float(sae_ref.to_numpy(metrics["dead_fraction"]))
 
 
 def profile_phases(state, x0, x1, repeats, xp):
-    """Seconds per phase of the step (mean over ``repeats`` steps from the same state), from
-    :func:`sae_ref.profile.phases`: each phase waits for its device before the clock reads."""
-    state, _ = step(state, x0, check=False)
-    with phases() as seconds:
-        for _ in range(repeats):
-            step(state, x1, check=False)
+    """Seconds per phase of the step (mean over ``repeats`` donated steps after two warm-up
+    steps), from :func:`sae_ref.profile.phases`: each phase waits for its device before the
+    clock reads. ``state`` is consumed."""
+    with sae_ref.no_checks():
+        for x in (x0, x1):
+            state, _ = step(state, x, check=False, donate=True)
+        with phases() as seconds:
+            for i in range(repeats):
+                state, _ = step(state, (x0, x1)[i % 2], check=False, donate=True)
     return {name: s / repeats for name, s in seconds.items()}
 
 
@@ -92,34 +98,44 @@ def inputs(B: int, d: int):
     return tuple(rng.standard_normal((B, d)).astype(np.float32) for _ in range(2))
 
 
-def setup(backend: str, d: int, h: int, k: int, B: int, dead_after: int, dead_share: float):
+def setup(backend: str, d: int, h: int, k: int, B: int, dead_after: int, dead_share: float,
+          aux: bool = True):
     """``(xp, x0, x1, state)``: the batches on ``backend`` and the starting state of the timed
-    steps (default TrainConfig, BatchTopK, ``dead_share`` of the latents suppressed)."""
+    steps (default TrainConfig, BatchTopK, ``dead_share`` of the latents suppressed; AuxK off
+    with ``aux=False``)."""
     xp, dev = resolve(backend)
     x0, x1 = (xp.asarray(x, device=dev) for x in inputs(B, d))
-    config = TrainConfig(arch="batchtopk", h=h, k=k, dead_after=dead_after)
+    config = TrainConfig(arch="batchtopk", h=h, k=k, dead_after=dead_after,
+                         aux_convention="authors" if aux else None)
     with sae_ref.no_checks():
         state = suppress(init_state(config, x0, stream="device"), dead_share, xp)
     return xp, x0, x1, state
 
 
-def bench(backend: str, d: int, h: int, k: int, B: int, repeats: int, dead_after: int, dead_share: float):
-    xp, x0, x1, state = setup(backend, d, h, k, B, dead_after, dead_share)
-    config = state.config
-    times, info = {}, {}
+def bench(backend: str, d: int, h: int, k: int, B: int, repeats: int, dead_after: int,
+          dead_shares: list[float]):
+    times, info = {}, {"dead": {}, "phases": {}}
+
+    def fresh(share, aux=True):
+        return setup(backend, d, h, k, B, dead_after, share, aux)
+
+    xp, x0, x1, state = fresh(0.0, aux=False)
     with sae_ref.no_checks():
-        params = state.params
-        times["gemm (x @ W_enc)"] = timeit(lambda: x0 @ params.W_enc, xp, repeats)
-        times["train step"], trained, info["dead"] = time_steps(state, x0, x1, repeats, xp)
-        off = replace(state, config=replace(config, aux_convention=None))
-        times["train step, AuxK off"], _, _ = time_steps(off, x0, x1, repeats, xp)
-        info["phases"] = profile_phases(state, x0, x1, repeats, xp)
-        state = trained
-        pre = x0 @ params.W_enc
+        W_enc = state.params.W_enc
+        times["gemm (x @ W_enc)"] = timeit(lambda: x0 @ W_enc, xp, repeats)
+        times["train step, AuxK off"], _, _ = time_steps(state, x0, x1, repeats, xp)
+        info["phases"]["AuxK off"] = profile_phases(fresh(0.0, aux=False)[3], x0, x1, repeats, xp)
+        for share in dead_shares:
+            name = f"train step, {share:.0%} dead"
+            times[name], trained, info["dead"][name] = time_steps(fresh(share)[3], x0, x1, repeats, xp)
+        share = dead_shares[len(dead_shares) // 2]
+        info["phases"][f"{share:.0%} dead"] = profile_phases(fresh(share)[3], x0, x1, repeats, xp)
+        pre = x0 @ trained.params.W_enc
         times["select (topk)"] = timeit(lambda: A._topk(pre, k).values, xp, repeats)
         times["select (batchtopk)"] = timeit(lambda: A._batch_topk(pre, k).values, xp, repeats)
-        params = state.params
-        thr = inference_config(state)
+        del pre
+        params = trained.params
+        thr = inference_config(trained)
         info["theta"] = thr.theta
         info["l0"] = encode(params, x1, thr).nnz / B
         times["encode (threshold)"] = timeit(lambda: encode(params, x1, thr).values, xp, repeats)
@@ -138,8 +154,9 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dead-after", type=int, default=1,
                    help="batches without firing before a latent counts as dead (default 1)")
-    p.add_argument("--dead-share", type=float, default=0.5,
-                   help="share of latents whose encoder columns are scaled by 0.1 so they go dead (default 0.5)")
+    p.add_argument("--dead-share", type=float, action="append",
+                   help="share of latents whose encoder columns are scaled by 0.1 so they go dead "
+                        "(repeatable; default 0.01, 0.1 and 0.5)")
     p.add_argument("--backend", action="append", help="numpy, torch, torch-cuda, cupy (repeatable)")
     a = p.parse_args(argv)
     shape = {n: getattr(a, n) if getattr(a, n) is not None else (SMALL if a.small else FULL)[n]
@@ -147,13 +164,15 @@ def main(argv=None):
     print(f"machine: {machine()}")
     print(f"shape: d={shape['d']} h={shape['h']} k={shape['k']} B={shape['B']} float32; "
           f"median of {a.repeats} after a warm-up")
+    shares = a.dead_share or [0.01, 0.1, 0.5]
     print(f"train step: sae-ref default TrainConfig (batchtopk, standardize, AuxK 'authors' k_aux=512, "
-          f"Adam) with dead_after={a.dead_after} batch(es); encoder columns of {a.dead_share:.0%} of the latents "
-          f"scaled by 0.1 so they go dead")
+          f"Adam), successive steps donating their state as the training loop does; dead_after="
+          f"{a.dead_after} batch(es); 'N% dead': the encoder columns of N% of the latents scaled by 0.1 "
+          f"so they go dead")
     for name in a.backend or ["numpy", "torch"]:
         try:
             times, info = bench(name, shape["d"], shape["h"], shape["k"], shape["B"],
-                                a.repeats, a.dead_after, a.dead_share)
+                                a.repeats, a.dead_after, shares)
         except (ImportError, RuntimeError) as e:
             print(f"\n[{name}] skipped: {e}")
             continue
@@ -161,12 +180,14 @@ def main(argv=None):
         print(f"\n[{name}]  {'work':<22} {'seconds':>9} {'/ gemm':>8} {'tokens/s':>10}")
         for w, t in times.items():
             print(f"[{name}]  {w:<22} {t:9.4f} {t / gemm:8.2f} {shape['B'] / t:10.0f}")
-        total = sum(info["phases"].values())
-        print(f"[{name}]  train step by phase (sae_ref.profile; the sum, {total:.4f} s, includes the "
-              f"waits at each mark):")
-        for w, t in info["phases"].items():
-            print(f"[{name}]    {w:<26} {t:9.4f} {t / gemm:8.2f}")
-        print(f"[{name}]  AuxK dead fraction in the timed steps {info['dead']:.1%}; "
+        for which, ph in info["phases"].items():
+            total = sum(ph.values())
+            print(f"[{name}]  train step ({which}) by phase (sae_ref.profile; the sum, {total:.4f} s, "
+                  f"includes the waits at each mark):")
+            for w, t in ph.items():
+                print(f"[{name}]    {w:<26} {t:9.4f} {t / gemm:8.2f}")
+        dead = ", ".join(f"{w.split(', ')[1]}: {f:.1%}" for w, f in info["dead"].items())
+        print(f"[{name}]  measured dead fraction ({dead}); "
               f"threshold inference: theta={info['theta']:.4g}, L0={info['l0']:.1f} (k={shape['k']})")
 
 

@@ -46,8 +46,11 @@ class AuxKResult:
         The auxiliary activations (dead latents only); their gradient on the pre-activation
         is ``code.with_values(g_values)`` (pass-through, as every selection).
     g_values : array, shape [nnz_aux]
-    g_W_dec : array, shape [h, d]; rows of live latents are zero.
+    g_W_dec : array, shape [h, d]; rows of live latents are zero (None when not asked for:
+        it is ``code``'s transpose times ``g_ehat``, and training adds that product straight
+        into the decoder's gradient).
     g_residual : array, shape [B, d], or None when the residual is detached.
+    g_ehat : array, shape [B, d], the gradient on the auxiliary reconstruction.
     """
 
     value: Any
@@ -55,6 +58,7 @@ class AuxKResult:
     g_values: Any
     g_W_dec: Any
     g_residual: Any
+    g_ehat: Any = None
 
 
 def auxk(pre, dead, residual, W_dec, k_aux: int, *, convention: str = "authors",
@@ -97,7 +101,8 @@ def auxk(pre, dead, residual, W_dec, k_aux: int, *, convention: str = "authors",
     return _auxk(xp, pre, dead, residual, W_dec, k_aux, convention, detach_residual)
 
 
-def _auxk(xp, pre, dead, residual, W_dec, k_aux, convention, detach_residual) -> AuxKResult:
+def _auxk(xp, pre, dead, residual, W_dec, k_aux, convention, detach_residual,
+          want_g_W_dec=True) -> AuxKResult:
     B, h = pre.shape
     d = residual.shape[1]
     n_dead = int(xp.count_nonzero(dead))
@@ -106,7 +111,8 @@ def _auxk(xp, pre, dead, residual, W_dec, k_aux, convention, detach_residual) ->
         zero = xp.zeros((), dtype=pre.dtype, device=device_of(pre))
         code = empty_code(xp, (B, h), pre.dtype, device_of(pre))
         g_res = None if detach_residual else xp.zeros_like(residual)
-        return AuxKResult(zero, code, code.values, xp.zeros_like(W_dec), g_res)
+        g_W = xp.zeros_like(W_dec) if want_g_W_dec else None
+        return AuxKResult(zero, code, code.values, g_W, g_res, xp.zeros_like(residual))
     # select among the dead columns only ([B, n_dead], not a masked copy of [B, h]); dead_idx
     # is ascending, so the lower-index tie rule in the subset is the rule in the full matrix
     (dead_idx,) = xp.nonzero(dead)
@@ -128,5 +134,5 @@ def _auxk(xp, pre, dead, residual, W_dec, k_aux, convention, detach_residual) ->
         g_ehat = r * (2.0 / den)
         g_res = None if detach_residual else -g_ehat - centred * (2.0 * num / (den * den))
     g_values = be.sddmm(g_ehat, W_dec, code.rows, code.cols)
-    g_W_dec = be.spmm(code.cols, code.rows, code.values, g_ehat, h)
-    return AuxKResult(value, code, g_values, g_W_dec, g_res)
+    g_W_dec = be.spmm(code.cols, code.rows, code.values, g_ehat, h) if want_g_W_dec else None
+    return AuxKResult(value, code, g_values, g_W_dec, g_res, g_ehat)

@@ -61,7 +61,8 @@ def _mse(xp, x_hat, x, unit):
     B, d = x.shape
     n = B * d if unit == "element" else B
     r = x_hat - x
-    return xp.sum(r * r) / n, r * (2.0 / n)
+    flat = xp.reshape(r, (-1,))
+    return xp.vecdot(flat, flat) / n, r * (2.0 / n)  # vecdot: no [B, d] temporary
 
 
 def nmse(x_hat, x, *, reduce: str = "pooled"):

@@ -263,10 +263,16 @@ def _select(xp, pre, config: SAEConfig, params: SAEParams, x) -> SparseCode:
     return SparseCode.from_mask(pre, (pre > t) & (pre > 0))
 
 
-def _pre(xp, params, x):
-    pre = (x - params.b_dec) @ params.W_enc
-    pre += params.b_enc  # in place: no second [B, h] array
-    return pre
+def _pre(xp, params, x, ws=None):
+    """z = (x - b_dec) W_enc + b_enc; into the workspace's [B, h] buffer when given."""
+    x_c = x - params.b_dec
+    if ws is None:
+        pre = x_c @ params.W_enc
+    else:
+        shape = (x.shape[0], params.h)
+        buf = ws.array("pre", xp, shape, x.dtype, device_of(x))
+        pre = get_backend(xp).matmul(x_c, params.W_enc, out=buf)
+    return get_backend(xp).add_row_vector(pre, params.b_enc)  # in place: no second [B, h] array
 
 
 def encode(params: SAEParams, x, config: SAEConfig) -> SparseCode:
@@ -288,9 +294,13 @@ def decode(params: SAEParams, code: SparseCode):
     return _decode(xp, params, code)
 
 
-def _decode(xp, params, code):
+def _decode(xp, params, code, ws=None):
     be = get_backend(xp)
-    return be.spmm(code.rows, code.cols, code.values, params.W_dec, code.shape[0]) + params.b_dec
+    B = code.shape[0]
+    buf = None if ws is None else ws.array("x_hat", xp, (B, params.d), params.W_dec.dtype, device_of(params.W_dec))
+    x_hat = be.spmm(code.rows, code.cols, code.values, params.W_dec, B, out=buf)
+    x_hat += params.b_dec  # a new array or the workspace's: ours to write
+    return x_hat
 
 
 def forward(params: SAEParams, x, config: SAEConfig) -> Forward:
@@ -299,15 +309,16 @@ def forward(params: SAEParams, x, config: SAEConfig) -> Forward:
     return _forward(xp, params, x, config)
 
 
-def _forward(xp, params: SAEParams, x, config: SAEConfig, select=None) -> Forward:
+def _forward(xp, params: SAEParams, x, config: SAEConfig, select=None, ws=None) -> Forward:
     """:func:`forward` without the argument checks (training loops check once). ``select``,
     if given, replaces the selection (``select(pre) -> SparseCode``: data-parallel BatchTopK
-    finds its cut across ranks)."""
+    finds its cut across ranks); ``ws`` (a :class:`~sae_ref.workspace.Workspace`) holds the
+    pre-activations, which then live only until the workspace's next use."""
     stats = None
     if config.standardize:
         x, stats = _standardize(xp, x, 1e-5)
     P.mark("standardize", x)
-    pre = _pre(xp, params, x)
+    pre = _pre(xp, params, x, ws)
     P.mark("encoder gemm", pre)
     code = _select(xp, pre, config, params, x) if select is None else select(pre)
     window = bandwidth = None
@@ -315,7 +326,7 @@ def _forward(xp, params: SAEParams, x, config: SAEConfig, select=None) -> Forwar
         bandwidth = config.bandwidth
         window = A._window(xp, pre, params.theta, bandwidth)
     P.mark("select", code.values)
-    x_hat = _decode(xp, params, code)
+    x_hat = _decode(xp, params, code, ws)
     P.mark("decode", x_hat)
     return Forward(x, pre, code, x_hat, stats, window, bandwidth)
 
@@ -327,7 +338,8 @@ def reconstruct(params: SAEParams, x, config: SAEConfig):
 
 # --- backward ---------------------------------------------------------------------------------
 def backward(params: SAEParams, fwd: Forward, g_xhat, *, g_code=None, g_theta=None,
-             g_pre_extra: SparseCode | None = None, g_W_dec_extra=None) -> SAEParams:
+             g_pre_extra: SparseCode | None = None, g_W_dec_extra=None, g_W_dec_sparse=None,
+             ws=None) -> SAEParams:
     r"""Gradients of a loss on every parameter, given its gradient on :math:`\hat x`.
 
     Parameters
@@ -337,7 +349,12 @@ def backward(params: SAEParams, fwd: Forward, g_xhat, *, g_code=None, g_theta=No
         (sparsity penalties)
     g_theta : [h], optional extra gradient on :math:`\theta` (the JumpReLU L0 penalty)
     g_pre_extra : SparseCode, optional extra gradient on :math:`z` at other places (AuxK)
-    g_W_dec_extra : [h, d], optional extra gradient on :math:`W_{dec}` (AuxK)
+    g_W_dec_extra : [h, d], optional extra gradient on :math:`W_{dec}`
+    g_W_dec_sparse : (SparseCode, [B, d] array), optional: an extra gradient on
+        :math:`W_{dec}` given as the product ``code^T G`` (AuxK's), added without an [h, d]
+        temporary
+    ws : Workspace, optional: the [h, d] gradients are written into its buffers (they are
+        valid until the workspace's next use)
 
     The chain, with :math:`x_c = x - b_{dec}` and :math:`G = \partial L/\partial \hat x`:
 
@@ -364,6 +381,10 @@ def backward(params: SAEParams, fwd: Forward, g_xhat, *, g_code=None, g_theta=No
                  g_W_dec_extra=g_W_dec_extra)
     if g_pre_extra is not None:
         C.same_dtype("backward", g_pre_extra=g_pre_extra.values, W_dec=params.W_dec)
+    if g_W_dec_sparse is not None:
+        C.floating("backward", xp, "g_W_dec_sparse", g_W_dec_sparse[1],
+                   shape=(g_W_dec_sparse[0].shape[0], params.d))
+        C.same_dtype("backward", g_W_dec_sparse=g_W_dec_sparse[0].values, W_dec=params.W_dec)
     be = get_backend(xp)
     code = fwd.code
     # decoder: x_hat = f W_dec + b_dec
@@ -371,16 +392,25 @@ def backward(params: SAEParams, fwd: Forward, g_xhat, *, g_code=None, g_theta=No
     if g_code is not None:
         C.floating("backward", xp, "g_code", g_code, shape=(code.nnz,))
         g_f = g_f + g_code
-    g_W_dec = be.spmm(code.cols, code.rows, code.values, g_xhat, h)
+    dev = device_of(g_xhat)
+    buf = None if ws is None else ws.array("g_W_dec", xp, (h, params.d), g_xhat.dtype, dev)
+    g_W_dec = be.spmm(code.cols, code.rows, code.values, g_xhat, h, out=buf)
     if g_W_dec_extra is not None:
-        g_W_dec = g_W_dec + g_W_dec_extra
+        g_W_dec += g_W_dec_extra  # a new array or the workspace's: ours to write
+    if g_W_dec_sparse is not None:
+        extra, G = g_W_dec_sparse
+        g_W_dec = be.spmm(extra.cols, extra.rows, extra.values, G, h, out=g_W_dec, accumulate=True)
     # activation: pass-through at the kept places (JumpReLU: H(z - theta) = 1 there)
     g_pre = A.pass_through_backward(code, g_f)
-    if g_pre_extra is not None:
-        g_pre = g_pre.concat(g_pre_extra)
     # encoder: z = (x - b_dec) W_enc + b_enc
     x_c = fwd.x - params.b_dec
-    g_W_enc = be.spmm(g_pre.cols, g_pre.rows, g_pre.values, x_c, h).T
+    buf = None if ws is None else ws.array("g_W_enc", xp, (h, params.d), g_xhat.dtype, dev)
+    g_W_enc = be.spmm(g_pre.cols, g_pre.rows, g_pre.values, x_c, h, out=buf)
+    if g_pre_extra is not None:  # its own product: its entries may fill a dense block (AuxK)
+        g_W_enc = be.spmm(g_pre_extra.cols, g_pre_extra.rows, g_pre_extra.values, x_c, h,
+                          out=g_W_enc, accumulate=True)
+        g_pre = g_pre.concat(g_pre_extra)
+    g_W_enc = g_W_enc.T
     g_b_enc = be.segment_sum(g_pre.cols, g_pre.values, h)
     g_b_dec = xp.sum(g_xhat, axis=0) - params.W_enc @ g_b_enc
     g_th = None

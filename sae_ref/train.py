@@ -37,7 +37,7 @@ running-mean :math:`\theta`.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from array_api_compat import array_namespace, device as device_of
@@ -52,6 +52,7 @@ from sae_ref import profile as P
 from sae_ref import theta as T
 from sae_ref.backends import get_backend
 from sae_ref.sae import SAEConfig, SAEParams, _check_params, _forward, _standardize, backward, init_params
+from sae_ref.workspace import Workspace
 
 #: The smallest JumpReLU threshold a linear (not log) parameterisation is clipped to.
 THETA_MIN = 1e-6
@@ -250,6 +251,8 @@ class TrainState:
     tokens : tokens trained on (host integer)
     skipped : batches skipped because they held NaN/inf (host integer)
     k_aux : the resolved AuxK k (``config.k_aux`` or d // 2)
+    scratch : the :class:`~sae_ref.workspace.Workspace` of big temporaries the steps reuse
+        (not state: never compared, printed or saved)
     """
 
     config: TrainConfig
@@ -261,6 +264,7 @@ class TrainState:
     tokens: int = 0
     skipped: int = 0
     k_aux: int = 1
+    scratch: Workspace = field(default_factory=Workspace, compare=False, repr=False)
 
 
 def geometric_median(x, *, iters: int = 100, tol: float = 1e-5):
@@ -391,17 +395,21 @@ def step(state: TrainState, batch, *, check: bool = True, donate: bool = False,
     if comm is not None and comm.size > 1:
         from sae_ref.dist.data_parallel import Reducer
 
-        return _step(xp, state, batch, donate, Reducer(comm, state.config, batch))
-    return _step(xp, state, batch, donate)
+        dp = Reducer(comm, state.config, batch)
+    else:
+        dp = None
+    with state.scratch.claim() as ws, get_backend(xp).scope():
+        return _step(xp, state, batch, donate, dp, ws)
 
 
-def _step(xp, state: TrainState, x, donate: bool = False, dp=None):
+def _step(xp, state: TrainState, x, donate: bool = False, dp=None, ws=None):
     """One step; ``dp`` (a :class:`sae_ref.dist.data_parallel.Reducer`) makes it one rank's
-    part of a data-parallel step: every batch-wide quantity goes through it."""
+    part of a data-parallel step: every batch-wide quantity goes through it. ``ws``: the
+    workspace the big temporaries go into (None: fresh arrays)."""
     config, params = state.config, state.params
     t = state.t + 1
     B = x.shape[0] if dp is None else dp.B
-    fwd = _forward(xp, params, x, config.sae_config(), None if dp is None else dp.select)
+    fwd = _forward(xp, params, x, config.sae_config(), None if dp is None else dp.select, ws)
     mse, g_xhat = L._mse(xp, fwd.x_hat, fwd.x, config.loss_unit)
     coeff = O.linear_warmup_decay(t, base=config.sparsity_coeff, warmup=config.sparsity_warmup_steps)
     sparsity, g_code, g_theta, g_W_sp = _sparsity(xp, config, fwd, params, coeff)
@@ -413,20 +421,20 @@ def _step(xp, state: TrainState, x, donate: bool = False, dp=None):
     since = xp.where(fired, xp.zeros_like(state.since_fired), state.since_fired + B)
     dead = since >= _dead_after_tokens(config, B)
     aux_value = xp.zeros((), dtype=x.dtype, device=device_of(x))
-    g_pre_extra, g_W_extra = None, g_W_sp
+    g_pre_extra, g_W_extra, g_W_aux = None, g_W_sp, None
     if config.aux_convention is not None and (config.aux_convention == "authors" or B >= 2):
         aux = K._auxk(xp, fwd.pre, dead, fwd.x - fwd.x_hat, params.W_dec, state.k_aux,
-                      config.aux_convention, _detach(config))
+                      config.aux_convention, _detach(config), want_g_W_dec=False)
         c = config.aux_coeff
         aux_value = c * aux.value
         if aux.g_residual is not None:  # the residual x - x_hat depends on the SAE too
             g_xhat = g_xhat - c * aux.g_residual
         if aux.code.nnz:
             g_pre_extra = aux.code.with_values(c * aux.g_values)
-            g_W_extra = c * aux.g_W_dec if g_W_extra is None else g_W_extra + c * aux.g_W_dec
+            g_W_aux = (aux.code.with_values(c * aux.code.values), aux.g_ehat)
     P.mark("auxk", g_xhat)
     grads = backward(params, fwd, g_xhat, g_code=g_code, g_theta=g_theta,
-                     g_pre_extra=g_pre_extra, g_W_dec_extra=g_W_extra)
+                     g_pre_extra=g_pre_extra, g_W_dec_extra=g_W_extra, g_W_dec_sparse=g_W_aux, ws=ws)
     if g_b_dec_afa is not None:
         grads = replace(grads, b_dec=grads.b_dec + g_b_dec_afa)
     if dp is not None:  # this rank's share of the global mean, summed over the ranks
@@ -440,7 +448,8 @@ def _step(xp, state: TrainState, x, donate: bool = False, dp=None):
     P.mark("theta", est.buf)
     new = replace(state, params=params, opt=opt, t=t, since_fired=since, theta=est,
                   tokens=state.tokens + B)
-    nmse = _nmse(xp, fwd.x_hat, fwd.x) if dp is None else dp.nmse(fwd.x_hat, fwd.x)
+    # pooled NMSE from the loss's own sum of squares (no second pass over x_hat - x)
+    nmse = _nmse_from_mse(xp, mse, fwd.x, config.loss_unit) if dp is None else dp.nmse(fwd.x_hat, fwd.x)
     if dp is not None:  # every rank reports the global batch's values
         mse, sparsity, aux_value, afa_value = dp.means(mse, sparsity, aux_value, afa_value)
     metrics = {
@@ -468,13 +477,24 @@ def _nmse(xp, x_hat, x):
     return xp.sum(r * r) / xp.sum(x * x)
 
 
+def _nmse_from_mse(xp, mse, x, unit):
+    r""":math:`\sum (\hat x - x)^2 / \sum x^2` from the MSE in ``unit`` (the same sum)."""
+    B, d = x.shape
+    flat = xp.reshape(x, (-1,))
+    return mse * (B * d if unit == "element" else B) / xp.vecdot(flat, flat)
+
+
 def _lr(config: TrainConfig, t: int) -> float:
     return O.linear_warmup_decay(t - 1, base=config.learning_rate(), warmup=config.lr_warmup_steps,
                                  decay=config.lr_decay_steps, total=config.steps)
 
 
 def _update(xp, state, params, grads, t, donate=False):
-    """Decoder constraint, clipping and Adam, in the configured order."""
+    """Decoder constraint, clipping and Adam, in the configured order.
+
+    Unless the gradients are clipped after the projection (which needs the projected norm
+    first), the decoder's constraint and its Adam step are one backend call
+    (:meth:`~sae_ref.backends.StandardBackend.decoder_adam`; NumPy fuses it row by row)."""
     config = state.config
     order = config.decoder_order
     frozen = ("b_enc",) if config.freeze_b_enc else ()
@@ -483,11 +503,12 @@ def _update(xp, state, params, grads, t, donate=False):
     grad_norm = O.global_norm(grads)
     if config.max_grad_norm is not None and config.clip_first:
         grads, grad_norm = O.clip_by_global_norm(grads, config.max_grad_norm)
-    if order == "before":  # rows unit-norm, gradient projected, then the step
+    fused = order != "none" and (config.max_grad_norm is None or config.clip_first)
+    if order == "before" and not fused:  # rows unit-norm, gradient projected, then the step
         W = D._unit(xp, params.W_dec)
         params = replace(params, W_dec=W)
         grads = replace(grads, W_dec=D._project_unit(xp, W, grads.W_dec))
-    elif order == "after":
+    elif order == "after" and not fused:
         grads = replace(grads, W_dec=D._project(xp, params.W_dec, grads.W_dec))
     P.mark("clip + decoder constraint", grads.W_dec)
     log_theta = config.arch == "jumprelu" and config.log_theta
@@ -496,15 +517,25 @@ def _update(xp, state, params, grads, t, donate=False):
         params = replace(params, theta=xp.log(params.theta))
     if config.max_grad_norm is not None and not config.clip_first:
         grads, grad_norm = O.clip_by_global_norm(grads, config.max_grad_norm)
-    params, opt = O.adam_update(params, grads, state.opt, lr=_lr(config, t), t=t,
-                                betas=config.betas, eps=config.adam_eps, frozen=frozen,
+    lr = _lr(config, t)
+    b1, b2 = config.betas
+    opt = state.opt
+    if fused:
+        W, m, v = get_backend(xp).decoder_adam(
+            params.W_dec, grads.W_dec, opt.m.W_dec, opt.v.W_dec, lr=lr, b1=b1, b2=b2,
+            eps=config.adam_eps, t=t, order=order, inplace=donate)
+    params, opt = O.adam_update(params, grads, opt, lr=lr, t=t, betas=config.betas,
+                                eps=config.adam_eps, frozen=frozen + (("W_dec",) if fused else ()),
                                 inplace=donate)
+    if fused:
+        params = replace(params, W_dec=W)
+        opt = O.AdamState(replace(opt.m, W_dec=m), replace(opt.v, W_dec=v))
     P.mark("adam", params.W_enc)
     if log_theta:
         params = replace(params, theta=xp.exp(params.theta))
     elif params.theta is not None:  # a linear threshold is kept positive (JumpReLU needs it)
         params = replace(params, theta=xp.maximum(params.theta, xp.full_like(params.theta, THETA_MIN)))
-    if order == "after":
+    if order == "after" and not fused:
         params = replace(params, W_dec=D._unit(xp, params.W_dec))
     P.mark("clip + decoder constraint", params.W_dec)
     return params, opt, grad_norm

@@ -2,7 +2,7 @@
 
 Every primitive runs on every backend twice: the native fast path (``get_backend(xp)``) and the
 pure-standard one (``get_backend(xp, native=False)``), and both are checked against a float64
-NumPy oracle written here.
+NumPy oracle written here; on NumPy a third time, native without the compiled kernels.
 """
 
 from __future__ import annotations
@@ -20,12 +20,21 @@ from sae_ref.backends import get_backend, normal, uniform
 from sae_ref.backends._standard import CHUNK
 from sae_ref.sparse import SparseCode, values_at
 
-NATIVE = pytest.mark.parametrize("native", [True, False], ids=["native", "standard"])
+NATIVE = pytest.mark.parametrize("native", [True, False, "uncompiled"],
+                                 ids=["native", "standard", "uncompiled"])
 DTYPES = ["float32", "float64"]
 TOL = {"float32": 1e-5, "float64": 1e-12}
 
 
 def prim(backend, native):
+    """The backend under test: native, pure-standard, or (NumPy only) native without the
+    compiled kernels, on NumPy and SciPy alone."""
+    if native == "uncompiled":
+        if not is_numpy_namespace(backend.xp):
+            pytest.skip("the uncompiled variant is NumPy's")
+        from sae_ref.backends._numpy import NumpyBackend
+
+        return NumpyBackend(compiled=False)
     return get_backend(backend.xp, native=native)
 
 

@@ -55,17 +55,32 @@ def _run(backend, config, n_steps, dtype="float32", batch=256):
 
 # --- backends agree ----------------------------------------------------------------------------
 def test_numpy_and_torch_follow_the_same_trajectory_for_50_steps():
-    """Same seed, same batches: parameters, losses and L0 agree at float32 tolerance."""
+    """Same seed, same batches, float64: parameters and losses agree to 1e-9 after 50 steps
+    and L0 matches at every step (the two backends run the same algorithm)."""
     config = _small()
-    s_np, tr_np = _run("numpy", config, 50)
-    s_t, tr_t = _run("torch", config, 50)
+    s_np, tr_np = _run("numpy", config, 50, dtype="float64")
+    s_t, tr_t = _run("torch", config, 50, dtype="float64")
+    for name, a in s_np.params.arrays().items():
+        assert_close(to_numpy(getattr(s_t.params, name)), to_numpy(a), rtol=1e-9, atol=1e-10)
+    for a, b in zip(tr_np, tr_t, strict=True):
+        assert abs(a["loss"] - b["loss"]) <= 1e-9 * max(1.0, abs(a["loss"]))
+        assert a["l0"] == b["l0"]
+    # the run really moved (a test that the comparison is not between two untrained SAEs)
+    assert tr_np[-1]["mse"] < 0.8 * tr_np[0]["mse"]
+
+
+def test_numpy_and_torch_agree_in_float32_until_the_first_near_tie():
+    """float32: the backends round differently (BLAS blocking, fused kernels), and once a
+    selection meets two pre-activations closer than that rounding, the runs part (training
+    is chaotic; the float64 test above shows the algorithm is the same). The first 10 steps
+    of this data have no such tie: parameters agree at float32 tolerance."""
+    config = _small(steps=10)
+    s_np, tr_np = _run("numpy", config, 10)
+    s_t, tr_t = _run("torch", config, 10)
     for name, a in s_np.params.arrays().items():
         assert_close(to_numpy(getattr(s_t.params, name)), to_numpy(a), rtol=1e-4, atol=1e-4)
     for a, b in zip(tr_np, tr_t, strict=True):
         assert abs(a["loss"] - b["loss"]) <= 1e-4 * max(1.0, abs(a["loss"]))
-        assert a["l0"] == b["l0"]
-    # the run really moved (a test that the comparison is not between two untrained SAEs)
-    assert tr_np[-1]["mse"] < 0.8 * tr_np[0]["mse"]
 
 
 def test_strict_backend_follows_the_numpy_trajectory():
