@@ -171,7 +171,7 @@ class NumpyBackend(StandardBackend):
                 out = np.zeros((n_out, d), dtype=dense.dtype)
             elif not accumulate:
                 out[...] = 0
-            out[o_ids] += (Z @ dense[i_ids]).astype(dense.dtype, copy=False)
+            out[o_ids] += self.matmul(Z, dense[i_ids]).astype(dense.dtype, copy=False)
             return out
         K = self._kernels_module
         if K is not None and _rows(values, dense) and values.ndim == 1:
@@ -200,7 +200,7 @@ class NumpyBackend(StandardBackend):
         block = _dense_block(a_index, b_index, a.shape[0], b.shape[0])
         if block is not None and a.dtype == b.dtype:  # the sampled places fill much of the block
             a_ids, b_ids, a_pos, b_pos = block
-            M = a[a_ids] @ b[b_ids].T
+            M = self.matmul(a[a_ids], b[b_ids].T)
             return M[a_pos, b_pos]
         K = self._kernels_module
         if K is not None and _rows(a, b):  # one vectorised dot per entry, no gathered copies
@@ -313,9 +313,11 @@ class NumpyBackend(StandardBackend):
 
     def matmul(self, a, b, *, out=None):
         if out is None or out.shape != (a.shape[0], b.shape[1]) or out.dtype != np.result_type(a, b):
-            return a @ b
+            out = None
         if a.shape[0] * a.shape[1] * b.shape[1] < 1 << 26:  # small: BLAS as configured
             return np.matmul(a, b, out=out)
+        if out is None:
+            out = np.empty((a.shape[0], b.shape[1]), dtype=np.result_type(a, b))
         with self.scope():  # row blocks, one per core, each a single-threaded BLAS product
             _parallel(lambda lo, hi: np.matmul(a[lo:hi], b, out=out[lo:hi]), a.shape[0], 64)
         return out

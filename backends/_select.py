@@ -111,7 +111,8 @@ def top_n_indices(x, n: int, *, axis: int | None = None, backend=None):
     cand = xp.astype(be.indices_at_least(x, lo), xp.int64)
     vals = xp.take(flat, cand)
     if per_row:
-        keep, cut = _keep_per_row(xp, be, vals, cand // h, n, B)
+        # with g = 1 the bound is each row's n-th largest value itself: no sort needed
+        keep, cut = _keep_per_row(xp, be, vals, cand // h, n, B, lo if g == 1 else None)
     else:
         cut = be.kth_largest(vals, n)
         keep = _keep_ties_in_order(xp, vals, cut, n)
@@ -129,15 +130,19 @@ def _keep_ties_in_order(xp, vals, cut, n):
     return gt | (eq & (xp.cumulative_sum(xp.astype(eq, xp.int64)) <= need))
 
 
-def _keep_per_row(xp, be, vals, rows, k, B):
+def _keep_per_row(xp, be, vals, rows, k, B, cut=None):
     """The per-row version: candidates grouped by row (ascending, each row's in column
-    order); every row has at least ``k``. Returns (keep, cut of shape (B, 1))."""
-    # each row's candidates in descending value: two stable sorts (value, then row)
-    by_value = xp.argsort(vals, descending=True, stable=True)
-    order = xp.take(by_value, xp.argsort(xp.take(rows, by_value), stable=True))
+    order); every row has at least ``k``. ``cut``: each row's k-th largest value, shape
+    (B, 1), when known. Returns (keep, cut of shape (B, 1))."""
     r = xp.arange(B, dtype=rows.dtype, device=device_of(rows))
     start = xp.searchsorted(rows, r)  # rows ascend: the first candidate of each row
-    cut = xp.take(vals, xp.take(order, start + (k - 1)))
+    if cut is None:
+        # each row's candidates in descending value: two stable sorts (value, then row)
+        by_value = xp.argsort(vals, descending=True, stable=True)
+        order = xp.take(by_value, xp.argsort(xp.take(rows, by_value), stable=True))
+        cut = xp.take(vals, xp.take(order, start + (k - 1)))
+    else:
+        cut = xp.reshape(cut, (-1,))
     c = xp.take(cut, rows)
     gt = vals > c
     eq = vals == c
