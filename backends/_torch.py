@@ -109,6 +109,12 @@ class TorchBackend(StandardBackend):
         return W_enc.T.contiguous().T
 
     def adam(self, p, g, m, v, *, lr, b1, b2, eps, t, inplace=False):
+        if _on_cpu(p, g, m, v) and _numpy().compiled and p.dtype == g.dtype and p.stride() == g.stride():
+            # the NumPy backend's compiled pass on views (torch's fused kernel is as fast
+            # alone, but its OpenMP workers then spin against the next kernels)
+            arrays = [a.numpy() for a in (p, g, m, v)]
+            out = _numpy().adam(*arrays, lr=lr, b1=b1, b2=b2, eps=eps, t=t, inplace=inplace)
+            return tuple(torch.from_numpy(o) for o in out)  # in place: views of p, m, v
         fused = getattr(torch, "_fused_adam_", None)
         if fused is None or p.dtype not in (torch.float32, torch.float64) or p.stride() != g.stride():
             return super().adam(p, g, m, v, lr=lr, b1=b1, b2=b2, eps=eps, t=t, inplace=inplace)
@@ -131,7 +137,19 @@ class TorchBackend(StandardBackend):
         return super().decoder_adam(W, g, m, v, lr=lr, b1=b1, b2=b2, eps=eps, t=t, order=order,
                                     inplace=inplace)
 
+    def add_row_vector(self, x, v):
+        if _on_cpu(x, v) and x.is_contiguous():  # the NumPy kernel on views, in place
+            _numpy().add_row_vector(x.numpy(), v.numpy())
+            return x
+        return super().add_row_vector(x, v)
+
     def matmul(self, a, b, *, out=None):
+        if (out is not None and _on_cpu(a, b, out) and out.is_contiguous()
+                and tuple(out.shape) == (a.shape[0], b.shape[1]) and a.dtype == b.dtype == out.dtype):
+            # NumPy's BLAS on views, split over the NumPy backend's threads: torch's OpenMP
+            # workers would spin after the product and slow the kernels that follow
+            _numpy().matmul(a.numpy(), b.numpy(), out=out.numpy())
+            return out
         if (out is not None and tuple(out.shape) == (a.shape[0], b.shape[1]) and out.dtype == a.dtype == b.dtype
                 and out.device == a.device and not (a.requires_grad or b.requires_grad)):
             return torch.matmul(a, b, out=out)
