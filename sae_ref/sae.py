@@ -265,14 +265,11 @@ def _select(xp, pre, config: SAEConfig, params: SAEParams, x) -> SparseCode:
 
 def _pre(xp, params, x, ws=None):
     """z = (x - b_dec) W_enc + b_enc; into the workspace's [B, h] buffer when given."""
+    be = get_backend(xp)
     x_c = x - params.b_dec
-    if ws is None:
-        pre = x_c @ params.W_enc
-    else:
-        shape = (x.shape[0], params.h)
-        buf = ws.array("pre", xp, shape, x.dtype, device_of(x))
-        pre = get_backend(xp).matmul(x_c, params.W_enc, out=buf)
-    return get_backend(xp).add_row_vector(pre, params.b_enc)  # in place: no second [B, h] array
+    buf = None if ws is None else ws.array("pre", xp, (x.shape[0], params.h), x.dtype, device_of(x))
+    pre = be.matmul(x_c, params.W_enc, out=buf)
+    return be.add_row_vector(pre, params.b_enc)  # in place: no second [B, h] array
 
 
 def encode(params: SAEParams, x, config: SAEConfig) -> SparseCode:
