@@ -20,6 +20,7 @@ For each backend it times (median of ``--repeats`` runs after warm-up):
   but never win the selection, so they are dead and AuxK selects min(k_aux, n_dead) per row
   among them (the measured dead fractions are printed). The step is printed by phase for
   AuxK off and for the middle share;
+- ``TopK step, AuxK off``: the same step with ``arch="topk"`` (k per row);
 - ``select (topk)`` / ``select (batchtopk)``: the selections alone on the pre-activations;
 - ``encode (threshold)``: inference with the global threshold theta the training steps
   estimated (standardise, GEMM, ``z > theta``), and ``encode (batchtopk)`` for comparison.
@@ -99,13 +100,13 @@ def inputs(B: int, d: int):
 
 
 def setup(backend: str, d: int, h: int, k: int, B: int, dead_after: int, dead_share: float,
-          aux: bool = True):
+          aux: bool = True, arch: str = "batchtopk"):
     """``(xp, x0, x1, state)``: the batches on ``backend`` and the starting state of the timed
-    steps (default TrainConfig, BatchTopK, ``dead_share`` of the latents suppressed; AuxK off
-    with ``aux=False``)."""
+    steps (default TrainConfig, BatchTopK unless ``arch``, ``dead_share`` of the latents
+    suppressed; AuxK off with ``aux=False``)."""
     xp, dev = resolve(backend)
     x0, x1 = (xp.asarray(x, device=dev) for x in inputs(B, d))
-    config = TrainConfig(arch="batchtopk", h=h, k=k, dead_after=dead_after,
+    config = TrainConfig(arch=arch, h=h, k=k, dead_after=dead_after,
                          aux_convention="authors" if aux else None)
     with sae_ref.no_checks():
         state = suppress(init_state(config, x0, stream="device"), dead_share, xp)
@@ -124,6 +125,9 @@ def bench(backend: str, d: int, h: int, k: int, B: int, repeats: int, dead_after
         W_enc = state.params.W_enc
         times["gemm (x @ W_enc)"] = timeit(lambda: x0 @ W_enc, xp, repeats)
         times["train step, AuxK off"], _, _ = time_steps(state, x0, x1, repeats, xp)
+        topk = setup(backend, d, h, k, B, dead_after, 0.0, aux=False, arch="topk")[3]
+        times["TopK step, AuxK off"], _, _ = time_steps(topk, x0, x1, repeats, xp)
+        del topk
         info["phases"]["AuxK off"] = profile_phases(fresh(0.0, aux=False)[3], x0, x1, repeats, xp)
         for share in dead_shares:
             name = f"train step, {share:.0%} dead"
