@@ -472,11 +472,6 @@ def _detach(config: TrainConfig) -> bool:
     return config.aux_convention == "normalized"
 
 
-def _nmse(xp, x_hat, x):
-    r = x_hat - x
-    return xp.sum(r * r) / xp.sum(x * x)
-
-
 def _nmse_from_mse(xp, mse, x, unit):
     r""":math:`\sum (\hat x - x)^2 / \sum x^2` from the MSE in ``unit`` (the same sum)."""
     B, d = x.shape

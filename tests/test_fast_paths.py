@@ -205,3 +205,18 @@ def test_products_over_a_dense_block_equal_the_sparse_definition(dtype, duplicat
         np.testing.assert_allclose(got, want + 1, rtol=tol, atol=tol)
         want = np.einsum("ij,ij->i", G[rows].astype(np.float64), W[cols_all])
         np.testing.assert_allclose(be.sddmm(G, W, rows, cols_all), want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("unit", ["element", "sample"])
+def test_step_nmse_metric_equals_its_definition(backend, unit):
+    """The step derives NMSE from the loss's sum of squares; it must equal
+    sum((x_hat - x)^2) / sum(x^2) of the same forward pass, in either loss unit."""
+    from sae_ref.sae import forward
+
+    x = backend.asarray(np.random.default_rng(2).standard_normal((64, 12)))
+    state = init_state(TrainConfig(h=96, k=3, k_aux=16, loss_unit=unit), x)
+    fwd = forward(state.params, x, state.config.sae_config())
+    xs, xh = to_numpy(fwd.x), to_numpy(fwd.x_hat)
+    _, metrics = step(state, x)
+    want = np.sum((xh - xs) ** 2) / np.sum(xs**2)
+    np.testing.assert_allclose(float(metrics["nmse"]), want, rtol=1e-10)
