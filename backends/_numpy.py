@@ -126,19 +126,8 @@ def _block_matrix(block, values):
     """The dense [n_o, n_i] block of ``values`` at ``(o_pos, i_pos)``, duplicates summed."""
     o_ids, i_ids, o_pos, i_pos = block
     n_o, n_i = o_ids.shape[0], i_ids.shape[0]
-    flat = o_pos * n_i + i_pos
-    Z = np.zeros(n_o * n_i, dtype=values.dtype)
-    if _has_duplicates(flat, Z.shape[0]):
-        np.add.at(Z, flat, values)
-    else:
-        Z[flat] = values
-    return o_ids, i_ids, Z.reshape(n_o, n_i)
-
-
-def _has_duplicates(flat, n):
-    seen = np.zeros(n, dtype=np.int8)
-    seen[flat] = 1
-    return int(np.count_nonzero(seen)) != flat.shape[0]
+    Z = np.bincount(o_pos * n_i + i_pos, weights=values, minlength=n_o * n_i)
+    return o_ids, i_ids, Z.astype(values.dtype, copy=False).reshape(n_o, n_i)
 
 
 class NumpyBackend(StandardBackend):
@@ -197,8 +186,8 @@ class NumpyBackend(StandardBackend):
         return prod
 
     def sddmm(self, a, b, a_index, b_index):
-        block = _dense_block(a_index, b_index, a.shape[0], b.shape[0])
-        if block is not None and a.dtype == b.dtype:  # the sampled places fill much of the block
+        block = _dense_block(a_index, b_index, a.shape[0], b.shape[0]) if a.dtype == b.dtype else None
+        if block is not None:  # the sampled places fill much of the block: one GEMM
             a_ids, b_ids, a_pos, b_pos = block
             M = self.matmul(a[a_ids], b[b_ids].T)
             return M[a_pos, b_pos]

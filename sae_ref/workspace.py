@@ -3,9 +3,8 @@
 A step of a large SAE fills a few big temporaries: the [B, h] pre-activations (256 MiB at
 B=4096, h=16384 in float32) and the [h, d] gradients of the encoder and the decoder (48 MiB
 each at d=768). Fresh arrays of that size come from the operating system as new pages, and
-touching them for the first time costs a page fault per page: on the 2-core machines of
-``benchmarks/`` that was 20-100 ms per [h, d] array, several times the arithmetic that fills
-it. A :class:`Workspace` keeps such arrays from one step to the next; libraries write into
+touching them for the first time costs a page fault per page, which on small machines can
+take longer than the arithmetic that fills them. A :class:`Workspace` keeps such arrays from one step to the next; libraries write into
 them through ``out=`` (NumPy, torch, CuPy) or the compiled kernels. Under the pure Array API
 there is no ``out=``, and the workspace is simply not written into.
 
