@@ -16,10 +16,10 @@ from __future__ import annotations
 
 from array_api_compat import is_cupy_namespace, is_numpy_namespace, is_torch_namespace
 
-from ._select import top_n_indices, top_n_mask
+from ._select import group_size, top_n_indices, top_n_mask
 from ._standard import StandardBackend
 
-__all__ = ["StandardBackend", "get_backend", "top_n_indices", "top_n_mask", "uniform", "normal", "STANDARD"]
+__all__ = ["StandardBackend", "get_backend", "group_size", "top_n_indices", "top_n_mask", "uniform", "normal", "STANDARD"]
 
 STANDARD = StandardBackend()
 _NATIVE: dict[str, StandardBackend] = {}

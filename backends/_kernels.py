@@ -178,33 +178,129 @@ def add_row_vector(x, v):
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def group_max(x, g, out):
+def group_max(x, g, bias, out):
     """``out[r, j] = max_s x[r, s * (h // g) + j]``: the maxima of the ``g`` column slabs of
-    each row, elementwise (the groups of :func:`sae_ref.backends.top_n_indices`)."""
+    each row, elementwise (the groups of :func:`sae_ref.backends.top_n_indices`). When
+    ``bias`` is not empty it is first added to every row of ``x``, in place, in the same pass.
+
+    Slabs are taken as slices and compared without a branch, so the loops vectorise."""
     B, h = x.shape
     w = h // g
+    add = bias.shape[0] > 0
     for r in prange(B):
         row = x[r]
         o = out[r]
-        o[:] = row[:w]
-        for s in range(1, g):
-            base = s * w
+        for s in range(g):
+            seg = row[s * w:(s + 1) * w]
+            if add:
+                b = bias[s * w:(s + 1) * w]
+                for j in range(w):
+                    seg[j] += b[j]
+            if s == 0:
+                for j in range(w):
+                    o[j] = seg[j]
+            else:
+                for j in range(w):
+                    y = seg[j]
+                    a = o[j]
+                    o[j] = y if y > a else a
+
+
+#: Row ranges of :func:`indices_at_least_grouped` (a few per thread, for balance).
+_ROW_CHUNKS = 64
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def indices_at_least_grouped(x, lo, maxima):
+    """:func:`indices_at_least` given the column-slab maxima of ``x`` (:func:`group_max`):
+    an entry ``>= lo[r]`` lies in a group whose maximum is ``>= lo[r]``, so only those
+    groups' entries are read, in one pass.
+
+    Each range of rows writes its candidates in order into its own stretch of a scratch
+    array, sized by the groups it may read (untouched scratch pages are never faulted in);
+    the stretches are then concatenated."""
+    B, h = x.shape
+    w = maxima.shape[1]
+    g = h // w
+    n_groups = np.zeros(B, dtype=np.int64)
+    for r in prange(B):
+        c = 0
+        mr = maxima[r]
+        bound = lo[r]
+        for j in range(w):
+            if mr[j] >= bound:
+                c += 1
+        n_groups[r] = c
+    T = min(B, _ROW_CHUNKS)
+    cap = np.zeros(T + 1, dtype=np.int64)
+    for t in range(T):
+        cap[t + 1] = cap[t] + g * n_groups[B * t // T:B * (t + 1) // T].sum()
+    scratch = np.empty(cap[T], dtype=np.int64)
+    used = np.zeros(T + 1, dtype=np.int64)
+    for t in prange(T):
+        p = cap[t]
+        J = np.empty(w, dtype=np.int64)
+        for r in range(B * t // T, B * (t + 1) // T):
+            bound = lo[r]
+            mr = maxima[r]
+            nj = 0
             for j in range(w):
-                if row[base + j] > o[j]:
-                    o[j] = row[base + j]
+                if mr[j] >= bound:
+                    J[nj] = j
+                    nj += 1
+            row = x[r]
+            base = r * h
+            for s in range(g):
+                seg = row[s * w:(s + 1) * w]
+                for q in range(nj):
+                    if seg[J[q]] >= bound:
+                        scratch[p] = base + s * w + J[q]
+                        p += 1
+        used[t + 1] = p - cap[t]
+    for t in range(T):
+        used[t + 1] += used[t]
+    out = np.empty(used[T], dtype=np.int64)
+    for t in prange(T):
+        out[used[t]:used[t + 1]] = scratch[cap[t]:cap[t] + used[t + 1] - used[t]]
+    return out
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _adam_slice(p, g, m, v, p_out, m_out, v_out, b1, one_minus_b1, b2, one_minus_b2, bc2_sqrt,
+                eps, lr_t):
+    for i in range(p.shape[0]):
+        gi = g[i]
+        mi = m[i] * b1 + gi * one_minus_b1
+        vi = v[i] * b2 + (gi * gi) * one_minus_b2
+        m_out[i] = mi
+        v_out[i] = vi
+        p_out[i] = p[i] - (mi / (np.sqrt(vi) / bc2_sqrt + eps)) * lr_t
+
+
+#: Elements per parallel task of :func:`adam`.
+_ADAM_TASK = 1 << 14
 
 
 @njit(parallel=True, cache=True, nogil=True)
 def adam(p, g, m, v, p_out, m_out, v_out, b1, one_minus_b1, b2, one_minus_b2, bc2_sqrt, eps, lr_t):
     """Adam on flat arrays, elementwise in the order of the standard formula's operations
-    (scalars in the arrays' dtype, no reassociation: the same bits as NumPy's passes).
-    Outputs may be the inputs (in place)."""
+    (scalars in the arrays' dtype, no reassociation: the same bits as NumPy's passes), into
+    outputs distinct from the inputs (:func:`adam_inplace` updates in place)."""
     n = p.shape[0]
-    for task in prange((n + 4095) // 4096):
-        for i in range(task * 4096, min(n, (task + 1) * 4096)):
-            gi = g[i]
-            mi = m[i] * b1 + gi * one_minus_b1
-            vi = v[i] * b2 + (gi * gi) * one_minus_b2
-            m_out[i] = mi
-            v_out[i] = vi
-            p_out[i] = p[i] - (mi / (np.sqrt(vi) / bc2_sqrt + eps)) * lr_t
+    for task in prange((n + _ADAM_TASK - 1) // _ADAM_TASK):
+        a, e = task * _ADAM_TASK, min(n, (task + 1) * _ADAM_TASK)
+        _adam_slice(p[a:e], g[a:e], m[a:e], v[a:e], p_out[a:e], m_out[a:e], v_out[a:e], b1,
+                    one_minus_b1, b2, one_minus_b2, bc2_sqrt, eps, lr_t)
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def adam_inplace(p, g, m, v, b1, one_minus_b1, b2, one_minus_b2, bc2_sqrt, eps, lr_t):
+    """:func:`adam` writing ``p``, ``m`` and ``v`` in place. A kernel of its own: given an
+    output that is also an input, the compiler cannot rule out a partial overlap and keeps
+    the loop scalar (2.4x slower)."""
+    n = p.shape[0]
+    for task in prange((n + _ADAM_TASK - 1) // _ADAM_TASK):
+        a, e = task * _ADAM_TASK, min(n, (task + 1) * _ADAM_TASK)
+        ps, ms, vs = p[a:e], m[a:e], v[a:e]
+        _adam_slice(ps, g[a:e], ms, vs, ps, ms, vs, b1, one_minus_b1, b2, one_minus_b2,
+                    bc2_sqrt, eps, lr_t)

@@ -227,8 +227,11 @@ class NumpyBackend(StandardBackend):
         if K is not None and p.dtype in _FLOATS:
             # one multi-threaded pass; scalars in the arrays' dtype, as NumPy's passes use them
             f = p.dtype.type
-            K.run(K.adam, pf.shape[0], pf, gf, mf, vf, po, mo, vo, f(b1), f(1.0 - b1), f(b2),
-                  f(1.0 - b2), f(bc2_sqrt), f(eps), f(lr / bc1))
+            scalars = (f(b1), f(1.0 - b1), f(b2), f(1.0 - b2), f(bc2_sqrt), f(eps), f(lr / bc1))
+            if inplace:
+                K.run(K.adam_inplace, pf.shape[0], pf, gf, mf, vf, *scalars)
+            else:
+                K.run(K.adam, pf.shape[0], pf, gf, mf, vf, po, mo, vo, *scalars)
             return out
 
         # the standard formula's operations in the same order (so the same bits), applied
@@ -282,9 +285,18 @@ class NumpyBackend(StandardBackend):
         B, h = x.shape
         if K is not None and _rows(x) and g > 1:
             out = np.empty((B, h // g), dtype=x.dtype)
-            K.run(K.group_max, x.size, x, g, out)
+            K.run(K.group_max, x.size, x, g, np.empty(0, dtype=x.dtype), out)
             return out
         return super().group_max(x, g)
+
+    def add_and_group_max(self, x, v, g):
+        K = self._kernels_module
+        B, h = x.shape
+        if K is not None and _rows(x, v) and g > 1 and v.shape == (h,):
+            out = np.empty((B, h // g), dtype=x.dtype)
+            K.run(K.group_max, x.size, x, g, v, out)  # one pass: add, then the slab maxima
+            return x, out
+        return super().add_and_group_max(x, v, g)
 
     @contextmanager
     def scope(self):
@@ -311,12 +323,15 @@ class NumpyBackend(StandardBackend):
             _parallel(lambda lo, hi: np.matmul(a[lo:hi], b, out=out[lo:hi]), a.shape[0], 64)
         return out
 
-    def indices_at_least(self, x, lo):
+    def indices_at_least(self, x, lo, *, maxima=None):
         K = self._kernels_module
         lo = np.asarray(lo, dtype=x.dtype)
         if K is not None and _rows(x) and x.ndim == 2 and lo.size in (1, x.shape[0]):
             # no [B, h] boolean mask; one bound per row (a whole-array bound repeated)
             bounds = np.ascontiguousarray(np.broadcast_to(lo.reshape(-1), (x.shape[0],)))
+            if maxima is not None and _rows(x, maxima) and maxima.shape[0] == x.shape[0]:
+                # only the slabs' groups whose maximum reaches the bound are read
+                return K.run(K.indices_at_least_grouped, x.size, x, bounds, maxima)
             return K.run(K.indices_at_least, x.size, x, bounds)
         return np.flatnonzero(x >= lo)
 

@@ -17,7 +17,8 @@ group's maximum: one pass, and a ``g``-times smaller array. The n-th largest gro
 ``lo`` is a lower bound of the cut, exactly: the n groups with the largest maxima hold n
 distinct entries ``>= lo``. So every selected entry is among the candidates ``x >= lo``, and
 the exact cut and the tie rule are applied to the candidates alone (a few percent more than
-``n`` on float data). This replaces a partition of all ``B h`` entries by one of ``B h / g``
+``n`` on float data). A candidate lies in a group whose maximum is ``>= lo``, so a backend
+may find the candidates by reading only those groups (about ``n`` of them). This replaces a partition of all ``B h`` entries by one of ``B h / g``
 plus one of about ``n``; the result is the same set, bit for bit, whatever the data.
 """
 
@@ -86,14 +87,24 @@ def _group(h: int, blocks_needed: int, per_row_blocks: int) -> int:
     return g
 
 
-def top_n_indices(x, n: int, *, axis: int | None = None, backend=None):
+def group_size(shape, n: int, *, axis: int | None = None) -> int:
+    """The column group ``g`` that :func:`top_n_indices` brackets a selection of ``n`` from an
+    array of ``shape`` (B, h) with (1: no groups). A caller that has the group maxima
+    ``backend.group_max(x, g)`` already (computed in the pass that wrote ``x``) passes them
+    as ``maxima``."""
+    B, h = shape
+    return _group(h, 8 * n, 1 if axis is not None else B)
+
+
+def top_n_indices(x, n: int, *, axis: int | None = None, backend=None, maxima=None):
     """Flat (row-major) indices, ascending, of the ``n`` largest entries of ``x`` under the
     lower-index tie rule, and the cut value: the same set as :func:`top_n_mask`.
 
-    Parameters as :func:`top_n_mask`. Returns ``(indices, cut)``: int64 indices of shape
-    ``[n]`` (``[B n]`` per row), and the cut (0-D, or ``(B, 1)`` per row). The cut is
-    bracketed from below by column-group maxima (module docstring), so no pass sorts or
-    partitions all ``B h`` entries.
+    Parameters as :func:`top_n_mask`; ``maxima``, optional: ``backend.group_max(x, g)`` for
+    ``g = group_size(x.shape, n, axis=axis)`` (when ``g > 1``), if the caller has them.
+    Returns ``(indices, cut)``: int64 indices of shape ``[n]`` (``[B n]`` per row), and the
+    cut (0-D, or ``(B, 1)`` per row). The cut is bracketed from below by column-group maxima
+    (module docstring), so no pass sorts or partitions all ``B h`` entries.
     """
     from . import get_backend
 
@@ -101,14 +112,15 @@ def top_n_indices(x, n: int, *, axis: int | None = None, backend=None):
     be = backend if backend is not None else get_backend(xp)
     B, h = x.shape
     per_row = axis is not None
-    g = _group(h, 8 * n, 1 if per_row else B)
+    g = group_size(x.shape, n, axis=axis)
+    groups = None
     if g > 1:
-        groups = be.group_max(x, g)
+        groups = maxima if maxima is not None else be.group_max(x, g)
         lo = be.kth_largest(groups, n, axis=axis)
     else:
         lo = be.kth_largest(x, n, axis=axis)
     flat = xp.reshape(x, (-1,))
-    cand = xp.astype(be.indices_at_least(x, lo), xp.int64)
+    cand = xp.astype(be.indices_at_least(x, lo, maxima=groups), xp.int64)
     vals = xp.take(flat, cand)
     if per_row:
         # with g = 1 the bound is each row's n-th largest value itself: no sort needed
@@ -134,13 +146,20 @@ def _keep_per_row(xp, be, vals, rows, k, B, cut=None):
     """The per-row version: candidates grouped by row (ascending, each row's in column
     order); every row has at least ``k``. ``cut``: each row's k-th largest value, shape
     (B, 1), when known. Returns (keep, cut of shape (B, 1))."""
-    r = xp.arange(B, dtype=rows.dtype, device=device_of(rows))
+    dev = device_of(rows)
+    r = xp.arange(B, dtype=rows.dtype, device=dev)
     start = xp.searchsorted(rows, r)  # rows ascend: the first candidate of each row
     if cut is None:
-        # each row's candidates in descending value: two stable sorts (value, then row)
-        by_value = xp.argsort(vals, descending=True, stable=True)
-        order = xp.take(by_value, xp.argsort(xp.take(rows, by_value), stable=True))
-        cut = xp.take(vals, xp.take(order, start + (k - 1)))
+        # each row's candidates side by side in a [B, m] array padded with -inf (m the most
+        # candidates of a row), and its k-th largest from the backend's per-row partition
+        n = vals.shape[0]
+        pos = xp.arange(n, dtype=rows.dtype, device=dev) - xp.take(start, rows)
+        count = xp.concat([start[1:], xp.asarray([n], dtype=start.dtype, device=dev)]) - start
+        m = int(xp.max(count))
+        present = xp.arange(m, dtype=count.dtype, device=dev)[None, :] < count[:, None]
+        side = be.to_dense(rows, pos, vals, (B, m))
+        side = xp.where(present, side, xp.asarray(-xp.inf, dtype=vals.dtype, device=dev))
+        cut = be.kth_largest(side, k, axis=-1)[:, 0]
     else:
         cut = xp.reshape(cut, (-1,))
     c = xp.take(cut, rows)

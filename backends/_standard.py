@@ -41,12 +41,12 @@ class StandardBackend:
         h = x.shape[-1]
         return s[:, h - n : h - n + 1]
 
-    def top_n_indices(self, x, n: int, *, axis: int | None = None):
+    def top_n_indices(self, x, n: int, *, axis: int | None = None, maxima=None):
         """Flat indices (ascending) of the ``n`` largest entries under the tie rule, and the
         cut: :func:`sae_ref.backends.top_n_indices` with this backend's ``kth_largest``."""
         from ._select import top_n_indices
 
-        return top_n_indices(x, n, axis=axis, backend=self)
+        return top_n_indices(x, n, axis=axis, backend=self, maxima=maxima)
 
     # -- sparse products --------------------------------------------------------------------
     def spmm(self, out_index, in_index, values, dense, n_out: int, *, out=None,
@@ -111,9 +111,17 @@ class StandardBackend:
         B, h = x.shape
         return xp.max(xp.reshape(x, (B, g, h // g)), axis=1)
 
-    def indices_at_least(self, x, lo):
+    def add_and_group_max(self, x, v, g: int):
+        """:meth:`add_row_vector` then :meth:`group_max` of the sum: ``(x + v, maxima)``,
+        ``x`` updated in place where the library allows (a backend may do both in one pass)."""
+        x = self.add_row_vector(x, v)
+        return x, self.group_max(x, g)
+
+    def indices_at_least(self, x, lo, *, maxima=None):
         """Flat (row-major) indices, ascending, of the entries of the 2-D ``x`` that are
-        ``>= lo``."""
+        ``>= lo`` (a scalar, or one bound per row of shape (B, 1)). ``maxima``: optional, the
+        :meth:`group_max` of ``x`` for some ``g``; a backend may read only the groups whose
+        maximum reaches the bound (this one does not)."""
         xp = array_namespace(x)
         (idx,) = xp.nonzero(xp.reshape(x >= lo, (-1,)))
         return idx

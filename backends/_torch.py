@@ -43,13 +43,14 @@ class TorchBackend(StandardBackend):
             return torch.topk(flat, n, sorted=False).values.amin()
         return torch.topk(x, n, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
 
-    def top_n_indices(self, x, n, *, axis=None):
+    def top_n_indices(self, x, n, *, axis=None, maxima=None):
         if x.device.type == "cpu" and x.dtype in _NUMPY_VIEWABLE:
             # NumPy's passes (compare, nonzero, partition) are 2-3x faster than torch's on the
             # CPU; the view shares memory, so this costs no copy
-            idx, cut = _numpy().top_n_indices(x.detach().numpy(), n, axis=axis)
+            m = None if maxima is None else maxima.detach().numpy()
+            idx, cut = _numpy().top_n_indices(x.detach().numpy(), n, axis=axis, maxima=m)
             return torch.from_numpy(idx), torch.from_numpy(np.asarray(cut))
-        return super().top_n_indices(x, n, axis=axis)
+        return super().top_n_indices(x, n, axis=axis, maxima=maxima)
 
     def spmm(self, out_index, in_index, values, dense, n_out, *, out=None, accumulate=False):
         if _on_cpu(values, dense) and (out is None or _on_cpu(out)):
@@ -142,6 +143,12 @@ class TorchBackend(StandardBackend):
             _numpy().add_row_vector(x.numpy(), v.numpy())
             return x
         return super().add_row_vector(x, v)
+
+    def add_and_group_max(self, x, v, g):
+        if _on_cpu(x, v) and x.is_contiguous() and v.is_contiguous():  # one pass, on views
+            _, maxima = _numpy().add_and_group_max(x.numpy(), v.numpy(), g)
+            return x, torch.from_numpy(maxima)
+        return super().add_and_group_max(x, v, g)
 
     def matmul(self, a, b, *, out=None):
         if (out is not None and _on_cpu(a, b, out) and out.is_contiguous()

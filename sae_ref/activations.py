@@ -76,9 +76,10 @@ def topk(pre, k: int) -> SparseCode:
     return _topk(pre, k)
 
 
-def _topk(pre, k: int, backend=None) -> SparseCode:
+def _topk(pre, k: int, backend=None, maxima=None) -> SparseCode:
+    """``maxima``: optional group maxima of ``pre`` (:func:`sae_ref.backends.group_size`)."""
     be = backend if backend is not None else get_backend(array_namespace(pre))
-    idx, cut = be.top_n_indices(pre, k, axis=-1)
+    idx, cut = be.top_n_indices(pre, k, axis=-1, maxima=maxima)
     return _code_at(pre, idx, not bool(array_namespace(pre).all(cut > 0)))
 
 
@@ -116,9 +117,10 @@ def batch_topk(pre, k: int) -> SparseCode:
     return _batch_topk(pre, k)
 
 
-def _batch_topk(pre, k: int, backend=None) -> SparseCode:
+def _batch_topk(pre, k: int, backend=None, maxima=None) -> SparseCode:
+    """``maxima``: optional group maxima of ``pre`` (:func:`sae_ref.backends.group_size`)."""
     be = backend if backend is not None else get_backend(array_namespace(pre))
-    idx, cut = be.top_n_indices(pre, pre.shape[0] * k)
+    idx, cut = be.top_n_indices(pre, pre.shape[0] * k, maxima=maxima)
     return _code_at(pre, idx, not bool(cut > 0))  # cut <= 0: fewer than B*k positive entries
 
 

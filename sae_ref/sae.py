@@ -36,7 +36,7 @@ from array_api_compat import array_namespace, device as device_of
 from sae_ref import _checks as C
 from sae_ref import activations as A
 from sae_ref import profile as P
-from sae_ref.backends import get_backend, uniform
+from sae_ref.backends import get_backend, group_size, uniform
 from sae_ref.sparse import SparseCode, values_at
 
 ACTIVATIONS = ("relu", "topk", "batchtopk", "jumprelu", "threshold", "top_afa")
@@ -240,9 +240,10 @@ def _check_params(op, params: SAEParams, x=None, config: SAEConfig | None = None
     return xp
 
 
-def _select(xp, pre, config: SAEConfig, params: SAEParams, x) -> SparseCode:
+def _select(xp, pre, config: SAEConfig, params: SAEParams, x, maxima=None) -> SparseCode:
     """The kept activations of ``pre``; ``x`` (top-AFA's target) is the input in the loss
-    space."""
+    space; ``maxima``: the group maxima of ``pre`` for the (Batch)TopK bracket, when
+    :func:`_pre` computed them (:func:`_group`)."""
     a = config.activation
     theta = params.theta
     if a == "top_afa":  # target ||x - b_dec||, scores scaled by the decoder row norms
@@ -252,9 +253,9 @@ def _select(xp, pre, config: SAEConfig, params: SAEParams, x) -> SparseCode:
         scale = xp.linalg.vector_norm(params.W_dec, axis=1)
         return _top_afa(xp, pre, scale, target, config.afa_rule, config.afa_sentinel)
     if a == "batchtopk":
-        return A._batch_topk(pre, config.k)
+        return A._batch_topk(pre, config.k, maxima=maxima)
     if a == "topk":
-        return A._topk(pre, config.k)
+        return A._topk(pre, config.k, maxima=maxima)
     if a == "relu":
         return SparseCode.from_mask(pre, pre > 0)
     if a == "jumprelu":
@@ -263,12 +264,26 @@ def _select(xp, pre, config: SAEConfig, params: SAEParams, x) -> SparseCode:
     return SparseCode.from_mask(pre, (pre > t) & (pre > 0))
 
 
-def _pre(xp, params, x, ws=None):
-    """z = (x - b_dec) W_enc + b_enc; into the workspace's [B, h] buffer when given."""
+def _group(config: SAEConfig, B: int, h: int) -> int:
+    """The column group of the selection's bracket (``backends.group_size``): 1 when the
+    activation is not a (Batch)TopK or the batch too small for groups."""
+    if config.activation == "batchtopk":
+        return group_size((B, h), B * config.k)
+    if config.activation == "topk":
+        return group_size((B, h), config.k, axis=-1)
+    return 1
+
+
+def _pre(xp, params, x, ws=None, g: int = 1):
+    """z = (x - b_dec) W_enc + b_enc; into the workspace's [B, h] buffer when given. With
+    ``g > 1`` returns ``(z, maxima)``: the bias is added in the same pass that takes the
+    column-group maxima the selection's bracket needs."""
     be = get_backend(xp)
     x_c = x - params.b_dec
     buf = None if ws is None else ws.array("pre", xp, (x.shape[0], params.h), x.dtype, device_of(x))
     pre = be.matmul(x_c, params.W_enc, out=buf)
+    if g > 1:
+        return be.add_and_group_max(pre, params.b_enc, g)
     return be.add_row_vector(pre, params.b_enc)  # in place: no second [B, h] array
 
 
@@ -277,6 +292,10 @@ def encode(params: SAEParams, x, config: SAEConfig) -> SparseCode:
     xp = _check_params("encode", params, x, config)
     if config.standardize:
         x, _ = _standardize(xp, x, 1e-5)
+    g = _group(config, x.shape[0], params.h)
+    if g > 1:
+        pre, maxima = _pre(xp, params, x, g=g)
+        return _select(xp, pre, config, params, x, maxima)
     return _select(xp, _pre(xp, params, x), config, params, x)
 
 
@@ -315,9 +334,10 @@ def _forward(xp, params: SAEParams, x, config: SAEConfig, select=None, ws=None) 
     if config.standardize:
         x, stats = _standardize(xp, x, 1e-5)
     P.mark("standardize", x)
-    pre = _pre(xp, params, x, ws)
+    g = _group(config, x.shape[0], params.h) if select is None else 1
+    pre, maxima = _pre(xp, params, x, ws, g) if g > 1 else (_pre(xp, params, x, ws), None)
     P.mark("encoder gemm", pre)
-    code = _select(xp, pre, config, params, x) if select is None else select(pre)
+    code = _select(xp, pre, config, params, x, maxima) if select is None else select(pre)
     window = bandwidth = None
     if config.activation == "jumprelu":
         bandwidth = config.bandwidth

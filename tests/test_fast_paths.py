@@ -96,21 +96,26 @@ def test_compiled_adam_gives_the_bits_of_numpys_passes(dtype, layout):
 
 @NATIVE
 @given(data=st.data())
-def test_group_max_and_indices_at_least_are_exact(backend, native, data):
+def test_group_max_add_and_group_max_and_indices_at_least_are_exact(backend, native, data):
     be = get_backend(backend.xp, native=native)
     B, w, g = data.draw(st.integers(1, 7)), data.draw(st.integers(1, 9)), data.draw(st.sampled_from([1, 2, 4, 8]))
     dtype = data.draw(st.sampled_from(["float32", "float64"]))
     r = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
     x = np.round(r.standard_normal((B, g * w)), 1).astype(dtype)  # rounded: ties at the bound
-    got = to_numpy(be.group_max(backend.asarray(x), g)) if g > 1 else None
+    maxima = None
     if g > 1:
-        np.testing.assert_array_equal(got, x.reshape(B, g, w).max(axis=1))
+        maxima = be.group_max(backend.asarray(x), g)
+        np.testing.assert_array_equal(to_numpy(maxima), x.reshape(B, g, w).max(axis=1))
+        v = np.round(r.standard_normal(g * w), 1).astype(dtype)
+        summed, m2 = be.add_and_group_max(backend.asarray(x.copy()), backend.asarray(v), g)
+        np.testing.assert_array_equal(to_numpy(summed), x + v)
+        np.testing.assert_array_equal(to_numpy(m2), (x + v).reshape(B, g, w).max(axis=1))
     lo = x.dtype.type(np.median(x))
-    idx = to_numpy(be.indices_at_least(backend.asarray(x), backend.asarray(lo)))
-    np.testing.assert_array_equal(idx, np.flatnonzero(x >= lo))
     per_row = np.median(x, axis=1, keepdims=True).astype(dtype)
-    idx = to_numpy(be.indices_at_least(backend.asarray(x), backend.asarray(per_row)))
-    np.testing.assert_array_equal(idx, np.flatnonzero(x >= per_row))
+    for bound in (lo, per_row):
+        for m in (None, maxima):  # reading only the groups that reach the bound: the same
+            idx = to_numpy(be.indices_at_least(backend.asarray(x), backend.asarray(bound), maxima=m))
+            np.testing.assert_array_equal(idx, np.flatnonzero(x >= bound))
 
 
 @NATIVE

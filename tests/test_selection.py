@@ -12,7 +12,7 @@ import pytest
 from array_api_compat import device as device_of
 from hypothesis import given, strategies as st
 
-from sae_ref.backends import get_backend, top_n_mask
+from sae_ref.backends import get_backend, group_size, top_n_mask
 from sae_ref.validation.oracles import top_n_mask_oracle
 from sae_ref.validation.strategies import pre_activations
 
@@ -183,3 +183,8 @@ def test_top_n_indices_equal_tie_rule_oracle_ascending_and_bracket_never_misses(
     got[idx] = True
     np.testing.assert_array_equal(got.reshape(z.shape), oracle_top_n(z, n, axis))
     np.testing.assert_array_equal(backend.numpy(cut).astype(np.float64), oracle_kth_largest(z, n, axis))
+    g = group_size(z.shape, n, axis=axis)
+    if g > 1:  # given the group maxima (as the SAE's forward pass computes them): the same
+        idx_m, cut_m = be.top_n_indices(x, n, axis=axis, maxima=be.group_max(x, g))
+        np.testing.assert_array_equal(backend.numpy(idx_m).astype(np.int64), idx)
+        np.testing.assert_array_equal(backend.numpy(cut_m), backend.numpy(cut))
