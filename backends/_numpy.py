@@ -319,8 +319,11 @@ class NumpyBackend(StandardBackend):
             return np.matmul(a, b, out=out)
         if out is None:
             out = np.empty((a.shape[0], b.shape[1]), dtype=np.result_type(a, b))
-        with self.scope():  # row blocks, one per core, each a single-threaded BLAS product
-            _parallel(lambda lo, hi: np.matmul(a[lo:hi], b, out=out[lo:hi]), a.shape[0], 64)
+        with self.scope():  # blocks, one per core, each a single-threaded BLAS product
+            if a.shape[0] >= b.shape[1]:  # of rows
+                _parallel(lambda lo, hi: np.matmul(a[lo:hi], b, out=out[lo:hi]), a.shape[0], 64)
+            else:  # of columns, as rows of the transposed product (a strided view BLAS takes)
+                _parallel(lambda lo, hi: np.matmul(b.T[lo:hi], a.T, out=out.T[lo:hi]), b.shape[1], 64)
         return out
 
     def indices_at_least(self, x, lo, *, maxima=None):

@@ -37,7 +37,7 @@ from sae_ref import _checks as C
 from sae_ref import activations as A
 from sae_ref import profile as P
 from sae_ref.backends import get_backend, group_size, uniform
-from sae_ref.sparse import SparseCode, values_at
+from sae_ref.sparse import ColumnBlock, SparseCode, values_at
 
 ACTIVATIONS = ("relu", "topk", "batchtopk", "jumprelu", "threshold", "top_afa")
 
@@ -365,10 +365,11 @@ def backward(params: SAEParams, fwd: Forward, g_xhat, *, g_code=None, g_theta=No
     g_code : [nnz], optional extra :math:`\partial L / \partial f` at the code's places
         (sparsity penalties)
     g_theta : [h], optional extra gradient on :math:`\theta` (the JumpReLU L0 penalty)
-    g_pre_extra : SparseCode, optional extra gradient on :math:`z` at other places (AuxK)
+    g_pre_extra : SparseCode or ColumnBlock, optional extra gradient on :math:`z` at other
+        places (AuxK)
     g_W_dec_extra : [h, d], optional extra gradient on :math:`W_{dec}`
-    g_W_dec_sparse : (SparseCode, [B, d] array), optional: an extra gradient on
-        :math:`W_{dec}` given as the product ``code^T G`` (AuxK's), added without an [h, d]
+    g_W_dec_sparse : (SparseCode or ColumnBlock, [B, d] array), optional: an extra gradient
+        on :math:`W_{dec}` given as the product ``code^T G`` (AuxK's), added without an [h, d]
         temporary
     ws : Workspace, optional: the [h, d] gradients are written into its buffers (they are
         valid until the workspace's next use)
@@ -416,19 +417,18 @@ def backward(params: SAEParams, fwd: Forward, g_xhat, *, g_code=None, g_theta=No
         g_W_dec += g_W_dec_extra  # a new array or the workspace's: ours to write
     if g_W_dec_sparse is not None:
         extra, G = g_W_dec_sparse
-        g_W_dec = be.spmm(extra.cols, extra.rows, extra.values, G, h, out=g_W_dec, accumulate=True)
+        g_W_dec = _add_transposed_product(xp, be, extra, G, g_W_dec)
     # activation: pass-through at the kept places (JumpReLU: H(z - theta) = 1 there)
     g_pre = A.pass_through_backward(code, g_f)
     # encoder: z = (x - b_dec) W_enc + b_enc
     x_c = fwd.x - params.b_dec
     buf = None if ws is None else ws.array("g_W_enc", xp, (h, params.d), g_xhat.dtype, dev)
     g_W_enc = be.spmm(g_pre.cols, g_pre.rows, g_pre.values, x_c, h, out=buf)
-    if g_pre_extra is not None:  # its own product: its entries may fill a dense block (AuxK)
-        g_W_enc = be.spmm(g_pre_extra.cols, g_pre_extra.rows, g_pre_extra.values, x_c, h,
-                          out=g_W_enc, accumulate=True)
-        g_pre = g_pre.concat(g_pre_extra)
-    g_W_enc = g_W_enc.T
     g_b_enc = be.segment_sum(g_pre.cols, g_pre.values, h)
+    if g_pre_extra is not None:  # its own product: its entries may fill a dense block (AuxK)
+        g_W_enc = _add_transposed_product(xp, be, g_pre_extra, x_c, g_W_enc)
+        g_b_enc = g_b_enc + _column_sums(xp, be, g_pre_extra)
+    g_W_enc = g_W_enc.T
     g_b_dec = xp.sum(g_xhat, axis=0) - params.W_enc @ g_b_enc
     g_th = None
     if params.theta is not None:
@@ -436,6 +436,26 @@ def backward(params: SAEParams, fwd: Forward, g_xhat, *, g_code=None, g_theta=No
         if g_theta is not None:
             g_th = g_th + g_theta
     return SAEParams(g_W_enc, g_b_enc, g_W_dec, g_b_dec, g_th)
+
+
+def _add_transposed_product(xp, be, M, dense, out):
+    """``out + M^T dense`` for a (B, h) ``M`` given as a SparseCode or a ColumnBlock, into
+    ``out`` ([h, d]) where the backend can."""
+    h = out.shape[0]
+    if isinstance(M, ColumnBlock):  # a GEMM on the block, its rows added at the columns
+        prod = be.matmul(xp.matrix_transpose(M.values), dense)
+        n = M.cols.shape[0]
+        ones = xp.ones((n,), dtype=prod.dtype, device=device_of(prod))
+        at = xp.arange(n, dtype=xp.int64, device=device_of(prod))
+        return be.spmm(M.cols, at, ones, prod, h, out=out, accumulate=True)
+    return be.spmm(M.cols, M.rows, M.values, dense, h, out=out, accumulate=True)
+
+
+def _column_sums(xp, be, M):
+    """Each column's sum of a (B, h) SparseCode or ColumnBlock, shape [h]."""
+    if isinstance(M, ColumnBlock):
+        return be.segment_sum(M.cols, xp.sum(M.values, axis=0), M.shape[1])
+    return be.segment_sum(M.cols, M.values, M.shape[1])
 
 
 def _theta_grad(xp, be, params, fwd, g_xhat, g_code):

@@ -92,6 +92,34 @@ class SparseCode:
         )
 
 
+@dataclass(frozen=True)
+class ColumnBlock:
+    """A (B, h) matrix that is zero outside a few columns, kept as those columns, densely.
+
+    AuxK's activations and their gradient take this form when few latents are dead: every
+    row picks among the same ``n`` dead columns, and when its ``k'`` of them fill a good
+    share of the ``[B, n]`` block, GEMMs on the block beat sparse products on the entries.
+
+    Attributes
+    ----------
+    cols : int64 array, shape [n], ascending, unique
+    values : float array, shape [B, n]: column ``cols[i]`` of the matrix is ``values[:, i]``
+    shape : (B, h)
+    """
+
+    cols: Any
+    values: Any
+    shape: tuple[int, int]
+
+    def to_dense(self):
+        """The dense (B, h) matrix (for inspection and tests)."""
+        xp = array_namespace(self.values)
+        B, n = self.values.shape
+        rows = xp.reshape(xp.broadcast_to(xp.arange(B, dtype=xp.int64, device=device_of(self.values))[:, None], (B, n)), (-1,))
+        cols = xp.reshape(xp.broadcast_to(self.cols[None, :], (B, n)), (-1,))
+        return get_backend(xp).to_dense(rows, cols, xp.reshape(self.values, (-1,)), self.shape)
+
+
 def values_at(src: SparseCode, dst: SparseCode):
     """The values of ``src`` at the places of ``dst`` (0 where ``src`` has no entry).
 

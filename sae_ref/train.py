@@ -424,12 +424,16 @@ def _step(xp, state: TrainState, x, donate: bool = False, dp=None, ws=None):
     g_pre_extra, g_W_extra, g_W_aux = None, g_W_sp, None
     if config.aux_convention is not None and (config.aux_convention == "authors" or B >= 2):
         aux = K._auxk(xp, fwd.pre, dead, fwd.x - fwd.x_hat, params.W_dec, state.k_aux,
-                      config.aux_convention, _detach(config), want_g_W_dec=False)
+                      config.aux_convention, _detach(config), want_g_W_dec=False, allow_block=True)
         c = config.aux_coeff
         aux_value = c * aux.value
         if aux.g_residual is not None:  # the residual x - x_hat depends on the SAE too
             g_xhat = g_xhat - c * aux.g_residual
-        if aux.code.nnz:
+        if aux.block is not None:  # few dead latents: dense blocks of their columns
+            a, g_a = aux.block
+            g_pre_extra = replace(g_a, values=c * g_a.values)
+            g_W_aux = (replace(a, values=c * a.values), aux.g_ehat)
+        elif aux.code.nnz:
             g_pre_extra = aux.code.with_values(c * aux.g_values)
             g_W_aux = (aux.code.with_values(c * aux.code.values), aux.g_ehat)
     P.mark("auxk", g_xhat)

@@ -119,13 +119,17 @@ def test_group_max_add_and_group_max_and_indices_at_least_are_exact(backend, nat
 
 
 @NATIVE
-def test_matmul_out_and_add_row_vector_are_exact(backend, native):
+@pytest.mark.parametrize("m, q, n", [(300, 7, 11), (600, 400, 300), (300, 400, 600)],
+                         ids=["small", "split-rows", "split-columns"])
+def test_matmul_out_and_add_row_vector_are_exact(backend, native, m, q, n):
+    """The big products (>= 2**26 multiply-adds) are split over threads by rows or by
+    columns; every split writes the whole buffer."""
     be = get_backend(backend.xp, native=native)
     r = np.random.default_rng(5)
-    a, b, v = r.standard_normal((300, 7)), r.standard_normal((7, 11)), r.standard_normal(11)
+    a, b, v = r.standard_normal((m, q)), r.standard_normal((q, n)), r.standard_normal(n)
     # integer-valued floats: every product and sum is exact, whatever the blocking
     a, b, v = np.round(4 * a), np.round(4 * b), np.round(4 * v)
-    buf = backend.asarray(np.full((300, 11), np.nan))
+    buf = backend.asarray(np.full((m, n), np.nan))
     got = be.add_row_vector(be.matmul(backend.asarray(a), backend.asarray(b), out=buf), backend.asarray(v))
     np.testing.assert_array_equal(to_numpy(got), a @ b + v)
 

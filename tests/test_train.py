@@ -111,6 +111,30 @@ def test_every_architecture_trains_on_every_backend(arch, backend):
         assert bool(backend.xp.all(state.params.theta > 0))
 
 
+@pytest.mark.parametrize("k_aux", [8, 1024], ids=["top-k'-of-dead", "every-dead"])
+def test_auxk_on_the_dead_columns_block_equals_auxk_on_the_entries(backend, k_aux, monkeypatch):
+    """Invariant: training's AuxK on the dense block of the dead columns (GEMMs) gives the
+    parameters and losses of AuxK on the sparse entries, when each row keeps some of the dead
+    latents and when it keeps all of them."""
+    from sae_ref import auxk as K
+
+    config = _small(steps=6, k_aux=k_aux, dead_after=1)
+    x = [backend.asarray(X_ALL[i * 128:(i + 1) * 128], dtype="float64") for i in range(2)]
+    runs = []
+    for fill in (0.0, math.inf):  # always the block, never the block
+        monkeypatch.setattr(K, "BLOCK_MIN_FILL", fill)
+        state, trace = init_state(config, x[0]), []
+        for i in range(6):
+            state, m = step(state, x[i % 2], check=False)
+            trace.append((float(m["aux"]), float(m["dead_fraction"])))
+        runs.append((state, trace))
+    (block, t_block), (entries, t_entries) = runs
+    assert max(dead for _, dead in t_block) > 0.1  # AuxK had dead latents to work on
+    np.testing.assert_allclose(t_block, t_entries, rtol=1e-9)
+    for name, a in entries.params.arrays().items():
+        assert_close(to_numpy(getattr(block.params, name)), to_numpy(a), rtol=1e-9, atol=1e-12)
+
+
 # --- the optimiser -----------------------------------------------------------------------------
 def _params64(rng, d=5, h=7, theta=False):
     arr = lambda *s: rng.standard_normal(s)
