@@ -91,6 +91,36 @@ def spmm_grouped(indptr, order, in_index, values, dense, out, accumulate):
 
 
 @njit(parallel=True, fastmath=_FM, cache=True, nogil=True)
+def decoder_backward(indptr, order, rows, values, G, W, g_code, g_f, out_W):
+    """The sampled product and the decoder's gradient in one pass, latent by latent (entries
+    grouped by latent with :func:`group_by`): for each entry ``i`` of latent ``j``,
+    ``g_f[i] = G[rows[i]] . W[j]`` (plus ``g_code[i]`` when ``g_code`` is not empty) and
+    ``out_W[j] += values[i] G[rows[i]]``. Each decoder row is read once (not once per entry)
+    and each gathered row of ``G`` serves both products.
+
+    (Adding the encoder's product ``g_f^T X`` to the same pass was slower: two gathered
+    [B, d] matrices no longer stay in cache.)"""
+    d = G.shape[1]
+    has_code = g_code.shape[0] > 0
+    for j in prange(indptr.shape[0] - 1):
+        w = W[j]
+        ow = out_W[j]
+        ow[:] = 0
+        for p in range(indptr[j], indptr[j + 1]):
+            i = order[p]
+            q = G[rows[i]]
+            s = q[0] * w[0]
+            for t in range(1, d):
+                s += q[t] * w[t]
+            if has_code:
+                s += g_code[i]
+            g_f[i] = s
+            v = values[i]
+            for t in range(d):
+                ow[t] += v * q[t]
+
+
+@njit(parallel=True, fastmath=_FM, cache=True, nogil=True)
 def decoder_adam(W, g, m, v, lr_t, b1, b2, eps, bc2_sqrt, after, tiny):
     """The decoder's constrained Adam step, in place on ``W``, ``m`` and ``v``, row by row.
 

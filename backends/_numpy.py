@@ -214,6 +214,30 @@ class NumpyBackend(StandardBackend):
         _parallel(part, n, SDDMM_CHUNK)
         return out
 
+    def backward_products(self, rows, cols, values, G, W, X, g_code=None, *, out_W=None,
+                          out_X=None):
+        K = self._kernels_module
+        h, d = W.shape
+        extra = () if g_code is None else (g_code,)
+        if (K is None or not _rows(values, G, W, X, *extra) or values.ndim != 1
+                or _dense_block(cols, rows, h, G.shape[0]) is not None):
+            return super().backward_products(rows, cols, values, G, W, X, g_code, out_W=out_W,
+                                             out_X=out_X)
+        # the sampled product and f^T G in one pass over the latents (each decoder row read
+        # once), then g_f^T X with the same grouping
+        out_W = out_W if out_W is not None and out_W.shape == (h, d) and _rows(out_W, W) else \
+            np.empty((h, d), dtype=W.dtype)
+        g_f = np.empty(values.shape[0], dtype=W.dtype)
+        indptr, order = K.group_by(_index(cols), h)
+        rows = _index(rows)
+        K.run(K.decoder_backward, (values.shape[0] + h) * d, indptr, order, rows, values, G, W,
+              np.empty(0, dtype=W.dtype) if g_code is None else g_code, g_f, out_W)
+        fits = out_X is not None and out_X.shape == (h, d) and _rows(out_X, X)
+        if not fits:
+            out_X = np.empty((h, d), dtype=X.dtype)
+        K.run(K.spmm_grouped, (values.shape[0] + h) * d, indptr, order, rows, g_f, X, out_X, False)
+        return g_f, out_W, out_X
+
     def adam(self, p, g, m, v, *, lr, b1, b2, eps, t, inplace=False):
         arrays = (p, g, m, v)
         if not _same_flat_layout(arrays) or p.dtype != g.dtype:

@@ -86,6 +86,28 @@ class StandardBackend:
             return xp.zeros((0,), dtype=a.dtype, device=device_of(a))
         return xp.concat(parts) if len(parts) > 1 else parts[0]
 
+    def backward_products(self, rows, cols, values, G, W, X, g_code=None, *, out_W=None,
+                          out_X=None):
+        """The three sparse products of the backward pass through a code ``f`` (entries
+        ``values`` at ``(rows, cols)``, shape (B, h)) decoded by ``W`` ([h, d]) from inputs
+        ``X`` ([B, d]), given the gradient ``G`` ([B, d]) on the decoding:
+
+        - ``g_f[i] = G[rows[i]] . W[cols[i]]`` (plus ``g_code[i]`` when given), the sampled
+          product;
+        - ``g_W = f^T G`` ([h, d]);
+        - ``g_X = g_f^T X`` ([h, d]: the code's places with values ``g_f``, transposed, times X).
+
+        Returns ``(g_f, g_W, g_X)``; ``out_W`` / ``out_X``: buffers the two [h, d] results may
+        be written into. A backend may compute all three in one pass over the latents.
+        """
+        h = W.shape[0]
+        g_f = self.sddmm(G, W, rows, cols)
+        if g_code is not None:
+            g_f = g_f + g_code
+        g_W = self.spmm(cols, rows, values, G, h, out=out_W)
+        g_X = self.spmm(cols, rows, g_f, X, h, out=out_X)
+        return g_f, g_W, g_X
+
     @contextmanager
     def scope(self):
         """A context for a whole training step, in which the backend arranges its threads

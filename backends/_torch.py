@@ -77,6 +77,22 @@ class TorchBackend(StandardBackend):
             out.index_add_(0, out_index[s : s + CHUNK], contrib)
         return out
 
+    def backward_products(self, rows, cols, values, G, W, X, g_code=None, *, out_W=None,
+                          out_X=None):
+        outs = [o for o in (out_W, out_X) if o is not None]
+        extra = () if g_code is None else (g_code,)
+        if _on_cpu(values, G, W, X, *extra, *outs) and all(a.is_contiguous() for a in (G, W, X, *outs)):
+            # the NumPy backend's one-pass kernel on views
+            view = lambda o: None if o is None else o.numpy()
+            bufs = (None, view(out_W), view(out_X))
+            res = _numpy().backward_products(
+                rows.numpy(), cols.numpy(), values.numpy(), G.numpy(), W.numpy(), X.numpy(),
+                view(g_code), out_W=bufs[1], out_X=bufs[2])
+            return tuple(o if b is not None and r is b else torch.from_numpy(r)
+                         for r, b, o in zip(res, bufs, (None, out_W, out_X)))
+        return super().backward_products(rows, cols, values, G, W, X, g_code, out_W=out_W,
+                                         out_X=out_X)
+
     def sddmm(self, a, b, a_index, b_index):
         if _on_cpu(a, b) and a.dtype == b.dtype:
             return torch.from_numpy(_numpy().sddmm(a.numpy(), b.numpy(), a_index.numpy(), b_index.numpy()))

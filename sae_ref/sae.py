@@ -405,25 +405,24 @@ def backward(params: SAEParams, fwd: Forward, g_xhat, *, g_code=None, g_theta=No
         C.same_dtype("backward", g_W_dec_sparse=g_W_dec_sparse[0].values, W_dec=params.W_dec)
     be = get_backend(xp)
     code = fwd.code
-    # decoder: x_hat = f W_dec + b_dec
-    g_f = be.sddmm(g_xhat, params.W_dec, code.rows, code.cols)
     if g_code is not None:
         C.floating("backward", xp, "g_code", g_code, shape=(code.nnz,))
-        g_f = g_f + g_code
     dev = device_of(g_xhat)
-    buf = None if ws is None else ws.array("g_W_dec", xp, (h, params.d), g_xhat.dtype, dev)
-    g_W_dec = be.spmm(code.cols, code.rows, code.values, g_xhat, h, out=buf)
+    bufs = {} if ws is None else {
+        f"out_{n}": ws.array(f"g_W_{m}", xp, (h, params.d), g_xhat.dtype, dev)
+        for n, m in (("W", "dec"), ("X", "enc"))}
+    # decoder (x_hat = f W_dec + b_dec): g_f = G W_dec^T at the kept places, g_W_dec = f^T G;
+    # activation: pass-through at the kept places (JumpReLU: H(z - theta) = 1 there), so
+    # g_z = g_f there; encoder (z = x_c W_enc + b_enc): g_W_enc^T = g_z^T x_c
+    x_c = fwd.x - params.b_dec
+    g_f, g_W_dec, g_W_enc = be.backward_products(code.rows, code.cols, code.values, g_xhat,
+                                                  params.W_dec, x_c, g_code, **bufs)
     if g_W_dec_extra is not None:
         g_W_dec += g_W_dec_extra  # a new array or the workspace's: ours to write
     if g_W_dec_sparse is not None:
         extra, G = g_W_dec_sparse
         g_W_dec = _add_transposed_product(xp, be, extra, G, g_W_dec)
-    # activation: pass-through at the kept places (JumpReLU: H(z - theta) = 1 there)
     g_pre = A.pass_through_backward(code, g_f)
-    # encoder: z = (x - b_dec) W_enc + b_enc
-    x_c = fwd.x - params.b_dec
-    buf = None if ws is None else ws.array("g_W_enc", xp, (h, params.d), g_xhat.dtype, dev)
-    g_W_enc = be.spmm(g_pre.cols, g_pre.rows, g_pre.values, x_c, h, out=buf)
     g_b_enc = be.segment_sum(g_pre.cols, g_pre.values, h)
     if g_pre_extra is not None:  # its own product: its entries may fill a dense block (AuxK)
         g_W_enc = _add_transposed_product(xp, be, g_pre_extra, x_c, g_W_enc)

@@ -6,6 +6,7 @@
 - the compiled Adam gives the same bits as NumPy's own passes;
 - ``group_max``, ``indices_at_least``, ``add_row_vector`` and ``matmul(out=)`` are exact;
 - ``spmm(out=)`` overwrites whatever the buffer held;
+- ``backward_products`` (a fused pass over the latents) equals the sampled and transposed products;
 - a step with its :class:`~sae_ref.workspace.Workspace` gives the bits of a step without one,
   and nothing it returns shares memory with the workspace.
 """
@@ -147,6 +148,31 @@ def test_spmm_into_a_buffer_overwrites_it(backend, native, n_out):
     want = np.zeros((n_out, 4))
     np.add.at(want, out_index, values[:, None] * dense[in_index])
     np.testing.assert_allclose(to_numpy(got), want, rtol=1e-12, atol=1e-12)
+
+
+@NATIVE
+@pytest.mark.parametrize("with_code_grad", [False, True], ids=["plain", "g_code"])
+@pytest.mark.parametrize("into_buffers", [False, True], ids=["new", "buffers"])
+def test_backward_products_equal_their_definitions(backend, native, with_code_grad, into_buffers):
+    """The backward pass's three products (fused passes over the latents on NumPy and torch-CPU)
+    equal the sampled product and the two transposed products, duplicates and empty latents
+    included, whatever the buffers held."""
+    be = get_backend(backend.xp, native=native)
+    r = np.random.default_rng(7)
+    B, h, d, nnz = 9, 13, 6, 40
+    rows, cols = np.sort(r.integers(0, B, nnz)), r.integers(0, h - 2, nnz)  # 2 latents never used
+    values, G, W, X = r.standard_normal(nnz), r.standard_normal((B, d)), r.standard_normal((h, d)), r.standard_normal((B, d))
+    g_code = r.standard_normal(nnz) if with_code_grad else None
+    bufs = {n: backend.asarray(np.full((h, d), np.nan)) for n in ("out_W", "out_X")} if into_buffers else {}
+    a = backend.asarray
+    g_f, g_W, g_X = be.backward_products(a(rows), a(cols), a(values), a(G), a(W), a(X),
+                                         None if g_code is None else a(g_code), **bufs)
+    want_f = np.sum(G[rows] * W[cols], axis=1) + (0 if g_code is None else g_code)
+    want_W, want_X = np.zeros((h, d)), np.zeros((h, d))
+    np.add.at(want_W, cols, values[:, None] * G[rows])
+    np.add.at(want_X, cols, want_f[:, None] * X[rows])
+    for got, want in ((g_f, want_f), (g_W, want_W), (g_X, want_X)):
+        np.testing.assert_allclose(to_numpy(got), want, rtol=1e-12, atol=1e-12)
 
 
 def _steps(backend, n, *, hold_workspace):
