@@ -111,14 +111,6 @@ class ColumnBlock:
     values: Any
     shape: tuple[int, int]
 
-    def to_dense(self):
-        """The dense (B, h) matrix (for inspection and tests)."""
-        xp = array_namespace(self.values)
-        B, n = self.values.shape
-        rows = xp.reshape(xp.broadcast_to(xp.arange(B, dtype=xp.int64, device=device_of(self.values))[:, None], (B, n)), (-1,))
-        cols = xp.reshape(xp.broadcast_to(self.cols[None, :], (B, n)), (-1,))
-        return get_backend(xp).to_dense(rows, cols, xp.reshape(self.values, (-1,)), self.shape)
-
 
 def values_at(src: SparseCode, dst: SparseCode):
     """The values of ``src`` at the places of ``dst`` (0 where ``src`` has no entry).
