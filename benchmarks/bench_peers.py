@@ -9,8 +9,8 @@ sae-lens; sae-lens is not a dependency of sae-ref.
 
 Rows, per backend (numpy, torch on the CPU, and torch-cuda and cupy when a GPU is there):
 
-- ``gemm``: the dense encoder product ``x @ W_enc``, the unit every ratio on that backend
-  divides by;
+- ``gemm``: the dense encoder product ``x @ W_enc`` (into one preallocated output), the unit
+  every ratio on that backend divides by;
 - ``sae-ref``: one whole :func:`sae_ref.train.step`, exactly as ``benchmarks/bench_train.py``
   times it (its ``setup`` and ``time_steps``: default TrainConfig, BatchTopK, AuxK "authors"
   k_aux=512 coefficient 1/32, Adam, decoder constraint, ``dead_after=1`` batch, the encoder
@@ -117,15 +117,15 @@ def _inputs(backend, B, d):
 
 
 def run_gemm(backend, d, h, k, B, repeats, dead_share):
-    """Median seconds of ``x @ W_enc`` with a (d, h) float32 encoder."""
+    """Median seconds of ``x @ W_enc`` with a (d, h) float32 encoder, into one output buffer."""
     import numpy as np
     from array_api_compat import device as device_of
-    from bench_core import timeit
+    from bench_core import gemm_into, timeit
 
     xp, x0, _ = _inputs(backend, B, d)
     W_enc = xp.asarray(np.random.default_rng(0).standard_normal((d, h), dtype=np.float32),
                        device=device_of(x0))
-    return {"seconds": timeit(lambda: x0 @ W_enc, xp, repeats)}
+    return {"seconds": timeit(gemm_into(xp, x0, W_enc), xp, repeats)}
 
 
 def run_saeref(backend, d, h, k, B, repeats, dead_share):

@@ -6,7 +6,8 @@
 
 For each backend it times (median of ``--repeats`` runs after warm-up):
 
-- ``gemm``: the dense encoder product ``x @ W_enc`` (the only O(B h d) work in a step);
+- ``gemm``: the dense encoder product ``x @ W_enc`` (the only O(B h d) work in a step),
+  with the array library's own matmul into one preallocated output (no page faults);
 - ``train step, AuxK off``: one whole :func:`sae_ref.train.step` (``check=False``, inside
   :func:`sae_ref.no_checks`) with sae-ref's default :class:`~sae_ref.train.TrainConfig`
   (BatchTopK, per-row standardisation, decoder constraint, Adam, running-mean theta) but
@@ -42,7 +43,7 @@ import numpy as np
 from array_api_compat import device as device_of
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_core import _sync, machine, timeit  # the sibling script's helpers
+from bench_core import _sync, gemm_into, machine, timeit  # the sibling script's helpers
 
 import sae_ref
 from sae_ref import activations as A
@@ -123,7 +124,7 @@ def bench(backend: str, d: int, h: int, k: int, B: int, repeats: int, dead_after
     xp, x0, x1, state = fresh(0.0, aux=False)
     with sae_ref.no_checks():
         W_enc = state.params.W_enc
-        times["gemm (x @ W_enc)"] = timeit(lambda: x0 @ W_enc, xp, repeats)
+        times["gemm (x @ W_enc)"] = timeit(gemm_into(xp, x0, W_enc), xp, repeats)
         times["train step, AuxK off"], _, _ = time_steps(state, x0, x1, repeats, xp)
         topk = setup(backend, d, h, k, B, dead_after, 0.0, aux=False, arch="topk")[3]
         times["TopK step, AuxK off"], _, _ = time_steps(topk, x0, x1, repeats, xp)
