@@ -39,6 +39,11 @@ def run(kernel, work: int, *args):
         numba.set_num_threads(threads)
 
 
+def threads(work: int) -> int:
+    """How many threads :func:`run` gives a kernel touching ``work`` elements."""
+    return numba.get_num_threads() if work >= PARALLEL_MIN else 1
+
+
 @njit(parallel=True, fastmath=_FM, cache=True, nogil=True)
 def sddmm(a, b, a_index, b_index, out):
     """``out[i] = a[a_index[i]] . b[b_index[i]]`` for every i."""
@@ -88,6 +93,52 @@ def spmm_grouped(indptr, order, in_index, values, dense, out, accumulate):
             q = dense[in_index[i]]
             for t in range(d):
                 o[t] += v * q[t]
+
+
+@njit(parallel=True, fastmath=_FM, cache=True, nogil=True)
+def spmm_by_input(indptr, order, in_index, values, dense, out, accumulate, parts):
+    """:func:`spmm_grouped` traversed the other way, for a ``dense`` bigger than ``out`` (the
+    decoding ``f W_dec``): the output rows are split into one range per thread, and each
+    thread reads the dense rows its entries need in order, each once, adding each into the
+    output rows (its range stays in cache). Gathering a dense row per entry instead reads
+    ``dense`` from memory nnz times at random.
+
+    ``indptr, order``: :func:`group_by` of the output index; ``parts``: the number of row
+    ranges (the threads')."""
+    n_out, d = out.shape
+    n_in = dense.shape[0]
+    for part in prange(parts):
+        r0 = n_out * part // parts
+        r1 = n_out * (part + 1) // parts
+        if not accumulate:
+            for r in range(r0, r1):
+                out[r, :] = 0
+        a, b = indptr[r0], indptr[r1]
+        # this range's entries by input row: a counting sort
+        start = np.zeros(n_in + 1, dtype=np.int64)
+        for q in range(a, b):
+            start[in_index[order[q]] + 1] += 1
+        for j in range(n_in):
+            start[j + 1] += start[j]
+        fill = start[:-1].copy()
+        rows = np.empty(b - a, dtype=np.int64)
+        by_in = np.empty(b - a, dtype=np.int64)
+        for r in range(r0, r1):
+            for q in range(indptr[r], indptr[r + 1]):
+                i = order[q]
+                j = in_index[i]
+                rows[fill[j]] = r
+                by_in[fill[j]] = i
+                fill[j] += 1
+        for j in range(n_in):
+            if start[j + 1] == start[j]:
+                continue
+            w = dense[j]
+            for q in range(start[j], start[j + 1]):
+                v = values[by_in[q]]
+                o = out[rows[q]]
+                for t in range(d):
+                    o[t] += v * w[t]
 
 
 @njit(parallel=True, fastmath=_FM, cache=True, nogil=True)

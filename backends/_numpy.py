@@ -171,7 +171,12 @@ class NumpyBackend(StandardBackend):
             if not fits:
                 out = np.empty((n_out, d), dtype=dense.dtype)
             work = (values.shape[0] + n_out) * d
-            K.run(K.spmm_grouped, work, indptr, order, _index(in_index), values, dense, out, accumulate)
+            # a dense side bigger than the output (decoding) is read in order, each row once
+            args = (indptr, order, _index(in_index), values, dense, out, accumulate)
+            if dense.shape[0] > n_out:
+                K.run(K.spmm_by_input, work, *args, K.threads(work))
+            else:
+                K.run(K.spmm_grouped, work, *args)
             return out
         # SciPy's compiled sparse products beat any pure-NumPy scatter (np.add.at is ~50x and
         # add.reduceat ~10x slower on (nnz, d) contributions). The compressed axis is the one
