@@ -140,16 +140,20 @@ def _auxk(xp, pre, dead, residual, W_dec, k_aux, convention, detach_residual,
 
 def _loss(xp, e_hat, residual, convention, detach_residual):
     """The loss of the auxiliary reconstruction ``e_hat`` against the residual: (value, its
-    gradient on ``e_hat``, its gradient on the residual or None when detached)."""
-    r = e_hat - residual
+    gradient on ``e_hat``, its gradient on the residual or None when detached). ``e_hat`` is
+    consumed: the gradient is computed in its memory (no fresh [B, d] arrays)."""
+    r = e_hat
+    r -= residual
+    flat = xp.reshape(r, (-1,))
+    num = xp.vecdot(flat, flat)
     if convention == "authors":
         n = r.shape[0] * r.shape[1]
-        g_ehat = r * (2.0 / n)
-        return xp.sum(r * r) / n, g_ehat, None if detach_residual else -g_ehat
+        r *= 2.0 / n
+        return num / n, r, None if detach_residual else -r
     centred = residual - xp.mean(residual, axis=0, keepdims=True)
     den = xp.sum(centred * centred)
-    num = xp.sum(r * r)
-    g_ehat = r * (2.0 / den)
+    g_ehat = r
+    g_ehat *= 2.0 / den
     g_res = None if detach_residual else -g_ehat - centred * (2.0 * num / (den * den))
     return num / den, g_ehat, g_res
 

@@ -62,7 +62,9 @@ def _mse(xp, x_hat, x, unit):
     n = B * d if unit == "element" else B
     r = x_hat - x
     flat = xp.reshape(r, (-1,))
-    return xp.vecdot(flat, flat) / n, r * (2.0 / n)  # vecdot: no [B, d] temporary
+    value = xp.vecdot(flat, flat) / n  # vecdot: no [B, d] temporary
+    r *= 2.0 / n  # the gradient in r's memory: no second fresh [B, d] array
+    return value, r
 
 
 def nmse(x_hat, x, *, reduce: str = "pooled"):
