@@ -7,9 +7,7 @@
 For each backend it times (median of ``--repeats`` runs after warm-up):
 
 - ``gemm``: the dense encoder product ``x @ W_enc`` (the only O(B h d) work in a step),
-  with the array library's own matmul into one preallocated output (no page faults). The
-  ``paired`` column of a step row is the median over its timed steps of the step's seconds
-  over those of a GEMM run right after it: robust to the drifting speed of a shared machine;
+  with the array library's own matmul into one preallocated output (no page faults);
 - ``train step, AuxK off``: one whole :func:`sae_ref.train.step` (``check=False``, inside
   :func:`sae_ref.no_checks`) with sae-ref's default :class:`~sae_ref.train.TrainConfig`
   (BatchTopK, per-row standardisation, decoder constraint, Adam, running-mean theta) but
@@ -58,14 +56,10 @@ FULL = {"d": 768, "h": 16384, "k": 32, "B": 4096}
 SMALL = {"d": 128, "h": 2048, "k": 16, "B": 512}
 
 
-def time_steps(state, x0, x1, repeats, xp, gemm=None, pairs=None):
+def time_steps(state, x0, x1, repeats, xp):
     """Median seconds of ``repeats`` successive training steps on ``x0``/``x1`` alternately,
     after two warm-up steps, each donating its state as the training loop does (so ``state``
-    is consumed). Returns (seconds, the final state, the dead fraction of the last step).
-
-    With ``gemm`` (a callable) one GEMM is timed right after each timed step, and the
-    ``(step, gemm)`` seconds are appended to ``pairs``: ratios of neighbours in time, which a
-    shared machine's drifting speed does not bias."""
+    is consumed). Returns (seconds, the final state, the dead fraction of the last step)."""
     times = []
     with sae_ref.no_checks():
         for i in range(2 + repeats):
@@ -74,10 +68,6 @@ def time_steps(state, x0, x1, repeats, xp, gemm=None, pairs=None):
             _sync(xp, state.params.W_enc)
             if i >= 2:
                 times.append(time.perf_counter() - t0)
-                if gemm is not None:
-                    t0 = time.perf_counter()
-                    _sync(xp, gemm())
-                    pairs.append((times[-1], time.perf_counter() - t0))
     return statistics.median(times), state, float(sae_ref.to_numpy(metrics["dead_fraction"]))
 
 
@@ -132,23 +122,17 @@ def bench(backend: str, d: int, h: int, k: int, B: int, repeats: int, dead_after
         return setup(backend, d, h, k, B, dead_after, share, aux)
 
     xp, x0, x1, state = fresh(0.0, aux=False)
-    info["paired"] = paired = {}
     with sae_ref.no_checks():
-        gemm = gemm_into(xp, x0, xp.asarray(state.params.W_enc, copy=True))
-        times["gemm (x @ W_enc)"] = timeit(gemm, xp, repeats)
-
-        def timed(name, st):
-            pairs = []
-            times[name], st, dead = time_steps(st, x0, x1, repeats, xp, gemm, pairs)
-            paired[name] = statistics.median(t / g for t, g in pairs)
-            return st, dead
-
-        timed("train step, AuxK off", state)
-        timed("TopK step, AuxK off", setup(backend, d, h, k, B, dead_after, 0.0, aux=False, arch="topk")[3])
+        W_enc = state.params.W_enc
+        times["gemm (x @ W_enc)"] = timeit(gemm_into(xp, x0, W_enc), xp, repeats)
+        times["train step, AuxK off"], _, _ = time_steps(state, x0, x1, repeats, xp)
+        topk = setup(backend, d, h, k, B, dead_after, 0.0, aux=False, arch="topk")[3]
+        times["TopK step, AuxK off"], _, _ = time_steps(topk, x0, x1, repeats, xp)
+        del topk
         info["phases"]["AuxK off"] = profile_phases(fresh(0.0, aux=False)[3], x0, x1, repeats, xp)
         for share in dead_shares:
             name = f"train step, {share:.0%} dead"
-            trained, info["dead"][name] = timed(name, fresh(share)[3])
+            times[name], trained, info["dead"][name] = time_steps(fresh(share)[3], x0, x1, repeats, xp)
         share = dead_shares[len(dead_shares) // 2]
         info["phases"][f"{share:.0%} dead"] = profile_phases(fresh(share)[3], x0, x1, repeats, xp)
         pre = x0 @ trained.params.W_enc
@@ -198,10 +182,9 @@ def main(argv=None):
             print(f"\n[{name}] skipped: {e}")
             continue
         gemm = times["gemm (x @ W_enc)"]
-        print(f"\n[{name}]  {'work':<22} {'seconds':>9} {'/ gemm':>8} {'tokens/s':>10} {'paired':>7}")
+        print(f"\n[{name}]  {'work':<22} {'seconds':>9} {'/ gemm':>8} {'tokens/s':>10}")
         for w, t in times.items():
-            pair = f"{info['paired'][w]:7.2f}" if w in info["paired"] else ""
-            print(f"[{name}]  {w:<22} {t:9.4f} {t / gemm:8.2f} {shape['B'] / t:10.0f} {pair}")
+            print(f"[{name}]  {w:<22} {t:9.4f} {t / gemm:8.2f} {shape['B'] / t:10.0f}")
         for which, ph in info["phases"].items():
             total = sum(ph.values())
             print(f"[{name}]  train step ({which}) by phase (sae_ref.profile; the sum, {total:.4f} s, "
