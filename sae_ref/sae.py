@@ -275,16 +275,16 @@ def _group(config: SAEConfig, B: int, h: int) -> int:
 
 
 def _pre(xp, params, x, ws=None, g: int = 1):
-    """z = (x - b_dec) W_enc + b_enc; into the workspace's [B, h] buffer when given. With
-    ``g > 1`` returns ``(z, maxima)``: the bias is added in the same pass that takes the
-    column-group maxima the selection's bracket needs."""
+    """``(z, maxima)``: z = (x - b_dec) W_enc + b_enc, into the workspace's [B, h] buffer when
+    given, and with ``g > 1`` its column-group maxima for the selection's bracket, taken in
+    the pass that adds the bias (None otherwise)."""
     be = get_backend(xp)
     x_c = x - params.b_dec
     buf = None if ws is None else ws.array("pre", xp, (x.shape[0], params.h), x.dtype, device_of(x))
     pre = be.matmul(x_c, params.W_enc, out=buf)
     if g > 1:
         return be.add_and_group_max(pre, params.b_enc, g)
-    return be.add_row_vector(pre, params.b_enc)  # in place: no second [B, h] array
+    return be.add_row_vector(pre, params.b_enc), None  # in place: no second [B, h] array
 
 
 def encode(params: SAEParams, x, config: SAEConfig) -> SparseCode:
@@ -292,11 +292,8 @@ def encode(params: SAEParams, x, config: SAEConfig) -> SparseCode:
     xp = _check_params("encode", params, x, config)
     if config.standardize:
         x, _ = _standardize(xp, x, 1e-5)
-    g = _group(config, x.shape[0], params.h)
-    if g > 1:
-        pre, maxima = _pre(xp, params, x, g=g)
-        return _select(xp, pre, config, params, x, maxima)
-    return _select(xp, _pre(xp, params, x), config, params, x)
+    pre, maxima = _pre(xp, params, x, g=_group(config, x.shape[0], params.h))
+    return _select(xp, pre, config, params, x, maxima)
 
 
 def decode(params: SAEParams, code: SparseCode):
@@ -335,7 +332,7 @@ def _forward(xp, params: SAEParams, x, config: SAEConfig, select=None, ws=None) 
         x, stats = _standardize(xp, x, 1e-5)
     P.mark("standardize", x)
     g = _group(config, x.shape[0], params.h) if select is None else 1
-    pre, maxima = _pre(xp, params, x, ws, g) if g > 1 else (_pre(xp, params, x, ws), None)
+    pre, maxima = _pre(xp, params, x, ws, g)
     P.mark("encoder gemm", pre)
     code = _select(xp, pre, config, params, x, maxima) if select is None else select(pre)
     window = bandwidth = None
@@ -408,15 +405,17 @@ def backward(params: SAEParams, fwd: Forward, g_xhat, *, g_code=None, g_theta=No
     if g_code is not None:
         C.floating("backward", xp, "g_code", g_code, shape=(code.nnz,))
     dev = device_of(g_xhat)
-    bufs = {} if ws is None else {
-        f"out_{n}": ws.array(f"g_W_{m}", xp, (h, params.d), g_xhat.dtype, dev)
-        for n, m in (("W", "dec"), ("X", "enc"))}
+
+    def buf(name):
+        return None if ws is None else ws.array(name, xp, (h, params.d), g_xhat.dtype, dev)
+
     # decoder (x_hat = f W_dec + b_dec): g_f = G W_dec^T at the kept places, g_W_dec = f^T G;
     # activation: pass-through at the kept places (JumpReLU: H(z - theta) = 1 there), so
     # g_z = g_f there; encoder (z = x_c W_enc + b_enc): g_W_enc^T = g_z^T x_c
     x_c = fwd.x - params.b_dec
     g_f, g_W_dec, g_W_enc = be.backward_products(code.rows, code.cols, code.values, g_xhat,
-                                                  params.W_dec, x_c, g_code, **bufs)
+                                                  params.W_dec, x_c, g_code,
+                                                  out_W=buf("g_W_dec"), out_X=buf("g_W_enc"))
     if g_W_dec_extra is not None:
         g_W_dec += g_W_dec_extra  # a new array or the workspace's: ours to write
     if g_W_dec_sparse is not None:
