@@ -44,6 +44,9 @@ class CupyBackend(StandardBackend):
         cupyx.scatter_add(out, index, values)
         return out
 
+    def is_column_major(self, x):
+        return x.ndim == 2 and x.shape[0] > 1 and x.flags.f_contiguous and not x.flags.c_contiguous
+
     def contiguous(self, x):
         return cp.ascontiguousarray(x)
 

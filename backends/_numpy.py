@@ -374,6 +374,9 @@ class NumpyBackend(StandardBackend):
     def latent_major(self, W_enc):
         return np.asfortranarray(W_enc)
 
+    def is_column_major(self, x):
+        return x.ndim == 2 and x.shape[0] > 1 and x.flags.f_contiguous and not x.flags.c_contiguous
+
     def segment_sum(self, index, values, n):
         return np.bincount(index, weights=values, minlength=n).astype(values.dtype, copy=False)
 

@@ -224,6 +224,12 @@ class StandardBackend:
         elementwise passes run over matching memory. Identity here."""
         return W_enc
 
+    def is_column_major(self, x) -> bool:
+        """Whether the 2-D ``x`` is stored column-major (as :meth:`latent_major` stores the
+        encoder), so a reduction that should keep its layout goes through ``x.T``. The
+        standard exposes no layout: False here."""
+        return False
+
     # -- random numbers ---------------------------------------------------------------------
     def uniform(self, xp, seed: int, shape, *, low, high, dtype, device):
         """Uniform numbers on ``[low, high)`` from a generator seeded with ``seed``, on ``device``.

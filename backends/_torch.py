@@ -125,6 +125,9 @@ class TorchBackend(StandardBackend):
     def latent_major(self, W_enc):
         return W_enc.T.contiguous().T
 
+    def is_column_major(self, x):
+        return x.ndim == 2 and x.shape[0] > 1 and x.T.is_contiguous() and not x.is_contiguous()
+
     def adam(self, p, g, m, v, *, lr, b1, b2, eps, t, inplace=False):
         if _on_cpu(p, g, m, v) and _numpy().compiled and p.dtype == g.dtype and p.stride() == g.stride():
             # the NumPy backend's compiled pass on views (torch's fused kernel is as fast

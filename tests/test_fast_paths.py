@@ -255,3 +255,14 @@ def test_step_nmse_metric_equals_its_definition(backend, unit):
     _, metrics = step(state, x)
     want = np.sum((xh - xs) ** 2) / np.sum(xs**2)
     np.testing.assert_allclose(float(metrics["nmse"]), want, rtol=1e-10)
+
+
+def test_is_column_major_tells_the_latent_major_layout(backend):
+    """The encoder's latent-major layout is seen as column-major where the library has
+    layouts (NumPy, torch, CuPy), a row-major array never is, and the pure-standard backend
+    (no layouts) says False."""
+    be = get_backend(backend.xp)
+    W = backend.asarray(np.random.default_rng(0).standard_normal((5, 7)))
+    assert not be.is_column_major(W)
+    has_layouts = backend.name != "strict"
+    assert be.is_column_major(be.latent_major(W)) == has_layouts

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from array_api_compat import array_namespace, is_numpy_array
 
+from sae_ref.backends import get_backend
 from sae_ref.dist.comm import Comm, TorchComm
 
 
@@ -120,8 +121,10 @@ class Reducer:
         """Each gradient weighted by this rank's share and summed over the ranks. A gradient
         stored column-major (W_enc, latent-major) is reduced through its transpose, so it keeps
         its layout."""
+        be = get_backend(self.xp)
+
         def reduce(g):
-            if g.ndim == 2 and _column_major(g):
+            if g.ndim == 2 and be.is_column_major(g):
                 return self.comm.all_reduce_sum(g.T * self.share).T
             return self.comm.all_reduce_sum(g * self.share)
 
@@ -138,13 +141,3 @@ class Reducer:
         r = x_hat - x
         both = self.comm.all_reduce_sum(xp.stack([xp.sum(r * r), xp.sum(x * x)]))
         return both[0] / both[1]
-
-
-def _column_major(a) -> bool:
-    strides = getattr(a, "strides", None)
-    if strides is None and hasattr(a, "stride"):
-        strides = a.stride()
-        item = 1
-    else:
-        item = a.itemsize if strides is not None else 1
-    return strides is not None and a.shape[0] > 1 and strides[0] == item and strides[1] != item
