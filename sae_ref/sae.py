@@ -173,9 +173,13 @@ def standardize(x, *, eps: float = 1e-5):
 
 
 def _standardize(xp, x, eps):
+    # four passes and one new [B, d] array: the centred rows, divided in place
     mean = xp.mean(x, axis=1, keepdims=True)
-    scale = xp.std(x, axis=1, keepdims=True, correction=1) + eps
-    return (x - mean) / scale, Standardization(mean, scale)
+    centred = x - mean
+    var = xp.vecdot(centred, centred, axis=-1)[:, None] / (x.shape[1] - 1)
+    scale = xp.sqrt(var) + eps
+    centred /= scale
+    return centred, Standardization(mean, scale)
 
 
 def unstandardize(y, stats: Standardization):
