@@ -163,6 +163,14 @@ class TorchBackend(StandardBackend):
             return x
         return super().add_row_vector(x, v)
 
+    def indices_at_least(self, x, lo, *, maxima=None):
+        if x.device.type == "cpu" and x.dtype in _NUMPY_VIEWABLE and not x.requires_grad:
+            # the NumPy backend's compiled passes on views: no [B, h] boolean mask
+            m = None if maxima is None else maxima.detach().numpy()
+            lo = lo.detach().numpy() if hasattr(lo, "detach") else lo
+            return torch.from_numpy(_numpy().indices_at_least(x.detach().numpy(), lo, maxima=m))
+        return super().indices_at_least(x, lo, maxima=maxima)
+
     def add_and_group_max(self, x, v, g):
         if _on_cpu(x, v) and x.is_contiguous() and v.is_contiguous():  # one pass, on views
             _, maxima = _numpy().add_and_group_max(x.numpy(), v.numpy(), g)
@@ -170,10 +178,13 @@ class TorchBackend(StandardBackend):
         return super().add_and_group_max(x, v, g)
 
     def matmul(self, a, b, *, out=None):
-        if (out is not None and _on_cpu(a, b, out) and out.is_contiguous()
-                and tuple(out.shape) == (a.shape[0], b.shape[1]) and a.dtype == b.dtype == out.dtype):
+        fits = out is not None and tuple(out.shape) == (a.shape[0], b.shape[1]) and out.dtype == a.dtype
+        if _on_cpu(a, b) and a.dtype == b.dtype and a.ndim == b.ndim == 2 and (
+                out is None or (fits and _on_cpu(out) and out.is_contiguous())):
             # NumPy's BLAS on views, split over the NumPy backend's threads: torch's OpenMP
             # workers would spin after the product and slow the kernels that follow
+            if out is None:
+                out = torch.empty((a.shape[0], b.shape[1]), dtype=a.dtype)
             _numpy().matmul(a.numpy(), b.numpy(), out=out.numpy())
             return out
         if (out is not None and tuple(out.shape) == (a.shape[0], b.shape[1]) and out.dtype == a.dtype == b.dtype

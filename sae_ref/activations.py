@@ -137,7 +137,22 @@ def threshold(pre, theta) -> SparseCode:
     """
     xp = _check_pre("threshold", pre)
     theta = _as_theta("threshold", xp, pre, theta, positive=False)
+    if getattr(theta, "ndim", 0) == 0:
+        return _above(pre, theta)
     return SparseCode.from_mask(pre, (pre > theta) & (pre > 0))
+
+
+def _above(pre, theta) -> SparseCode:
+    """The code of the entries ``> max(theta, 0)`` for one number ``theta``: the entries
+    ``>=`` the next representable value above the bound, found by the backend without a
+    [B, h] mask (the same set: no value lies strictly between a float and its successor)."""
+    xp = array_namespace(pre)
+    dev = device_of(pre)
+    zero = xp.zeros((), dtype=pre.dtype, device=dev)
+    bound = xp.maximum(xp.asarray(theta, dtype=pre.dtype, device=dev), zero)
+    bound = xp.nextafter(bound, xp.asarray(xp.inf, dtype=pre.dtype, device=dev))
+    idx = xp.astype(get_backend(xp).indices_at_least(pre, bound), xp.int64)
+    return _code_at(pre, idx, False)
 
 
 def _as_theta(op, xp, pre, theta, *, positive: bool):

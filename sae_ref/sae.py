@@ -264,8 +264,7 @@ def _select(xp, pre, config: SAEConfig, params: SAEParams, x, maxima=None) -> Sp
         return SparseCode.from_mask(pre, pre > 0)
     if a == "jumprelu":
         return SparseCode.from_mask(pre, pre > theta)
-    t = xp.asarray(config.theta, dtype=pre.dtype, device=device_of(pre))
-    return SparseCode.from_mask(pre, (pre > t) & (pre > 0))
+    return A._above(pre, config.theta)
 
 
 def _group(config: SAEConfig, B: int, h: int) -> int:
