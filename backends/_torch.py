@@ -178,13 +178,10 @@ class TorchBackend(StandardBackend):
         return super().add_and_group_max(x, v, g)
 
     def matmul(self, a, b, *, out=None):
-        fits = out is not None and tuple(out.shape) == (a.shape[0], b.shape[1]) and out.dtype == a.dtype
-        if _on_cpu(a, b) and a.dtype == b.dtype and a.ndim == b.ndim == 2 and (
-                out is None or (fits and _on_cpu(out) and out.is_contiguous())):
+        if (out is not None and _on_cpu(a, b, out) and out.is_contiguous()
+                and tuple(out.shape) == (a.shape[0], b.shape[1]) and a.dtype == b.dtype == out.dtype):
             # NumPy's BLAS on views, split over the NumPy backend's threads: torch's OpenMP
             # workers would spin after the product and slow the kernels that follow
-            if out is None:
-                out = torch.empty((a.shape[0], b.shape[1]), dtype=a.dtype)
             _numpy().matmul(a.numpy(), b.numpy(), out=out.numpy())
             return out
         if (out is not None and tuple(out.shape) == (a.shape[0], b.shape[1]) and out.dtype == a.dtype == b.dtype
