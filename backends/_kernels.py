@@ -219,6 +219,16 @@ def _inverse_norm(w, tiny):
     return 1.0 / norm if norm > tiny else 1.0
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _count_at_least(row, bound):
+    """How many entries of the 1-D ``row`` are ``>= bound``."""
+    c = 0
+    for t in range(row.shape[0]):
+        if row[t] >= bound:
+            c += 1
+    return c
+
+
 @njit(parallel=True, cache=True, nogil=True)
 def indices_at_least(x, lo):
     """Flat (row-major) indices, ascending, of the entries of the 2-D ``x`` with
@@ -227,13 +237,7 @@ def indices_at_least(x, lo):
     B, h = x.shape
     counts = np.zeros(B + 1, dtype=np.int64)
     for r in prange(B):
-        c = 0
-        row = x[r]
-        bound = lo[r]
-        for t in range(h):
-            if row[t] >= bound:
-                c += 1
-        counts[r + 1] = c
+        counts[r + 1] = _count_at_least(x[r], lo[r])
     for r in range(B):
         counts[r + 1] += counts[r]
     out = np.empty(counts[B], dtype=np.int64)
@@ -305,13 +309,7 @@ def indices_at_least_grouped(x, lo, maxima):
     g = h // w
     n_groups = np.zeros(B, dtype=np.int64)
     for r in prange(B):
-        c = 0
-        mr = maxima[r]
-        bound = lo[r]
-        for j in range(w):
-            if mr[j] >= bound:
-                c += 1
-        n_groups[r] = c
+        n_groups[r] = _count_at_least(maxima[r], lo[r])
     T = min(B, _ROW_CHUNKS)
     cap = np.zeros(T + 1, dtype=np.int64)
     for t in range(T):
