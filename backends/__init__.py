@@ -10,16 +10,29 @@ standard does not provide:
 Each has a pure-standard implementation (:class:`StandardBackend`, the one array-api-strict
 runs) and native fast paths for NumPy, torch (CPU and CUDA) and CuPy. The selection with the
 project's tie rule, built on ``kth_largest``, is :func:`top_n_mask`.
+
+**Sync-free mode.** On a GPU every host read (a count, a ``bool`` of a device array, a
+``nonzero`` whose length the host must know) stalls the step until the device catches up.
+:func:`is_sync_free` tells whether the arrays of a device are handled without any: by default
+on GPU devices (torch CUDA, CuPy), never on the CPU; :func:`sync_free` forces it either way
+for a block (the tests run the GPU path on every backend this way). In that mode the
+selections have a fixed size (:func:`top_n_fixed`), codes carry explicit zeros
+(``SparseCode.padded``), and the backends skip the products that read a count back.
 """
 
 from __future__ import annotations
 
-from array_api_compat import is_cupy_namespace, is_numpy_namespace, is_torch_namespace
+import contextlib
+import contextvars
 
-from ._select import group_size, top_n_indices, top_n_mask
+from array_api_compat import (is_cupy_array, is_cupy_namespace, is_numpy_namespace, is_torch_array,
+                              is_torch_namespace)
+
+from ._select import group_size, top_n_fixed, top_n_indices, top_n_mask
 from ._standard import StandardBackend
 
-__all__ = ["StandardBackend", "get_backend", "group_size", "top_n_indices", "top_n_mask", "uniform", "normal", "STANDARD"]
+__all__ = ["StandardBackend", "get_backend", "group_size", "is_sync_free", "sync_free", "top_n_fixed",
+           "top_n_indices", "top_n_mask", "uniform", "normal", "STANDARD"]
 
 STANDARD = StandardBackend()
 _NATIVE: dict[str, StandardBackend] = {}
@@ -51,6 +64,34 @@ def get_backend(xp, *, native: bool = True) -> StandardBackend:
         if is_cupy_namespace(xp):
             return _native("cupy")
     return STANDARD
+
+
+_SYNC_FREE = contextvars.ContextVar("sae_ref_sync_free", default=None)
+
+
+@contextlib.contextmanager
+def sync_free(enabled: bool = True):
+    """Within this block, :func:`is_sync_free` answers ``enabled`` for every array, on every
+    backend and device (``None`` restores the default: GPU arrays only)."""
+    if enabled is not None and not isinstance(enabled, bool):
+        raise TypeError(f"sync_free: argument 'enabled' must be True, False or None, got {enabled!r}")
+    token = _SYNC_FREE.set(enabled)
+    try:
+        yield
+    finally:
+        _SYNC_FREE.reset(token)
+
+
+def is_sync_free(x) -> bool:
+    """Whether the operations on ``x`` avoid every host read (fixed-size selections, codes
+    with explicit zeros): inside :func:`sync_free` as it says, otherwise True for arrays on a
+    GPU (a torch tensor off the CPU, a CuPy array) and False elsewhere."""
+    forced = _SYNC_FREE.get()
+    if forced is not None:
+        return forced
+    if is_torch_array(x):
+        return x.device.type != "cpu"
+    return is_cupy_array(x)
 
 
 def uniform(xp, seed: int, shape, *, low=0.0, high=1.0, dtype, device, stream: str = "host"):

@@ -39,6 +39,15 @@ class CupyBackend(StandardBackend):
             )
         return out
 
+    def compact(self, mask, n):
+        # each True entry's position among the True ones is a running count; scattering the
+        # indices there needs no count on the host (the False entries go to a spare slot)
+        flat = mask.reshape(-1)
+        pos = cp.cumsum(flat, dtype=cp.int64) - 1
+        out = cp.empty(n + 1, dtype=cp.int64)
+        out[cp.where(flat, pos, n)] = cp.arange(flat.shape[0], dtype=cp.int64)
+        return out[:n]
+
     def segment_sum(self, index, values, n):
         out = cp.zeros((n,), dtype=values.dtype)
         cupyx.scatter_add(out, index, values)

@@ -180,3 +180,36 @@ def _row_counts(xp, be, flags, rows, B):
     counts = be.segment_sum(rows, xp.astype(flags, xp.float64), B)
     return xp.astype(counts, xp.int64)
 
+
+
+def top_n_fixed(x, n: int, *, axis: int | None = None, backend=None):
+    """:func:`top_n_indices` without reading anything back to the host: the same indices
+    (the ``n`` largest, or each row's ``n`` largest, under the lower-index tie rule,
+    ascending) and the cut, computed with shapes known in advance.
+
+    The cut ``v`` comes from the backend's ``kth_largest`` (a top-k on a GPU); then one
+    mask keeps every entry ``> v`` and the first ``n - count(> v)`` entries equal to ``v``
+    in index order (a running count of the ties), and the backend's ``compact`` lists the
+    mask's entries, whose number is known: ``n`` (``B n`` per row). No branch on the data:
+    the tie pass runs even when there is no surplus tie, which a GPU does in a few passes
+    over the array and which spares the step a device-to-host copy.
+    """
+    from . import get_backend
+
+    xp = array_namespace(x)
+    be = backend if backend is not None else get_backend(xp)
+    B, h = x.shape
+    v = be.kth_largest(x, n, axis=axis)
+    gt = x > v
+    eq = x == v
+    rank_dtype = xp.int32 if B * h < 2**31 else xp.int64
+    if axis is None:
+        need = n - xp.count_nonzero(gt)
+        rank = xp.reshape(xp.cumulative_sum(xp.reshape(xp.astype(eq, rank_dtype), (-1,))), (B, h))
+        total = n
+    else:
+        need = n - xp.count_nonzero(gt, axis=-1, keepdims=True)
+        rank = xp.cumulative_sum(xp.astype(eq, rank_dtype), axis=-1)
+        total = B * n
+    keep = gt | (eq & (rank <= need))
+    return be.compact(keep, total), v

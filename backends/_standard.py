@@ -148,6 +148,14 @@ class StandardBackend:
         (idx,) = xp.nonzero(xp.reshape(x >= lo, (-1,)))
         return idx
 
+    def compact(self, mask, n: int):
+        """Flat (row-major) indices, ascending, int64, of the True entries of ``mask``, which
+        holds exactly ``n`` of them: a backend with a fixed-size form needs no count read back
+        to the host (this one uses ``nonzero``, which may)."""
+        xp = array_namespace(mask)
+        (idx,) = xp.nonzero(xp.reshape(mask, (-1,)))
+        return xp.astype(idx, xp.int64)
+
     def segment_sum(self, index, values, n: int):
         """``out[index[i]] += values[i]`` for a 1-D ``values``; ``out`` has shape (n,)."""
         xp = array_namespace(values)

@@ -18,10 +18,22 @@ _NUMPY_VIEWABLE = (torch.float16, torch.float32, torch.float64)
 
 
 def _on_cpu(*tensors) -> bool:
-    """Whether every tensor is a CPU float32/64 tensor (the dtypes SciPy's sparse products
-    take) that NumPy can view without a copy."""
+    """Whether every tensor is a CPU float32/64 tensor that NumPy can view without a copy,
+    outside the sync-free mode (which runs on the CPU exactly the torch calls a GPU runs)."""
     return all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and not t.requires_grad
-               for t in tensors)
+               for t in tensors) and not _sync_free(tensors[0])
+
+
+def _viewable(x) -> bool:
+    """Whether NumPy's passes may run on a view of ``x`` (a CPU float tensor, outside the
+    sync-free mode)."""
+    return x.device.type == "cpu" and x.dtype in _NUMPY_VIEWABLE and not x.requires_grad and not _sync_free(x)
+
+
+def _sync_free(x) -> bool:
+    from . import is_sync_free
+
+    return is_sync_free(x)
 
 
 def _numpy():
@@ -36,15 +48,15 @@ class TorchBackend(StandardBackend):
     def kth_largest(self, x, n, *, axis=None):
         if axis is None:
             flat = x.reshape(-1)
-            if flat.device.type == "cpu" and flat.dtype in _NUMPY_VIEWABLE:
-                a = flat.detach().numpy()
+            if _viewable(flat):
+                a = flat.numpy()
                 j = a.shape[0] - n
                 return torch.as_tensor(np.partition(a, j)[j])
             return torch.topk(flat, n, sorted=False).values.amin()
         return torch.topk(x, n, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
 
     def top_n_indices(self, x, n, *, axis=None, maxima=None):
-        if x.device.type == "cpu" and x.dtype in _NUMPY_VIEWABLE:
+        if _viewable(x):
             # NumPy's passes (compare, nonzero, partition) are 2-3x faster than torch's on the
             # CPU; the view shares memory, so this costs no copy
             m = None if maxima is None else maxima.detach().numpy()
@@ -60,8 +72,10 @@ class TorchBackend(StandardBackend):
                                 n_out, out=buf, accumulate=accumulate)
             return out if buf is not None and res is buf else torch.from_numpy(res)
         if accumulate:
+            if _sync_free(dense):
+                return self._scatter_add(out, out_index, in_index, values, dense)
             return out + self.spmm(out_index, in_index, values, dense, n_out)
-        if dense.dtype in (torch.float32, torch.float64) and out_index.shape[0] > 0:
+        if dense.dtype in (torch.float32, torch.float64) and out_index.shape[0] > 0 and not _sync_free(dense):
             # a CSR product (torch.sparse, MKL on the CPU) is 1.5-6x faster than index_add_
             idx = torch.stack([out_index, in_index])
             # indices come from our own codes (in range by construction): skip torch's checks
@@ -70,10 +84,18 @@ class TorchBackend(StandardBackend):
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
                 return torch.sparse.mm(m.coalesce().to_sparse_csr(), dense)
-        out = torch.zeros((n_out, dense.shape[1]), dtype=dense.dtype, device=dense.device)
+        # a scatter-add (atomic adds on a GPU): no count read back, the caller's buffer reused
+        if out is None or tuple(out.shape) != (n_out, dense.shape[1]) or out.dtype != dense.dtype:
+            out = torch.zeros((n_out, dense.shape[1]), dtype=dense.dtype, device=dense.device)
+        else:
+            out.zero_()
+        return self._scatter_add(out, out_index, in_index, values, dense)
+
+    @staticmethod
+    def _scatter_add(out, out_index, in_index, values, dense):
+        """``out[out_index[i]] += values[i] * dense[in_index[i]]`` in place, by chunks."""
         for s in range(0, out_index.shape[0], CHUNK):
-            contrib = dense.index_select(0, in_index[s : s + CHUNK])
-            contrib.mul_(values[s : s + CHUNK, None])
+            contrib = dense.index_select(0, in_index[s : s + CHUNK]).mul_(values[s : s + CHUNK, None])
             out.index_add_(0, out_index[s : s + CHUNK], contrib)
         return out
 
@@ -97,7 +119,7 @@ class TorchBackend(StandardBackend):
         if _on_cpu(a, b) and a.dtype == b.dtype:
             return torch.from_numpy(_numpy().sddmm(a.numpy(), b.numpy(), a_index.numpy(), b_index.numpy()))
         n = a_index.shape[0]
-        if n > 0 and a.dtype in (torch.float32, torch.float64) and a.dtype == b.dtype:
+        if n > 0 and a.dtype in (torch.float32, torch.float64) and a.dtype == b.dtype and not _sync_free(a):
             key = a_index * b.shape[0] + b_index
             if bool(torch.all(key[1:] > key[:-1])):  # row-major, unique: a valid CSR pattern
                 crow = torch.zeros(a.shape[0] + 1, dtype=torch.int64, device=a.device)
@@ -114,6 +136,10 @@ class TorchBackend(StandardBackend):
             gb = b.index_select(0, b_index[s : s + CHUNK])
             out[s : s + CHUNK] = torch.einsum("ij,ij->i", ga, gb)
         return out
+
+    def compact(self, mask, n):
+        # a fixed-size nonzero: on CUDA no count is copied back to the host
+        return torch.nonzero_static(mask.reshape(-1), size=n).reshape(-1)
 
     def segment_sum(self, index, values, n):
         out = torch.zeros((n,), dtype=values.dtype, device=values.device)
@@ -164,7 +190,7 @@ class TorchBackend(StandardBackend):
         return super().add_row_vector(x, v)
 
     def indices_at_least(self, x, lo, *, maxima=None):
-        if x.device.type == "cpu" and x.dtype in _NUMPY_VIEWABLE and not x.requires_grad:
+        if _viewable(x):
             # the NumPy backend's compiled passes on views: no [B, h] boolean mask
             m = None if maxima is None else maxima.detach().numpy()
             lo = lo.detach().numpy() if hasattr(lo, "detach") else lo

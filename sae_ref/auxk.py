@@ -28,9 +28,9 @@ from typing import Any
 from array_api_compat import device as device_of
 
 from sae_ref import _checks as C
-from sae_ref.backends import get_backend
+from sae_ref.backends import get_backend, is_sync_free, top_n_fixed
 from sae_ref.sparse import ColumnBlock, SparseCode, empty_code
-from sae_ref.activations import _topk
+from sae_ref.activations import _padded_code_at, _topk
 
 CONVENTIONS = ("authors", "normalized")
 #: The share of the [B, n_dead] block that the k' kept entries per row must fill for
@@ -113,8 +113,11 @@ def auxk(pre, dead, residual, W_dec, k_aux: int, *, convention: str = "authors",
 def _auxk(xp, pre, dead, residual, W_dec, k_aux, convention, detach_residual,
           want_g_W_dec=True, allow_block=False) -> AuxKResult:
     B, h = pre.shape
-    n_dead = int(xp.count_nonzero(dead))
     be = get_backend(xp)
+    if is_sync_free(pre):
+        return _auxk_fixed(xp, be, pre, dead, residual, W_dec, k_aux, convention, detach_residual,
+                           want_g_W_dec)
+    n_dead = int(xp.count_nonzero(dead))
     if n_dead == 0:
         zero = xp.zeros((), dtype=pre.dtype, device=device_of(pre))
         code = empty_code(xp, (B, h), pre.dtype, device_of(pre))
@@ -179,3 +182,29 @@ def _auxk_block(xp, be, sub, dead_idx, k, residual, W_dec, convention, detach_re
     shape = (B, W_dec.shape[0])
     block = (ColumnBlock(dead_idx, a, shape), ColumnBlock(dead_idx, g_a, shape))
     return AuxKResult(value, None, None, None, g_res, g_ehat, block)
+
+
+def _auxk_fixed(xp, be, pre, dead, residual, W_dec, k_aux, convention, detach_residual,
+                want_g_W_dec):
+    """AuxK with shapes known in advance (the sync-free mode): each row's top
+    ``min(k_aux, h)`` of the pre-activations with the live columns set to -inf. The dead
+    columns come first, so the kept positive entries are those of the exact selection; the
+    rest (live columns, or dead ones with a non-positive value) are zeros of a padded code,
+    with no gradient. With no dead latent at all the loss and its gradients are zero, chosen
+    on the device."""
+    B, h = pre.shape
+    dev = device_of(pre)
+    k = min(k_aux, h)
+    masked = xp.where(dead, pre, xp.asarray(-xp.inf, dtype=pre.dtype, device=dev))
+    code = _padded_code_at(masked, top_n_fixed(masked, k, axis=-1, backend=be)[0])
+    any_dead = xp.any(dead)
+    zero = xp.zeros((), dtype=pre.dtype, device=dev)
+    e_hat = be.spmm(code.rows, code.cols, code.values, W_dec, B)
+    value, g_ehat, g_res = _loss(xp, e_hat, residual, convention, detach_residual)
+    value = xp.where(any_dead, value, zero)
+    g_ehat = xp.where(any_dead, g_ehat, zero)
+    g_res = None if g_res is None else xp.where(any_dead, g_res, zero)
+    g_values = be.sddmm(g_ehat, W_dec, code.rows, code.cols)
+    g_values = xp.where(code.values != 0, g_values, zero)
+    g_W_dec = be.spmm(code.cols, code.rows, code.values, g_ehat, h) if want_g_W_dec else None
+    return AuxKResult(value, code, g_values, g_W_dec, g_res, g_ehat)

@@ -36,7 +36,7 @@ from array_api_compat import array_namespace, device as device_of
 from sae_ref import _checks as C
 from sae_ref import activations as A
 from sae_ref import profile as P
-from sae_ref.backends import get_backend, group_size, uniform
+from sae_ref.backends import get_backend, group_size, is_sync_free, uniform
 from sae_ref.sparse import ColumnBlock, SparseCode, values_at
 
 ACTIVATIONS = ("relu", "topk", "batchtopk", "jumprelu", "threshold", "top_afa")
@@ -267,9 +267,13 @@ def _select(xp, pre, config: SAEConfig, params: SAEParams, x, maxima=None) -> Sp
     return A._above(pre, config.theta)
 
 
-def _group(config: SAEConfig, B: int, h: int) -> int:
-    """The column group of the selection's bracket (``backends.group_size``): 1 when the
-    activation is not a (Batch)TopK or the batch too small for groups."""
+def _group(config: SAEConfig, x, h: int) -> int:
+    """The column group of the selection's bracket (``backends.group_size``) for the batch
+    ``x``: 1 when the activation is not a (Batch)TopK, the batch is too small for groups, or
+    the selection is the sync-free one (which needs no bracket)."""
+    B = x.shape[0]
+    if is_sync_free(x):
+        return 1
     if config.activation == "batchtopk":
         return group_size((B, h), B * config.k)
     if config.activation == "topk":
@@ -295,7 +299,7 @@ def encode(params: SAEParams, x, config: SAEConfig) -> SparseCode:
     xp = _check_params("encode", params, x, config)
     if config.standardize:
         x, _ = _standardize(xp, x, 1e-5)
-    pre, maxima = _pre(xp, params, x, g=_group(config, x.shape[0], params.h))
+    pre, maxima = _pre(xp, params, x, g=_group(config, x, params.h))
     return _select(xp, pre, config, params, x, maxima)
 
 
@@ -334,7 +338,7 @@ def _forward(xp, params: SAEParams, x, config: SAEConfig, select=None, ws=None) 
     if config.standardize:
         x, stats = _standardize(xp, x, 1e-5)
     P.mark("standardize", x)
-    g = _group(config, x.shape[0], params.h) if select is None else 1
+    g = _group(config, x, params.h) if select is None else 1
     pre, maxima = _pre(xp, params, x, ws, g)
     P.mark("encoder gemm", pre)
     code = _select(xp, pre, config, params, x, maxima) if select is None else select(pre)
@@ -416,9 +420,13 @@ def backward(params: SAEParams, fwd: Forward, g_xhat, *, g_code=None, g_theta=No
     # activation: pass-through at the kept places (JumpReLU: H(z - theta) = 1 there), so
     # g_z = g_f there; encoder (z = x_c W_enc + b_enc): g_W_enc^T = g_z^T x_c
     x_c = fwd.x - params.b_dec
-    g_f, g_W_dec, g_W_enc = be.backward_products(code.rows, code.cols, code.values, g_xhat,
-                                                  params.W_dec, x_c, g_code,
-                                                  out_W=buf("g_W_dec"), out_X=buf("g_W_enc"))
+    if code.padded:  # listed but not kept (value 0): no gradient there
+        g_f, g_W_dec, g_W_enc = _padded_products(xp, be, code, g_xhat, params.W_dec, x_c, g_code,
+                                                 buf("g_W_dec"), buf("g_W_enc"))
+    else:
+        g_f, g_W_dec, g_W_enc = be.backward_products(code.rows, code.cols, code.values, g_xhat,
+                                                      params.W_dec, x_c, g_code,
+                                                      out_W=buf("g_W_dec"), out_X=buf("g_W_enc"))
     if g_W_dec_extra is not None:
         g_W_dec += g_W_dec_extra  # a new array or the workspace's: ours to write
     if g_W_dec_sparse is not None:
@@ -437,6 +445,18 @@ def backward(params: SAEParams, fwd: Forward, g_xhat, *, g_code=None, g_theta=No
         if g_theta is not None:
             g_th = g_th + g_theta
     return SAEParams(g_W_enc, g_b_enc, g_W_dec, g_b_dec, g_th)
+
+
+def _padded_products(xp, be, code, G, W, X, g_code, out_W, out_X):
+    """The backend's ``backward_products`` for a padded code: the sampled gradient is zeroed
+    at the entries of value 0 before it multiplies ``X``."""
+    g_f = be.sddmm(G, W, code.rows, code.cols)
+    if g_code is not None:
+        g_f = g_f + g_code
+    g_f = xp.where(code.values != 0, g_f, xp.zeros((), dtype=g_f.dtype, device=device_of(g_f)))
+    h = W.shape[0]
+    g_W = be.spmm(code.cols, code.rows, code.values, G, h, out=out_W)
+    return g_f, g_W, be.spmm(code.cols, code.rows, g_f, X, h, out=out_X)
 
 
 def _add_transposed_product(xp, be, M, dense, out):

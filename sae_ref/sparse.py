@@ -35,12 +35,18 @@ class SparseCode:
     values : float array, shape [nnz]
         The activation value (or, for a gradient, the gradient at that place).
     shape : (B, h)
+    padded : bool
+        The selection had a fixed size (the sync-free mode of :mod:`sae_ref.backends`):
+        entries with value 0 are places it listed but did not keep (a non-positive
+        pre-activation). They add nothing to a product, count in no L0, and the backward
+        pass gives them no gradient.
     """
 
     rows: Any
     cols: Any
     values: Any
     shape: tuple[int, int]
+    padded: bool = False
 
     @classmethod
     def from_mask(cls, z, mask) -> SparseCode:
@@ -89,6 +95,7 @@ class SparseCode:
             xp.concat([self.cols, other.cols]),
             xp.concat([self.values, other.values]),
             self.shape,
+            self.padded or other.padded,
         )
 
 

@@ -1,0 +1,220 @@
+"""The sync-free mode (the GPU path): fixed-size selections, padded codes, no host reads.
+
+A GPU step that reads a count or a boolean back to the host waits for the device at that
+point. In the sync-free mode (default on GPU arrays, forced here with
+``backends.sync_free()`` so every backend runs it) the selections have a size known in
+advance and the codes carry explicit zeros. Each test checks that the mode computes what the
+default mode computes, and on torch that the step makes no host read at all.
+"""
+
+from __future__ import annotations
+
+import traceback
+
+import numpy as np
+import pytest
+import torch
+from array_api_compat import device as device_of
+from hypothesis import given, strategies as st
+from torch.overrides import TorchFunctionMode
+
+from sae_ref import auxk as K
+from sae_ref.activations import batch_topk, topk
+from sae_ref.arrays import to_numpy
+from sae_ref.backends import get_backend, is_sync_free, sync_free, top_n_fixed
+from sae_ref.train import TrainConfig, init_state, step
+from sae_ref.validation.oracles import assert_close, top_n_mask_oracle
+
+
+@st.composite
+def tied_or_continuous(draw):
+    """(B, h): values from a small integer set (ties at the cut, non-positive entries) or
+    continuous."""
+    B = draw(st.integers(1, 8), label="B")
+    h = draw(st.integers(1, 40), label="h")
+    dt = draw(st.sampled_from([np.float32, np.float64]), label="dtype")
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1), label="seed"))
+    if draw(st.booleans(), label="ties"):
+        return rng.integers(-2, 3, size=(B, h)).astype(dt)
+    return rng.standard_normal((B, h)).astype(dt)
+
+
+def _mask(shape, idx):
+    got = np.zeros(int(np.prod(shape)), dtype=bool)
+    got[idx] = True
+    return got.reshape(shape)
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "standard"])
+@pytest.mark.parametrize("axis", [None, -1], ids=["whole", "per_row"])
+@given(z=tied_or_continuous(), data=st.data())
+def test_top_n_fixed_keeps_the_tie_rule_set_in_ascending_order_with_its_fixed_size(backend, native, axis, z, data):
+    """Invariant: the fixed-size selection returns exactly n (B n per row) ascending flat
+    indices, the oracle's places under the lower-index tie rule, and the n-th largest value
+    as its cut, on the native and the pure-standard backends."""
+    hi = z.size if axis is None else z.shape[1]
+    n = data.draw(st.integers(1, hi), label="n")
+    x = backend.asarray(z)
+    idx, cut = top_n_fixed(x, n, axis=axis, backend=get_backend(backend.xp, native=native))
+    assert device_of(idx) == backend.device
+    idx = backend.numpy(idx).astype(np.int64)
+    assert idx.shape == ((n,) if axis is None else (z.shape[0] * n,))
+    assert np.all(np.diff(idx) > 0)
+    np.testing.assert_array_equal(_mask(z.shape, idx), top_n_mask_oracle(z, n, axis))
+    kth = np.sort(z.astype(np.float64), axis=None if axis is None else -1)
+    kth = kth[-n] if axis is None else kth[:, [-n]]
+    np.testing.assert_array_equal(backend.numpy(cut).astype(np.float64), kth)
+
+
+@pytest.mark.parametrize("select", [batch_topk, topk], ids=["batchtopk", "topk"])
+@given(z=tied_or_continuous(), data=st.data())
+def test_sync_free_code_is_the_exact_code_plus_explicit_zeros(backend, select, z, data):
+    """Invariant: the padded code of a selection, read as a dense matrix, equals the exact
+    code's, has exactly B k (BatchTopK) or k per row (TopK) entries, and its zeros are the
+    only places the exact code leaves out."""
+    k = data.draw(st.integers(1, z.shape[1]), label="k")
+    x = backend.asarray(z)
+    exact = select(x, k)
+    with sync_free():
+        padded = select(x, k)
+    assert padded.padded and not exact.padded
+    assert padded.nnz == z.shape[0] * k
+    np.testing.assert_array_equal(backend.numpy(padded.to_dense()), backend.numpy(exact.to_dense()))
+    values = backend.numpy(padded.values)
+    assert np.count_nonzero(values) == exact.nnz
+    np.testing.assert_array_equal(backend.numpy(padded.l0()), backend.numpy(exact.l0()))
+
+
+@pytest.mark.parametrize("n_dead", [0, 3, 40], ids=["none_dead", "fewer_dead_than_k_aux", "many_dead"])
+@pytest.mark.parametrize("convention", ["authors", "normalized"])
+def test_sync_free_auxk_has_the_exact_loss_and_gradients(backend, n_dead, convention):
+    """Invariant: AuxK with fixed shapes (live columns at -inf, no count of the dead ones read
+    back) gives the exact AuxK's loss, gradient on W_dec, on the residual and on the
+    pre-activations, with no dead latent, fewer than k_aux and more."""
+    rng = np.random.default_rng(n_dead)
+    B, h, d, k_aux = 16, 64, 8, 6
+    pre = backend.asarray(rng.integers(-3, 4, size=(B, h)).astype(np.float64) + 0.0)
+    dead_np = np.zeros(h, dtype=bool)
+    dead_np[rng.permutation(h)[:n_dead]] = True
+    dead = backend.asarray(dead_np)
+    res = backend.asarray(rng.standard_normal((B, d)))
+    W = backend.asarray(rng.standard_normal((h, d)))
+    exact = K.auxk(pre, dead, res, W, k_aux, convention=convention, detach_residual=False)
+    with sync_free():
+        fixed = K.auxk(pre, dead, res, W, k_aux, convention=convention, detach_residual=False)
+    assert fixed.code.nnz == B * k_aux
+    for name in ("value", "g_W_dec", "g_residual"):
+        assert_close(backend.numpy(getattr(fixed, name)), backend.numpy(getattr(exact, name)),
+                     rtol=1e-12, atol=1e-12)
+    for pair in ((fixed.code, exact.code), (fixed.code.with_values(fixed.g_values),
+                                            exact.code.with_values(exact.g_values))):
+        assert_close(backend.numpy(pair[0].to_dense()), backend.numpy(pair[1].to_dense()),
+                     rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("activation", ["batchtopk", "topk"])
+def test_backward_through_a_padded_code_equals_backward_through_the_exact_code(backend, activation):
+    """Invariant: where the selection lists non-positive pre-activations (k larger than the
+    positive entries of some rows), the padded code's zeros get no gradient: every parameter
+    gradient, sparse penalty gradient included, equals the exact code's."""
+    from sae_ref.sae import SAEConfig, backward, forward, init_params
+
+    rng = np.random.default_rng(5)
+    d, h, B = 6, 10, 12
+    params = init_params(d, h, xp=backend.xp, dtype=backend.dtype("float64"), device=backend.device, seed=1)
+    x = backend.asarray(rng.standard_normal((B, d)))
+    g_xhat = backend.asarray(rng.standard_normal((B, d)))
+    config = SAEConfig(activation, k=8)
+    exact = forward(params, x, config)
+    with sync_free():
+        fixed = forward(params, x, config)
+    assert fixed.code.padded and exact.code.nnz < fixed.code.nnz  # zeros were listed
+    g_exact = backward(params, exact, g_xhat, g_code=exact.code.values * 0.5)
+    g_fixed = backward(params, fixed, g_xhat, g_code=fixed.code.values * 0.5)
+    for name, a in g_exact.arrays().items():
+        assert_close(backend.numpy(getattr(g_fixed, name)), backend.numpy(a), rtol=1e-12, atol=1e-12)
+
+
+def _steps(backend, arch, n_steps, forced):
+    config = TrainConfig(arch=arch, h=96, k=3, k_aux=16, lr=3e-3, dead_after=1, dead_unit="batches",
+                         steps=n_steps)
+    rng = np.random.default_rng(7)
+    xs = [backend.asarray(rng.standard_normal((32, 12)) * rng.uniform(0.5, 2, 12)) for _ in range(2)]
+    with sync_free(forced):
+        state, trace = init_state(config, xs[0]), []
+        for i in range(n_steps):
+            state, m = step(state, xs[i % 2], check=False)
+            trace.append([float(m[name]) for name in ("loss", "aux", "l0", "dead_fraction", "theta" if arch == "batchtopk" else "mse")])
+    return state, np.array(trace)
+
+
+@pytest.mark.parametrize("arch", ["batchtopk", "topk"])
+def test_sync_free_training_takes_the_default_steps(backend, arch):
+    """Invariant: six float64 training steps with AuxK on dead latents end at the same
+    parameters and report the same losses, L0, dead fraction and theta in the sync-free mode
+    as in the default mode."""
+    (fixed, t_fixed), (exact, t_exact) = (_steps(backend, arch, 6, f) for f in (True, False))
+    assert t_exact[:, 3].max() > 0.1  # AuxK had dead latents to work on
+    np.testing.assert_allclose(t_fixed, t_exact, rtol=1e-9, atol=1e-12)
+    for name, a in exact.params.arrays().items():
+        assert_close(to_numpy(getattr(fixed.params, name)), to_numpy(a), rtol=1e-9, atol=1e-12)
+
+
+#: torch calls that copy data from the device to the host (or need a count on the host): a
+#: CUDA step that makes one waits there for the GPU
+_HOST_READS = {"__bool__", "item", "__int__", "__float__", "__index__", "tolist", "numpy", "cpu",
+               "nonzero", "unique", "unique_consecutive", "masked_select", "bincount", "coalesce",
+               "repeat_interleave", "__array__"}
+
+
+class _HostReadRecorder(TorchFunctionMode):
+    """Records every torch call that reads back to the host, and boolean-mask indexing."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", str(func))
+        read = name in _HOST_READS
+        if name in ("__getitem__", "__setitem__") and len(args) > 1:
+            index = args[1] if isinstance(args[1], tuple) else (args[1],)
+            read = any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in index)
+        if read:
+            self.reads.append((name, "".join(traceback.format_stack(limit=4)[:-1])))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("arch", ["batchtopk", "topk"])
+def test_sync_free_torch_step_reads_nothing_back_to_the_host(arch):
+    """Invariant: a torch training step in the sync-free mode (AuxK on, dead latents present)
+    calls no torch function that copies a value to the host; the default CPU step does (its
+    NumPy views and counts), which shows the recorder sees them."""
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((64, 16)).astype(np.float32))
+    config = TrainConfig(arch=arch, h=128, k=4, k_aux=8, dead_after=1, dead_unit="batches")
+    for forced in (True, False):
+        with sync_free(forced):
+            state, _ = step(init_state(config, x), x, check=False)
+            with _HostReadRecorder() as rec:
+                state, metrics = step(state, x, check=False)
+        if forced:
+            assert not rec.reads, "host reads in the sync-free step:\n" + "\n".join(f"{n}\n{s}" for n, s in rec.reads)
+            assert float(metrics["dead_fraction"]) > 0 and float(metrics["l0"]) == 4.0
+        else:
+            assert rec.reads
+
+
+def test_sync_free_is_the_default_on_gpu_arrays_only(backend):
+    """Invariant: without the context, the mode is on for GPU arrays and off for CPU ones;
+    the context forces it either way and restores the default."""
+    x = backend.asarray(np.zeros((2, 2), dtype=np.float32))
+    on_gpu = backend.name in ("torch-cuda", "cupy")
+    assert is_sync_free(x) == on_gpu
+    with sync_free(not on_gpu):
+        assert is_sync_free(x) == (not on_gpu)
+        with sync_free(None):
+            assert is_sync_free(x) == on_gpu
+    assert is_sync_free(x) == on_gpu
+    with pytest.raises(TypeError, match="enabled"):
+        with sync_free("yes"):
+            pass
