@@ -19,6 +19,21 @@ class CupyBackend(StandardBackend):
         h = x.shape[-1]
         return cp.partition(x, h - n, axis=-1)[:, h - n : h - n + 1]
 
+    def matmul_at(self, a, b, precision, *, out=None):
+        self.check_precision(precision)  # CuPy has no bfloat16
+        if precision != "tf32" or a.dtype != cp.float32:
+            return self.matmul(a, b, out=out)
+        # CuPy chooses cuBLAS's compute type per dtype (its CUPY_TF32 setting); set TF32 for
+        # this product and restore the setting
+        from cupy._core import _routines_linalg as L
+
+        before = L.get_compute_type(cp.float32)
+        L.set_compute_type(cp.float32, L.COMPUTE_TYPE_TF32)
+        try:
+            return cp.matmul(a, b) if out is None else cp.matmul(a, b, out=out)
+        finally:
+            L.set_compute_type(cp.float32, before)
+
     def spmm(self, out_index, in_index, values, dense, n_out, *, out=None, accumulate=False):
         if out is None or out.shape != (n_out, dense.shape[1]) or out.dtype != dense.dtype:
             if accumulate:

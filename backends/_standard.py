@@ -24,6 +24,8 @@ class StandardBackend:
     """
 
     name = "standard"
+    #: the precisions :meth:`matmul_at` runs
+    precisions = ("highest", "tf32")
 
     # -- selection --------------------------------------------------------------------------
     def kth_largest(self, x, n: int, *, axis: int | None = None):
@@ -119,6 +121,23 @@ class StandardBackend:
         """``a @ b``; ``out``: a buffer the product may be written into (a backend that can
         returns it: no new [B, h] array per training step; this one returns a new array)."""
         return a @ b
+
+    def matmul_at(self, a, b, precision: str, *, out=None):
+        """``a @ b`` at a reduced ``precision`` (:data:`PRECISIONS`):
+
+        - ``"highest"``: :meth:`matmul`;
+        - ``"tf32"``: float32 products on a GPU's TensorFloat-32 units (inputs rounded to a
+          10-bit mantissa, float32 sums). The standard and CPUs have no such mode: here the
+          product is float32's, which TF32 approximates;
+        - ``"bf16"``: inputs rounded to bfloat16, sums and result in float32. The standard
+          has no bfloat16: this backend raises ValueError.
+        """
+        self.check_precision(precision)
+        return self.matmul(a, b, out=out)
+
+    def check_precision(self, precision: str) -> str:
+        """``precision`` if :meth:`matmul_at` runs it on this backend; ValueError otherwise."""
+        return check_precision(self.name, precision, self.precisions)
 
     def add_row_vector(self, x, v):
         """``x += v`` (``v`` of shape [n] added to every row of the 2-D ``x``), in place where
@@ -255,6 +274,19 @@ class StandardBackend:
         """Standard normal numbers from a generator seeded with ``seed``, on ``device``."""
         g = np.random.default_rng(seed)
         return xp.asarray(g.standard_normal(size=shape), dtype=dtype, device=device)
+
+
+#: The encoder product's precisions (:meth:`StandardBackend.matmul_at`).
+PRECISIONS = ("highest", "tf32", "bf16")
+
+
+def check_precision(backend: str, precision: str, supported=("highest", "tf32")):
+    """ValueError unless ``precision`` is one of :data:`PRECISIONS` that ``backend`` runs."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"matmul precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision not in supported:
+        raise ValueError(f"matmul precision {precision!r} needs torch: the {backend} backend "
+                         f"has no bfloat16 (supported here: {', '.join(map(repr, supported))})")
 
 
 def _segment_sums(xp, sorted_index, contrib, n_out, dev):

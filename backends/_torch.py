@@ -7,12 +7,13 @@ selection, where ``np.partition`` is several times faster than ``torch.kthvalue`
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import numpy as np
 import torch
 
-from ._standard import CHUNK, StandardBackend, _below
+from ._standard import CHUNK, PRECISIONS, StandardBackend, _below
 
 _NUMPY_VIEWABLE = (torch.float16, torch.float32, torch.float64)
 
@@ -36,6 +37,25 @@ def _sync_free(x) -> bool:
     return is_sync_free(x)
 
 
+@contextlib.contextmanager
+def _tf32():
+    """CUDA float32 products on the TensorFloat-32 units within this block (the setting is
+    process-wide: restored on exit)."""
+    flags = torch.backends.cuda.matmul
+    if hasattr(flags, "fp32_precision"):
+        before, flags.fp32_precision = flags.fp32_precision, "tf32"
+        try:
+            yield
+        finally:
+            flags.fp32_precision = before
+    else:
+        before, flags.allow_tf32 = flags.allow_tf32, True
+        try:
+            yield
+        finally:
+            flags.allow_tf32 = before
+
+
 def _numpy():
     from . import get_backend
 
@@ -44,6 +64,7 @@ def _numpy():
 
 class TorchBackend(StandardBackend):
     name = "torch"
+    precisions = PRECISIONS
 
     def kth_largest(self, x, n, *, axis=None):
         if axis is None:
@@ -214,6 +235,20 @@ class TorchBackend(StandardBackend):
                 and out.device == a.device and not (a.requires_grad or b.requires_grad)):
             return torch.matmul(a, b, out=out)
         return a @ b
+
+    def matmul_at(self, a, b, precision, *, out=None):
+        self.check_precision(precision)
+        if precision == "bf16":
+            a16, b16 = a.to(torch.bfloat16), b.to(torch.bfloat16)
+            if a.is_cuda:  # bfloat16 tensor cores, float32 sums and output
+                return torch.mm(a16, b16, out_dtype=torch.float32)
+            # the CPU has no bf16-in, float32-out product: the same numbers from float32 GEMM
+            # of the rounded inputs
+            return self.matmul(a16.to(a.dtype), b16.to(b.dtype), out=out)
+        if precision == "tf32" and a.is_cuda:
+            with _tf32():
+                return self.matmul(a, b, out=out)
+        return self.matmul(a, b, out=out)
 
     def sum_squares(self, g):
         return torch.linalg.vector_norm(g).square()

@@ -48,6 +48,7 @@ from bench_core import _sync, gemm_into, machine, timeit  # the sibling script's
 import sae_ref
 from sae_ref import activations as A
 from sae_ref.arrays import resolve
+from sae_ref.backends import get_backend
 from sae_ref.profile import phases
 from sae_ref.sae import SAEConfig, encode
 from sae_ref.train import TrainConfig, inference_config, init_state, step
@@ -93,6 +94,17 @@ def suppress(state, share, xp):
     return replace(state, params=replace(state.params, W_enc=W * (1.0 - 0.9 * weak)))
 
 
+def gemm_at(xp, a, b, precision: str):
+    """The reference GEMM ``fn()`` at the steps' precision: :func:`bench_core.gemm_into` for
+    "highest", the backend's ``matmul_at`` into one preallocated output otherwise."""
+    if precision == "highest":
+        return gemm_into(xp, a, b)
+    be = get_backend(xp)
+    be.check_precision(precision)
+    out = xp.empty((a.shape[0], b.shape[1]), dtype=a.dtype, device=a.device)
+    return lambda: be.matmul_at(a, b, precision, out=out)
+
+
 def inputs(B: int, d: int):
     """The two float32 NumPy batches ``(x0, x1)`` of shape (B, d), standard normal, that every
     harness times on."""
@@ -101,32 +113,32 @@ def inputs(B: int, d: int):
 
 
 def setup(backend: str, d: int, h: int, k: int, B: int, dead_after: int, dead_share: float,
-          aux: bool = True, arch: str = "batchtopk"):
+          aux: bool = True, arch: str = "batchtopk", precision: str = "highest"):
     """``(xp, x0, x1, state)``: the batches on ``backend`` and the starting state of the timed
     steps (default TrainConfig, BatchTopK unless ``arch``, ``dead_share`` of the latents
     suppressed; AuxK off with ``aux=False``)."""
     xp, dev = resolve(backend)
     x0, x1 = (xp.asarray(x, device=dev) for x in inputs(B, d))
     config = TrainConfig(arch=arch, h=h, k=k, dead_after=dead_after,
-                         aux_convention="authors" if aux else None)
+                         aux_convention="authors" if aux else None, matmul_precision=precision)
     with sae_ref.no_checks():
         state = suppress(init_state(config, x0, stream="device"), dead_share, xp)
     return xp, x0, x1, state
 
 
 def bench(backend: str, d: int, h: int, k: int, B: int, repeats: int, dead_after: int,
-          dead_shares: list[float]):
+          dead_shares: list[float], precision: str = "highest"):
     times, info = {}, {"dead": {}, "phases": {}}
 
     def fresh(share, aux=True):
-        return setup(backend, d, h, k, B, dead_after, share, aux)
+        return setup(backend, d, h, k, B, dead_after, share, aux, precision=precision)
 
     xp, x0, x1, state = fresh(0.0, aux=False)
     with sae_ref.no_checks():
         W_enc = state.params.W_enc
-        times["gemm (x @ W_enc)"] = timeit(gemm_into(xp, x0, W_enc), xp, repeats)
+        times["gemm (x @ W_enc)"] = timeit(gemm_at(xp, x0, W_enc, precision), xp, repeats)
         times["train step, AuxK off"], _, _ = time_steps(state, x0, x1, repeats, xp)
-        topk = setup(backend, d, h, k, B, dead_after, 0.0, aux=False, arch="topk")[3]
+        topk = setup(backend, d, h, k, B, dead_after, 0.0, aux=False, arch="topk", precision=precision)[3]
         times["TopK step, AuxK off"], _, _ = time_steps(topk, x0, x1, repeats, xp)
         del topk
         info["phases"]["AuxK off"] = profile_phases(fresh(0.0, aux=False)[3], x0, x1, repeats, xp)
@@ -163,6 +175,8 @@ def main(argv=None):
                    help="share of latents whose encoder columns are scaled by 0.1 so they go dead "
                         "(repeatable; default 0.01, 0.1 and 0.5)")
     p.add_argument("--backend", action="append", help="numpy, torch, torch-cuda, cupy (repeatable)")
+    p.add_argument("--matmul-precision", default="highest", choices=["highest", "tf32", "bf16"],
+                   help="the encoder product's precision in the steps and in the reference GEMM")
     a = p.parse_args(argv)
     shape = {n: getattr(a, n) if getattr(a, n) is not None else (SMALL if a.small else FULL)[n]
              for n in ("d", "h", "k", "B")}
@@ -173,12 +187,12 @@ def main(argv=None):
     print(f"train step: sae-ref default TrainConfig (batchtopk, standardize, AuxK 'authors' k_aux=512, "
           f"Adam), successive steps donating their state as the training loop does; dead_after="
           f"{a.dead_after} batch(es); 'N% dead': the encoder columns of N% of the latents scaled by 0.1 "
-          f"so they go dead")
+          f"so they go dead; encoder product precision: {a.matmul_precision}")
     for name in a.backend or ["numpy", "torch"]:
         try:
             times, info = bench(name, shape["d"], shape["h"], shape["k"], shape["B"],
-                                a.repeats, a.dead_after, shares)
-        except (ImportError, RuntimeError) as e:
+                                a.repeats, a.dead_after, shares, a.matmul_precision)
+        except (ImportError, RuntimeError, ValueError) as e:
             print(f"\n[{name}] skipped: {e}")
             continue
         gemm = times["gemm (x @ W_enc)"]

@@ -34,6 +34,9 @@ def _train_parser(sub):
     p.add_argument("--backend", default="numpy", choices=BACKENDS)
     p.add_argument("--device", default=None, help="e.g. cuda, cuda:1 (torch) or 0 (cupy)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--matmul-precision", default=None, choices=["highest", "tf32", "bf16"],
+                   help="the encoder product's precision: tf32 (CUDA TensorFloat-32 units) or bf16 "
+                   "(bfloat16 inputs, float32 sums; torch only); default highest")
     p.add_argument("--preset", default="sae-ref", help="named configuration (see sae_ref.train.PRESETS)")
     p.add_argument("--arch", default=None, help="batchtopk, topk, jumprelu, relu-l1, sqrt-l1, top-afa")
     p.add_argument("--h", type=int, default=None, help="latents (default 16384; synthetic: 8 x D)")
@@ -113,7 +116,8 @@ def _train(args, parser) -> int:
         overrides[key.strip()] = _value(val)
     for flag, field in (("arch", "arch"), ("h", "h"), ("k", "k"), ("steps", "steps"), ("lr", "lr"),
                         ("sparsity_coeff", "sparsity_coeff"), ("seed", "seed"), ("nonfinite", "nonfinite"),
-                        ("afa_coeff", "afa_coeff"), ("afa_target", "afa_target")):
+                        ("afa_coeff", "afa_coeff"), ("afa_target", "afa_target"),
+                        ("matmul_precision", "matmul_precision")):
         if getattr(args, flag) is not None:
             overrides[field] = getattr(args, flag)
     if "h" not in overrides and args.data == "synthetic":

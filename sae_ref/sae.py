@@ -36,7 +36,7 @@ from array_api_compat import array_namespace, device as device_of
 from sae_ref import _checks as C
 from sae_ref import activations as A
 from sae_ref import profile as P
-from sae_ref.backends import get_backend, group_size, is_sync_free, uniform
+from sae_ref.backends import PRECISIONS, get_backend, group_size, is_sync_free, uniform
 from sae_ref.sparse import ColumnBlock, SparseCode, values_at
 
 ACTIVATIONS = ("relu", "topk", "batchtopk", "jumprelu", "threshold", "top_afa")
@@ -88,6 +88,10 @@ class SAEConfig:
         live in that space, :func:`reconstruct` maps outputs back
     afa_rule, afa_sentinel : top-AFA only (:func:`sae_ref.afa.top_afa`): "nearest" prefix
         norm (the authors) or "first_exceeding"; the authors' sentinel on the last prefix
+    precision : the encoder product's precision, "highest" (the dtype's own), "tf32"
+        (TensorFloat-32 units on a CUDA GPU; the float32 product elsewhere) or "bf16" (inputs
+        rounded to bfloat16, float32 sums and pre-activations; torch only); see
+        :meth:`sae_ref.backends.StandardBackend.matmul_at`
     """
 
     activation: str = "batchtopk"
@@ -97,11 +101,13 @@ class SAEConfig:
     standardize: bool = False
     afa_rule: str = "nearest"
     afa_sentinel: bool = False
+    precision: str = "highest"
 
     def __post_init__(self):
         from sae_ref.afa import RULES
 
         C.choice("SAEConfig", "activation", self.activation, ACTIVATIONS)
+        C.choice("SAEConfig", "precision", self.precision, PRECISIONS)
         C.choice("SAEConfig", "afa_rule", self.afa_rule, RULES)
         if self.activation in ("topk", "batchtopk"):
             C.integer_in("SAEConfig", "k", self.k, 1, 2**62, f" for activation {self.activation!r}")
@@ -281,14 +287,18 @@ def _group(config: SAEConfig, x, h: int) -> int:
     return 1
 
 
-def _pre(xp, params, x, ws=None, g: int = 1):
+def _pre(xp, params, x, ws=None, g: int = 1, precision: str = "highest"):
     """``(z, maxima)``: z = (x - b_dec) W_enc + b_enc, into the workspace's [B, h] buffer when
     given, and with ``g > 1`` its column-group maxima for the selection's bracket, taken in
-    the pass that adds the bias (None otherwise)."""
+    the pass that adds the bias (None otherwise). ``precision``: the product's
+    (:class:`SAEConfig`)."""
     be = get_backend(xp)
     x_c = x - params.b_dec
     buf = None if ws is None else ws.array("pre", xp, (x.shape[0], params.h), x.dtype, device_of(x))
-    pre = be.matmul(x_c, params.W_enc, out=buf)
+    if precision == "highest":
+        pre = be.matmul(x_c, params.W_enc, out=buf)
+    else:
+        pre = be.matmul_at(x_c, params.W_enc, precision, out=buf)
     if g > 1:
         return be.add_and_group_max(pre, params.b_enc, g)
     return be.add_row_vector(pre, params.b_enc), None  # in place: no second [B, h] array
@@ -299,7 +309,7 @@ def encode(params: SAEParams, x, config: SAEConfig) -> SparseCode:
     xp = _check_params("encode", params, x, config)
     if config.standardize:
         x, _ = _standardize(xp, x, 1e-5)
-    pre, maxima = _pre(xp, params, x, g=_group(config, x, params.h))
+    pre, maxima = _pre(xp, params, x, g=_group(config, x, params.h), precision=config.precision)
     return _select(xp, pre, config, params, x, maxima)
 
 
@@ -339,7 +349,7 @@ def _forward(xp, params: SAEParams, x, config: SAEConfig, select=None, ws=None) 
         x, stats = _standardize(xp, x, 1e-5)
     P.mark("standardize", x)
     g = _group(config, x, params.h) if select is None else 1
-    pre, maxima = _pre(xp, params, x, ws, g)
+    pre, maxima = _pre(xp, params, x, ws, g, config.precision)
     P.mark("encoder gemm", pre)
     code = _select(xp, pre, config, params, x, maxima) if select is None else select(pre)
     window = bandwidth = None

@@ -50,7 +50,7 @@ from sae_ref import losses as L
 from sae_ref import optim as O
 from sae_ref import profile as P
 from sae_ref import theta as T
-from sae_ref.backends import get_backend
+from sae_ref.backends import PRECISIONS, get_backend
 from sae_ref.sae import SAEConfig, SAEParams, _check_params, _forward, _standardize, backward, init_params
 from sae_ref.workspace import Workspace
 
@@ -89,6 +89,9 @@ class TrainConfig:
     architecture), ``afa_target`` one of :data:`AFA_TARGETS`; top-AFA's ``afa_rule`` and
     ``afa_sentinel``.
     ``nonfinite``: "raise" or "skip" a batch with NaN/inf. ``seed`` of the initialisation.
+    ``matmul_precision``: the encoder product's, "highest", "tf32" or "bf16" (SAEConfig's
+    ``precision``: TF32 units on a CUDA GPU; bfloat16 inputs with float32 sums, torch only);
+    the rest of the step stays in the parameters' dtype.
     """
 
     arch: str = "batchtopk"
@@ -128,6 +131,7 @@ class TrainConfig:
     afa_sentinel: bool = False
     nonfinite: str = "raise"
     seed: int = 0
+    matmul_precision: str = "highest"
     preset: str = "sae-ref"
 
     def __post_init__(self):
@@ -146,6 +150,7 @@ class TrainConfig:
         C.choice(op, "nonfinite", self.nonfinite, ("raise", "skip"))
         C.choice(op, "afa_target", self.afa_target, AFA_TARGETS)
         C.choice(op, "afa_rule", self.afa_rule, F.RULES)
+        C.choice(op, "matmul_precision", self.matmul_precision, PRECISIONS)
         if self.k_aux is not None:
             C.integer_in(op, "k_aux", self.k_aux, 1, 2**62)
         C.integer_in(op, "dead_after", self.dead_after, 1, 2**62)
@@ -167,7 +172,8 @@ class TrainConfig:
         """The :class:`~sae_ref.sae.SAEConfig` the forward pass uses."""
         return SAEConfig(_ACTIVATION[self.arch], k=self.k if self.arch in ("topk", "batchtopk") else None,
                          bandwidth=self.bandwidth, standardize=self.standardize,
-                         afa_rule=self.afa_rule, afa_sentinel=self.afa_sentinel)
+                         afa_rule=self.afa_rule, afa_sentinel=self.afa_sentinel,
+                         precision=self.matmul_precision)
 
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else 2e-4 / math.sqrt(self.h / 2**14)
@@ -290,6 +296,10 @@ def init_state(config: TrainConfig, first_batch, *, stream: str = "host") -> Tra
     C.nonempty_batch("init_state", "first_batch", first_batch)
     B, d = first_batch.shape
     dev, dtype = device_of(first_batch), first_batch.dtype
+    try:
+        get_backend(xp).check_precision(config.matmul_precision)
+    except ValueError as e:
+        raise ValueError(f"init_state: argument 'config.matmul_precision': {e}") from None
     theta = config.theta_init if config.arch == "jumprelu" else None
     params = init_params(d, config.h, xp=xp, dtype=dtype, device=dev, seed=config.seed,
                          theta=theta, stream=stream)
