@@ -53,12 +53,19 @@ class AuxKResult:
     g_W_dec : array, shape [h, d]; rows of live latents are zero (None when not asked for:
         it is ``code``'s transpose times ``g_ehat``, and training adds that product straight
         into the decoder's gradient).
-    g_residual : array, shape [B, d], or None when the residual is detached.
+    g_residual : array, shape [B, d], or None when the residual is detached (or, with
+        ``g_residual_is_neg_ehat``, when it is ``-g_ehat``).
     g_ehat : array, shape [B, d], the gradient on the auxiliary reconstruction.
     block : (ColumnBlock, ColumnBlock) or None: when training asked for the block form
         (``_auxk(..., allow_block=True)``) and the dead columns were few enough, the auxiliary
         activations and their gradient on the dead columns' dense block; ``code`` and
         ``g_values`` are then None.
+    g_residual_is_neg_ehat : True when training asked not to form ``g_residual`` because it
+        is ``-g_ehat`` (the "authors" convention, residual not detached): the caller adds
+        ``g_ehat`` into its own gradient in place.
+
+    Training asks ``_auxk`` for the gradients of ``scale`` times the loss (its coefficient),
+    so that no array is scaled afterwards; ``value`` is the loss itself.
     """
 
     value: Any
@@ -68,6 +75,7 @@ class AuxKResult:
     g_residual: Any
     g_ehat: Any = None
     block: Any = None
+    g_residual_is_neg_ehat: bool = False
 
 
 def auxk(pre, dead, residual, W_dec, k_aux: int, *, convention: str = "authors",
@@ -111,17 +119,22 @@ def auxk(pre, dead, residual, W_dec, k_aux: int, *, convention: str = "authors",
 
 
 def _auxk(xp, pre, dead, residual, W_dec, k_aux, convention, detach_residual,
-          want_g_W_dec=True, allow_block=False) -> AuxKResult:
+          want_g_W_dec=True, allow_block=False, scale=1.0, lazy_residual=False, ws=None) -> AuxKResult:
+    """:func:`auxk` without the checks. Training's options: ``allow_block`` (the dense-block
+    form), gradients of ``scale`` times the loss, ``lazy_residual`` (see
+    :class:`AuxKResult`), and ``ws``, a workspace for the [B, d] reconstruction."""
     B, h = pre.shape
     be = get_backend(xp)
+    loss = _Loss(xp, residual, convention, detach_residual, scale, lazy_residual)
+    buf = None if ws is None else ws.array("aux_e_hat", xp, tuple(residual.shape), residual.dtype,
+                                           device_of(residual))
     if is_sync_free(pre):
-        return _auxk_fixed(xp, be, pre, dead, residual, W_dec, k_aux, convention, detach_residual,
-                           want_g_W_dec)
+        return _auxk_fixed(xp, be, pre, dead, W_dec, k_aux, loss, want_g_W_dec, buf)
     n_dead = int(xp.count_nonzero(dead))
     if n_dead == 0:
         zero = xp.zeros((), dtype=pre.dtype, device=device_of(pre))
         code = empty_code(xp, (B, h), pre.dtype, device_of(pre))
-        g_res = None if detach_residual else xp.zeros_like(residual)
+        g_res = None if detach_residual or loss.lazy else xp.zeros_like(residual)
         g_W = xp.zeros_like(W_dec) if want_g_W_dec else None
         return AuxKResult(zero, code, code.values, g_W, g_res, xp.zeros_like(residual))
     # select among the dead columns only ([B, n_dead], not a masked copy of [B, h]); dead_idx
@@ -131,37 +144,49 @@ def _auxk(xp, pre, dead, residual, W_dec, k_aux, convention, detach_residual,
     sub = xp.take(pre, dead_idx, axis=1)
     k = min(k_aux, n_dead)
     if allow_block and k >= BLOCK_MIN_FILL * n_dead:
-        return _auxk_block(xp, be, sub, dead_idx, k, residual, W_dec, convention, detach_residual)
+        return _auxk_block(xp, be, sub, dead_idx, k, W_dec, loss, buf)
     top = _topk(sub, k)
     code = SparseCode(top.rows, xp.take(dead_idx, top.cols), top.values, (B, h))
-    e_hat = be.spmm(code.rows, code.cols, code.values, W_dec, B)
-    value, g_ehat, g_res = _loss(xp, e_hat, residual, convention, detach_residual)
+    value, g_ehat, g_res = loss(be.spmm(code.rows, code.cols, code.values, W_dec, B, out=buf))
     g_values = be.sddmm(g_ehat, W_dec, code.rows, code.cols)
     g_W_dec = be.spmm(code.cols, code.rows, code.values, g_ehat, h) if want_g_W_dec else None
-    return AuxKResult(value, code, g_values, g_W_dec, g_res, g_ehat)
+    return loss.result(value, code, g_values, g_W_dec, g_res, g_ehat)
 
 
-def _loss(xp, e_hat, residual, convention, detach_residual):
-    """The loss of the auxiliary reconstruction ``e_hat`` against the residual: (value, its
-    gradient on ``e_hat``, its gradient on the residual or None when detached). ``e_hat`` is
-    consumed: the gradient is computed in its memory (no fresh [B, d] arrays)."""
-    r = e_hat
-    r -= residual
-    flat = xp.reshape(r, (-1,))
-    num = xp.vecdot(flat, flat)
-    if convention == "authors":
-        n = r.shape[0] * r.shape[1]
-        r *= 2.0 / n
-        return num / n, r, None if detach_residual else -r
-    centred = residual - xp.mean(residual, axis=0, keepdims=True)
-    den = xp.sum(centred * centred)
-    g_ehat = r
-    g_ehat *= 2.0 / den
-    g_res = None if detach_residual else -g_ehat - centred * (2.0 * num / (den * den))
-    return num / den, g_ehat, g_res
+class _Loss:
+    """The loss of an auxiliary reconstruction against the residual, with its convention."""
+
+    def __init__(self, xp, residual, convention, detach_residual, scale=1.0, lazy_residual=False):
+        self.xp, self.residual, self.convention = xp, residual, convention
+        self.detach, self.scale = detach_residual, scale
+        # "authors", not detached: the residual's gradient is -g_ehat, left to the caller
+        self.lazy = lazy_residual and convention == "authors" and not detach_residual
+
+    def __call__(self, e_hat):
+        """(value, gradient of scale * loss on ``e_hat``, on the residual or None). ``e_hat``
+        is consumed: the gradient is computed in its memory (no fresh [B, d] arrays)."""
+        xp, residual = self.xp, self.residual
+        r = e_hat
+        r -= residual
+        flat = xp.reshape(r, (-1,))
+        num = xp.vecdot(flat, flat)
+        if self.convention == "authors":
+            n = r.shape[0] * r.shape[1]
+            r *= 2.0 * self.scale / n
+            return num / n, r, None if self.detach or self.lazy else -r
+        centred = residual - xp.mean(residual, axis=0, keepdims=True)
+        den = xp.sum(centred * centred)
+        g_ehat = r
+        g_ehat *= 2.0 * self.scale / den
+        if self.detach:
+            return num / den, g_ehat, None
+        return num / den, g_ehat, -g_ehat - centred * (2.0 * self.scale * num / (den * den))
+
+    def result(self, value, code, g_values, g_W_dec, g_res, g_ehat, block=None) -> AuxKResult:
+        return AuxKResult(value, code, g_values, g_W_dec, g_res, g_ehat, block, self.lazy)
 
 
-def _auxk_block(xp, be, sub, dead_idx, k, residual, W_dec, convention, detach_residual):
+def _auxk_block(xp, be, sub, dead_idx, k, W_dec, loss, buf=None):
     """AuxK on the dense [B, n_dead] block ``sub`` of the dead columns: the same selection
     (each row's top ``k`` under the tie rule, positive entries only) as a mask, and every
     product a GEMM with the dead rows of the decoder."""
@@ -177,15 +202,14 @@ def _auxk_block(xp, be, sub, dead_idx, k, residual, W_dec, convention, detach_re
     zero = xp.zeros((), dtype=sub.dtype, device=dev)
     a = xp.where(kept, sub, zero)
     W_d = xp.take(W_dec, dead_idx, axis=0)
-    value, g_ehat, g_res = _loss(xp, be.matmul(a, W_d), residual, convention, detach_residual)
+    value, g_ehat, g_res = loss(be.matmul(a, W_d, out=buf))
     g_a = xp.where(kept, be.matmul(g_ehat, xp.matrix_transpose(W_d)), zero)
     shape = (B, W_dec.shape[0])
     block = (ColumnBlock(dead_idx, a, shape), ColumnBlock(dead_idx, g_a, shape))
-    return AuxKResult(value, None, None, None, g_res, g_ehat, block)
+    return loss.result(value, None, None, None, g_res, g_ehat, block)
 
 
-def _auxk_fixed(xp, be, pre, dead, residual, W_dec, k_aux, convention, detach_residual,
-                want_g_W_dec):
+def _auxk_fixed(xp, be, pre, dead, W_dec, k_aux, loss, want_g_W_dec, buf=None):
     """AuxK with shapes known in advance (the sync-free mode): each row's top
     ``min(k_aux, h)`` of the pre-activations with the live columns set to -inf. The dead
     columns come first, so the kept positive entries are those of the exact selection; the
@@ -199,12 +223,11 @@ def _auxk_fixed(xp, be, pre, dead, residual, W_dec, k_aux, convention, detach_re
     code = _padded_code_at(masked, top_n_fixed(masked, k, axis=-1, backend=be)[0])
     any_dead = xp.any(dead)
     zero = xp.zeros((), dtype=pre.dtype, device=dev)
-    e_hat = be.spmm(code.rows, code.cols, code.values, W_dec, B)
-    value, g_ehat, g_res = _loss(xp, e_hat, residual, convention, detach_residual)
+    value, g_ehat, g_res = loss(be.spmm(code.rows, code.cols, code.values, W_dec, B, out=buf))
     value = xp.where(any_dead, value, zero)
     g_ehat = xp.where(any_dead, g_ehat, zero)
     g_res = None if g_res is None else xp.where(any_dead, g_res, zero)
     g_values = be.sddmm(g_ehat, W_dec, code.rows, code.cols)
     g_values = xp.where(code.values != 0, g_values, zero)
     g_W_dec = be.spmm(code.cols, code.rows, code.values, g_ehat, h) if want_g_W_dec else None
-    return AuxKResult(value, code, g_values, g_W_dec, g_res, g_ehat)
+    return loss.result(value, code, g_values, g_W_dec, g_res, g_ehat)

@@ -433,19 +433,24 @@ def _step(xp, state: TrainState, x, donate: bool = False, dp=None, ws=None):
     aux_value = xp.zeros((), dtype=x.dtype, device=device_of(x))
     g_pre_extra, g_W_extra, g_W_aux = None, g_W_sp, None
     if config.aux_convention is not None and (config.aux_convention == "authors" or B >= 2):
-        aux = K._auxk(xp, fwd.pre, dead, fwd.x - fwd.x_hat, params.W_dec, state.k_aux,
-                      config.aux_convention, _detach(config), want_g_W_dec=False, allow_block=True)
+        # the gradients come scaled by the coefficient, the [B, d] reconstruction in the
+        # workspace, and -g_ehat (the residual's gradient, "authors") is not formed
         c = config.aux_coeff
+        aux = K._auxk(xp, fwd.pre, dead, fwd.x - fwd.x_hat, params.W_dec, state.k_aux,
+                      config.aux_convention, _detach(config), want_g_W_dec=False, allow_block=True,
+                      scale=c, lazy_residual=True, ws=ws)
         aux_value = c * aux.value
-        if aux.g_residual is not None:  # the residual x - x_hat depends on the SAE too
-            g_xhat = g_xhat - c * aux.g_residual
+        # the residual x - x_hat depends on the SAE too; g_xhat is this step's own array
+        if aux.g_residual is not None:
+            g_xhat -= aux.g_residual
+        elif aux.g_residual_is_neg_ehat:
+            g_xhat += aux.g_ehat
         if aux.block is not None:  # few dead latents: dense blocks of their columns
-            a, g_a = aux.block
-            g_pre_extra = replace(g_a, values=c * g_a.values)
-            g_W_aux = (replace(a, values=c * a.values), aux.g_ehat)
+            a, g_pre_extra = aux.block
+            g_W_aux = (a, aux.g_ehat)
         elif aux.code.nnz:
-            g_pre_extra = aux.code.with_values(c * aux.g_values)
-            g_W_aux = (aux.code.with_values(c * aux.code.values), aux.g_ehat)
+            g_pre_extra = aux.code.with_values(aux.g_values)
+            g_W_aux = (aux.code, aux.g_ehat)
     P.mark("auxk", g_xhat)
     grads = backward(params, fwd, g_xhat, g_code=g_code, g_theta=g_theta,
                      g_pre_extra=g_pre_extra, g_W_dec_extra=g_W_extra, g_W_dec_sparse=g_W_aux, ws=ws)
