@@ -58,8 +58,10 @@ def machine() -> str:
 
 
 def _sync(xp, a):
-    """Wait for the device (reading one element back), so GPU timings are real."""
-    np.asarray(sae_ref.to_numpy(xp.reshape(a, (-1,))[:1]))
+    """Wait for the device (reading one element back), so GPU timings are real. The element
+    is sliced, not taken from a flattened view: flattening a column-major array (the
+    encoder's layout) copies all of it, which once added a copy of W_enc to every timed step."""
+    np.asarray(sae_ref.to_numpy(a[(slice(0, 1),) * a.ndim]))
 
 
 def gemm_into(xp, a, b):
