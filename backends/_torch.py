@@ -225,6 +225,10 @@ class TorchBackend(StandardBackend):
         return super().add_and_group_max(x, v, g)
 
     def matmul(self, a, b, *, out=None):
+        if out is None and _on_cpu(a, b) and a.ndim == b.ndim == 2 and a.dtype == b.dtype:
+            # without a buffer (encode, AuxK) the same GEMM as with one, NumPy's: the same
+            # bits whether or not the caller holds a workspace
+            out = torch.empty((a.shape[0], b.shape[1]), dtype=a.dtype)
         if (out is not None and _on_cpu(a, b, out) and out.is_contiguous()
                 and tuple(out.shape) == (a.shape[0], b.shape[1]) and a.dtype == b.dtype == out.dtype):
             # NumPy's BLAS on views, split over the NumPy backend's threads: torch's OpenMP

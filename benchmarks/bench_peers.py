@@ -19,7 +19,7 @@ Rows, per backend (numpy, torch on the CPU, and torch-cuda and cupy when a GPU i
   their ``BatchTopKTrainingSAE`` built from ``BatchTopKTrainingSAEConfig`` with the same
   shapes, inputs and dead latents (see :data:`SAELENS_STEP` for what the step holds).
 
-Each row runs in a fresh subprocess and reports the median seconds of ``--repeats`` timed runs
+Each row runs in a fresh subprocess and reports the minimum seconds of ``--repeats`` timed runs
 after one warm-up, the ratio to its backend's GEMM, tokens (rows of x) per second, and peak
 memory above a baseline process that only imports the same libraries and builds the same
 inputs: on the CPU peak RSS (``resource.getrusage``'s ``ru_maxrss``), on CUDA
@@ -41,6 +41,7 @@ import time
 from importlib.metadata import PackageNotFoundError, version
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_core
 from bench_core import machine  # the sibling scripts' helpers
 from bench_train import FULL, SMALL
 
@@ -192,7 +193,7 @@ def run_saelens(backend, d, h, k, B, repeats, dead_share):
         saelens_step(trainer, x1)
         sync()
         times.append(time.perf_counter() - t0)
-    return {"seconds": statistics.median(times), "dead": statistics.mean(n_dead) / h,
+    return {"seconds": bench_core.summarize(times), "dead": statistics.mean(n_dead) / h,
             "k_aux": min(d // 2, min(n_dead))}
 
 
@@ -302,7 +303,7 @@ def header(shape, repeats):
         lens = "not installed"
     notes = [
         f"machine: {machine()}, sae-lens {lens}",
-        (f"shape: d={shape['d']} h={shape['h']} k={shape['k']} B={shape['B']} float32; median of "
+        (f"shape: d={shape['d']} h={shape['h']} k={shape['k']} B={shape['B']} float32; minimum of "
          f"{repeats} timed runs after a warm-up; every row in its own fresh process"),
         SAEREF_STEP,
         SAELENS_STEP,

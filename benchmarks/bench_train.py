@@ -4,7 +4,7 @@
     python benchmarks/bench_train.py --small          # d=128 h=2048 k=16 B=512: a quick run
     python benchmarks/bench_train.py --backend numpy --repeats 5
 
-For each backend it times (median of ``--repeats`` runs after warm-up):
+For each backend it times (the minimum, or ``--stat median``, of ``--repeats`` runs after warm-up):
 
 - ``gemm``: the dense encoder product ``x @ W_enc`` (the only O(B h d) work in a step),
   with the array library's own matmul into one preallocated output (no page faults);
@@ -43,6 +43,7 @@ import numpy as np
 from array_api_compat import device as device_of
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_core
 from bench_core import _sync, gemm_into, machine, timeit  # the sibling script's helpers
 
 import sae_ref
@@ -58,7 +59,7 @@ SMALL = {"d": 128, "h": 2048, "k": 16, "B": 512}
 
 
 def time_steps(state, x0, x1, repeats, xp):
-    """Median seconds of ``repeats`` successive training steps on ``x0``/``x1`` alternately,
+    """Seconds (:func:`bench_core.summarize`: the minimum or the median) of ``repeats`` successive training steps on ``x0``/``x1`` alternately,
     after two warm-up steps, each donating its state as the training loop does (so ``state``
     is consumed). Returns (seconds, the final state, the dead fraction of the last step)."""
     times = []
@@ -69,7 +70,7 @@ def time_steps(state, x0, x1, repeats, xp):
             _sync(xp, state.params.W_enc)
             if i >= 2:
                 times.append(time.perf_counter() - t0)
-    return statistics.median(times), state, float(sae_ref.to_numpy(metrics["dead_fraction"]))
+    return bench_core.summarize(times), state, float(sae_ref.to_numpy(metrics["dead_fraction"]))
 
 
 def profile_phases(state, x0, x1, repeats, xp):
@@ -169,6 +170,8 @@ def main(argv=None):
     p.add_argument("--k", type=int)
     p.add_argument("--B", type=int)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--stat", default="min", choices=["min", "median"],
+                   help="summary of the timed runs of each measurement (default min)")
     p.add_argument("--dead-after", type=int, default=1,
                    help="batches without firing before a latent counts as dead (default 1)")
     p.add_argument("--dead-share", type=float, action="append",
@@ -178,11 +181,12 @@ def main(argv=None):
     p.add_argument("--matmul-precision", default="highest", choices=["highest", "tf32", "bf16"],
                    help="the encoder product's precision in the steps and in the reference GEMM")
     a = p.parse_args(argv)
+    bench_core.STAT = a.stat
     shape = {n: getattr(a, n) if getattr(a, n) is not None else (SMALL if a.small else FULL)[n]
              for n in ("d", "h", "k", "B")}
     print(f"machine: {machine()}")
     print(f"shape: d={shape['d']} h={shape['h']} k={shape['k']} B={shape['B']} float32; "
-          f"median of {a.repeats} after a warm-up")
+          f"{a.stat} of {a.repeats} after a warm-up")
     shares = a.dead_share or [0.01, 0.1, 0.5]
     print(f"train step: sae-ref default TrainConfig (batchtopk, standardize, AuxK 'authors' k_aux=512, "
           f"Adam), successive steps donating their state as the training loop does; dead_after="

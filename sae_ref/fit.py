@@ -30,6 +30,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from array_api_compat import array_namespace
 from tqdm.auto import tqdm
 
 from sae_ref import _checks as C
@@ -87,6 +88,12 @@ def _trim_log(path: Path, t: int):
     _atomic.atomic_write_bytes(path, "".join(x + "\n" for x in keep).encode())
 
 
+def _kept(code) -> int:
+    """How many entries of ``code`` are nonzero (one host read)."""
+    xp = array_namespace(code.values)
+    return int(xp.count_nonzero(code.values))
+
+
 def heldout_l0(state: TrainState, batches) -> dict:
     """Mean L0 per sample on held-out batches: the training selection and inference."""
     inf_cfg = inference_config(state)
@@ -95,8 +102,10 @@ def heldout_l0(state: TrainState, batches) -> dict:
     n = 0
     with C.no_checks():
         for x in batches:
-            l0_inf += encode(state.params, x, inf_cfg).nnz
-            l0_train += encode(state.params, x, train_cfg).nnz
+            # nonzero values, not entries: on a GPU a selection's code lists B k places with
+            # zeros where the cut was not positive (SparseCode.padded)
+            l0_inf += _kept(encode(state.params, x, inf_cfg))
+            l0_train += _kept(encode(state.params, x, train_cfg))
             n += x.shape[0]
     out = {"heldout_tokens": n, "l0_inference": l0_inf / n, "l0_training_selection": l0_train / n}
     if inf_cfg.activation == "threshold":

@@ -218,3 +218,21 @@ def test_sync_free_is_the_default_on_gpu_arrays_only(backend):
     with pytest.raises(TypeError, match="enabled"):
         with sync_free("yes"):
             pass
+
+
+def test_heldout_l0_counts_the_kept_entries_not_the_listed_ones(backend):
+    """Invariant: the held-out L0 of a training run (the training selection and inference)
+    is the same in the sync-free mode, where the selection lists k places per row with zeros
+    where fewer pre-activations are positive, as in the default mode."""
+    from sae_ref.fit import heldout_l0
+
+    x = backend.asarray(np.random.default_rng(2).standard_normal((24, 6)))
+    config = TrainConfig(arch="topk", h=10, k=8, steps=3)
+    state = init_state(config, x)
+    for _ in range(2):
+        state, _ = step(state, x)
+    exact = heldout_l0(state, [x])
+    with sync_free():
+        fixed = heldout_l0(state, [x])
+    assert exact["l0_training_selection"] < 8  # some rows keep fewer than k
+    assert fixed == exact

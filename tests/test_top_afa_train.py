@@ -28,7 +28,7 @@ import pytest
 
 from sae_ref.arrays import to_numpy
 from sae_ref.afa import top_afa
-from sae_ref.sae import SAEConfig, encode, init_params
+from sae_ref.sae import SAEConfig, _pre, encode, init_params
 from sae_ref.train import TrainConfig, init_state, preset, step
 
 torch = pytest.importorskip("torch")
@@ -206,7 +206,7 @@ def test_top_afa_encode_selects_what_the_activation_does_on_every_backend(backen
             cfg = SAEConfig("top_afa", afa_rule=rule, afa_sentinel=sentinel)
             got = encode(p, x, cfg)
             xp = backend.xp
-            pre = (x - p.b_dec) @ p.W_enc + p.b_enc
+            pre, _ = _pre(xp, p, x)  # the encoder's own product (a backend's GEMM, not `@`)
             want = top_afa(pre, xp.linalg.vector_norm(p.W_dec, axis=1),
                            xp.linalg.vector_norm(x - p.b_dec, axis=1), rule=rule, sentinel=sentinel)
             for a in ("rows", "cols", "values"):
