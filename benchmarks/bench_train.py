@@ -135,17 +135,27 @@ def bench(backend: str, d: int, h: int, k: int, B: int, repeats: int, dead_after
         return setup(backend, d, h, k, B, dead_after, share, aux, precision=precision)
 
     xp, x0, x1, state = fresh(0.0, aux=False)
+    gemm = gemm_at(xp, x0, state.params.W_enc, precision)
+    ref = info["gemm"] = {}
+
+    def paired(name, measure):
+        """Time the reference GEMM, then the row right after it: each row's ratio is to the
+        GEMM of the same minute (this shared machine's speed drifts over a run)."""
+        ref[name] = timeit(gemm, xp, repeats)
+        out = measure()
+        times[name] = out[0] if isinstance(out, tuple) else out
+        return out
+
     with sae_ref.no_checks():
-        W_enc = state.params.W_enc
-        times["gemm (x @ W_enc)"] = timeit(gemm_at(xp, x0, W_enc, precision), xp, repeats)
-        times["train step, AuxK off"], _, _ = time_steps(state, x0, x1, repeats, xp)
+        times["gemm (x @ W_enc)"] = ref["gemm (x @ W_enc)"] = timeit(gemm, xp, repeats)
+        paired("train step, AuxK off", lambda: time_steps(state, x0, x1, repeats, xp))
         topk = setup(backend, d, h, k, B, dead_after, 0.0, aux=False, arch="topk", precision=precision)[3]
-        times["TopK step, AuxK off"], _, _ = time_steps(topk, x0, x1, repeats, xp)
+        paired("TopK step, AuxK off", lambda: time_steps(topk, x0, x1, repeats, xp))
         del topk
         info["phases"]["AuxK off"] = profile_phases(fresh(0.0, aux=False)[3], x0, x1, repeats, xp)
         for share in dead_shares:
             name = f"train step, {share:.0%} dead"
-            times[name], trained, info["dead"][name] = time_steps(fresh(share)[3], x0, x1, repeats, xp)
+            _, trained, info["dead"][name] = paired(name, lambda: time_steps(fresh(share)[3], x0, x1, repeats, xp))
         share = dead_shares[len(dead_shares) // 2]
         info["phases"][f"{share:.0%} dead"] = profile_phases(fresh(share)[3], x0, x1, repeats, xp)
         pre = x0 @ trained.params.W_enc
@@ -156,9 +166,9 @@ def bench(backend: str, d: int, h: int, k: int, B: int, repeats: int, dead_after
         thr = inference_config(trained)
         info["theta"] = thr.theta
         info["l0"] = encode(params, x1, thr).nnz / B
-        times["encode (threshold)"] = timeit(lambda: encode(params, x1, thr).values, xp, repeats)
+        paired("encode (threshold)", lambda: timeit(lambda: encode(params, x1, thr).values, xp, repeats))
         btk = SAEConfig("batchtopk", k=k, standardize=True)
-        times["encode (batchtopk)"] = timeit(lambda: encode(params, x1, btk).values, xp, repeats)
+        paired("encode (batchtopk)", lambda: timeit(lambda: encode(params, x1, btk).values, xp, repeats))
     return times, info
 
 
@@ -200,9 +210,12 @@ def main(argv=None):
             print(f"\n[{name}] skipped: {e}")
             continue
         gemm = times["gemm (x @ W_enc)"]
-        print(f"\n[{name}]  {'work':<22} {'seconds':>9} {'/ gemm':>8} {'tokens/s':>10}")
+        ref = info["gemm"]
+        print(f"\n[{name}]  {'work':<22} {'seconds':>9} {'/ gemm':>8} {'tokens/s':>10}  (the GEMM timed "
+              f"just before the row, where one was)")
         for w, t in times.items():
-            print(f"[{name}]  {w:<22} {t:9.4f} {t / gemm:8.2f} {shape['B'] / t:10.0f}")
+            print(f"[{name}]  {w:<22} {t:9.4f} {t / ref.get(w, gemm):8.2f} {shape['B'] / t:10.0f}"
+                  + (f"  gemm {ref[w]:.4f}" if w in ref and w != "gemm (x @ W_enc)" else ""))
         for which, ph in info["phases"].items():
             total = sum(ph.values())
             print(f"[{name}]  train step ({which}) by phase (sae_ref.profile; the sum, {total:.4f} s, "
