@@ -193,6 +193,11 @@ def top_n_fixed(x, n: int, *, axis: int | None = None, backend=None):
     mask's entries, whose number is known: ``n`` (``B n`` per row). No branch on the data:
     the tie pass runs even when there is no surplus tie, which a GPU does in a few passes
     over the array and which spares the step a device-to-host copy.
+
+    Memory: besides ``x``, three boolean [B, h] masks and an int32 running count of the
+    ties (int64 past 2^31 entries), about 1.75 times ``x``'s float32 bytes at the peak. The
+    CPU path (:func:`top_n_indices`) has none of these; on a GPU the memory is there and a
+    host read costs more.
     """
     from . import get_backend
 

@@ -30,10 +30,19 @@ The modules, one concept each:
 - :mod:`sae_ref.validation` -- reusable property checks.
 """
 
-from sae_ref._checks import no_checks
-from sae_ref.arrays import resolve, to_numpy
-from sae_ref.sae import SAEConfig, SAEParams, backward, decode, encode, forward, init_params
-from sae_ref.sparse import SparseCode
+import os
+
+# OpenMP threads (those of the compiled NumPy kernels, and torch's on the CPU) spin for a few
+# milliseconds after each parallel region before they sleep; on a machine with as many cores
+# as threads they take those cores from the work that follows (a BLAS product right after a
+# kernel ran at half speed). Waiting passively costs a wake-up of microseconds instead. Read
+# by each OpenMP runtime when it loads; a value you set first is kept.
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+
+from sae_ref._checks import no_checks  # noqa: E402
+from sae_ref.arrays import resolve, to_numpy  # noqa: E402
+from sae_ref.sae import SAEConfig, SAEParams, backward, decode, encode, forward, init_params  # noqa: E402
+from sae_ref.sparse import SparseCode  # noqa: E402
 
 __version__ = "0.1.0"
 

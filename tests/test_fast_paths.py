@@ -266,3 +266,20 @@ def test_is_column_major_tells_the_latent_major_layout(backend):
     assert not be.is_column_major(W)
     has_layouts = backend.name != "strict"
     assert be.is_column_major(be.latent_major(W)) == has_layouts
+
+
+def test_openmp_threads_wait_passively_unless_the_user_chose():
+    """Invariant: importing sae_ref sets OMP_WAIT_POLICY to passive (spinning OpenMP workers
+    took the cores from the products after each compiled kernel), and keeps a value the user
+    set before."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import os, sae_ref; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "passive"
+    env["OMP_WAIT_POLICY"] = "active"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "active"
