@@ -119,13 +119,15 @@ def auxk(pre, dead, residual, W_dec, k_aux: int, *, convention: str = "authors",
 
 
 def _auxk(xp, pre, dead, residual, W_dec, k_aux, convention, detach_residual,
-          want_g_W_dec=True, allow_block=False, scale=1.0, lazy_residual=False, ws=None) -> AuxKResult:
+          want_g_W_dec=True, allow_block=False, scale=1.0, lazy_residual=False, ws=None,
+          negated_residual=False) -> AuxKResult:
     """:func:`auxk` without the checks. Training's options: ``allow_block`` (the dense-block
     form), gradients of ``scale`` times the loss, ``lazy_residual`` (see
-    :class:`AuxKResult`), and ``ws``, a workspace for the [B, d] reconstruction."""
+    :class:`AuxKResult`), ``ws``, a workspace for the [B, d] reconstruction, and
+    ``negated_residual``: ``residual`` holds x_hat - x instead (the same results)."""
     B, h = pre.shape
     be = get_backend(xp)
-    loss = _Loss(xp, residual, convention, detach_residual, scale, lazy_residual)
+    loss = _Loss(xp, residual, convention, detach_residual, scale, lazy_residual, negated_residual)
     buf = None if ws is None else ws.array("aux_e_hat", xp, tuple(residual.shape), residual.dtype,
                                            device_of(residual))
     if is_sync_free(pre):
@@ -156,9 +158,12 @@ def _auxk(xp, pre, dead, residual, W_dec, k_aux, convention, detach_residual,
 class _Loss:
     """The loss of an auxiliary reconstruction against the residual, with its convention."""
 
-    def __init__(self, xp, residual, convention, detach_residual, scale=1.0, lazy_residual=False):
+    def __init__(self, xp, residual, convention, detach_residual, scale=1.0, lazy_residual=False,
+                 negated=False):
         self.xp, self.residual, self.convention = xp, residual, convention
         self.detach, self.scale = detach_residual, scale
+        # ``residual`` holds x_hat - x (training's reconstruction buffer, turned in place)
+        self.negated = negated
         # "authors", not detached: the residual's gradient is -g_ehat, left to the caller
         self.lazy = lazy_residual and convention == "authors" and not detach_residual
 
@@ -167,20 +172,24 @@ class _Loss:
         is consumed: the gradient is computed in its memory (no fresh [B, d] arrays)."""
         xp, residual = self.xp, self.residual
         r = e_hat
-        r -= residual
+        if self.negated:  # the same bits: negation is exact
+            r += residual
+        else:
+            r -= residual
         flat = xp.reshape(r, (-1,))
         num = xp.vecdot(flat, flat)
         if self.convention == "authors":
             n = r.shape[0] * r.shape[1]
             r *= 2.0 * self.scale / n
             return num / n, r, None if self.detach or self.lazy else -r
-        centred = residual - xp.mean(residual, axis=0, keepdims=True)
+        centred = residual - xp.mean(residual, axis=0, keepdims=True)  # negated when negated
         den = xp.sum(centred * centred)
         g_ehat = r
         g_ehat *= 2.0 * self.scale / den
         if self.detach:
             return num / den, g_ehat, None
-        return num / den, g_ehat, -g_ehat - centred * (2.0 * self.scale * num / (den * den))
+        term = centred * (2.0 * self.scale * num / (den * den))
+        return num / den, g_ehat, (term - g_ehat) if self.negated else (-g_ehat - term)
 
     def result(self, value, code, g_values, g_W_dec, g_res, g_ehat, block=None) -> AuxKResult:
         return AuxKResult(value, code, g_values, g_W_dec, g_res, g_ehat, block, self.lazy)

@@ -436,9 +436,14 @@ def _step(xp, state: TrainState, x, donate: bool = False, dp=None, ws=None):
         # the gradients come scaled by the coefficient, the [B, d] reconstruction in the
         # workspace, and -g_ehat (the residual's gradient, "authors") is not formed
         c = config.aux_coeff
-        aux = K._auxk(xp, fwd.pre, dead, fwd.x - fwd.x_hat, params.W_dec, state.k_aux,
+        if dp is None:  # x_hat is not read again: it becomes x_hat - x in place
+            residual, negated = fwd.x_hat, True
+            residual -= fwd.x
+        else:
+            residual, negated = fwd.x - fwd.x_hat, False
+        aux = K._auxk(xp, fwd.pre, dead, residual, params.W_dec, state.k_aux,
                       config.aux_convention, _detach(config), want_g_W_dec=False, allow_block=True,
-                      scale=c, lazy_residual=True, ws=ws)
+                      scale=c, lazy_residual=True, ws=ws, negated_residual=negated)
         aux_value = c * aux.value
         # the residual x - x_hat depends on the SAE too; g_xhat is this step's own array
         if aux.g_residual is not None:

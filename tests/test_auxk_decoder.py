@@ -430,3 +430,44 @@ def test_constrained_step_orders_differ_only_by_where_renormalisation_happens(ba
     assert np.all(np.abs(row_norms(after) - 1.0) <= 1e-12)
     assert_close(after, np_unit(W - lr * np_project(W, g)), what="after")
     assert_close(before, np_unit(W) - lr * np_project(W, g), what="before")
+
+
+@pytest.mark.parametrize("convention", ["authors", "normalized"])
+@pytest.mark.parametrize("detach", [False, True])
+@pytest.mark.parametrize("block", [False, True], ids=["entries", "block"])
+def test_training_forms_of_auxk_give_the_bits_of_auxk(backend, convention, detach, block):
+    """Invariant: the forms training asks for (the residual given as x_hat - x and turned in
+    the reconstruction's buffer, gradients of the loss scaled by a power of two, the residual
+    gradient left as -g_ehat) give the plain AuxK's value and gradients bit for bit, on the
+    entries and on the dead columns' block."""
+    from sae_ref.auxk import _auxk
+
+    rng = np.random.default_rng(11)
+    B, h, d = 12, 40, 6
+    pre = backend.asarray(rng.standard_normal((B, h)))
+    dead = backend.asarray(rng.random(h) < 0.3)
+    x = backend.asarray(rng.standard_normal((B, d)))
+    x_hat = backend.asarray(rng.standard_normal((B, d)))
+    W = backend.asarray(rng.standard_normal((h, d)))
+    want = _auxk(backend.xp, pre, dead, x - x_hat, W, 5, convention, detach, want_g_W_dec=False,
+                 allow_block=block)
+    c = 1 / 32
+    got = _auxk(backend.xp, pre, dead, x_hat - x, W, 5, convention, detach, want_g_W_dec=False,
+                allow_block=block, scale=c, lazy_residual=True, negated_residual=True)
+    n = backend.numpy
+    assert n(got.value) == n(want.value)
+    np.testing.assert_array_equal(n(got.g_ehat), c * n(want.g_ehat))
+    if detach:
+        assert got.g_residual is None and not got.g_residual_is_neg_ehat
+    elif got.g_residual_is_neg_ehat:
+        np.testing.assert_array_equal(-n(got.g_ehat), c * n(want.g_residual))
+    else:
+        np.testing.assert_array_equal(n(got.g_residual), c * n(want.g_residual))
+    assert (got.block is None) == (want.block is None) == (not block)
+    if block:
+        for mine, theirs, scale in zip(got.block, want.block, (1, c)):
+            np.testing.assert_array_equal(n(mine.cols), n(theirs.cols))
+            np.testing.assert_array_equal(n(mine.values), scale * n(theirs.values))
+    else:
+        np.testing.assert_array_equal(n(got.code.to_dense()), n(want.code.to_dense()))
+        np.testing.assert_array_equal(n(got.g_values), c * n(want.g_values))
