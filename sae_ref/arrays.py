@@ -61,6 +61,21 @@ def _host_only(backend, device):
         raise ValueError(f"resolve: backend {backend!r} runs on the CPU only, got device {device!r}")
 
 
+def from_host(xp, a: np.ndarray, *, dtype, device):
+    """The host array ``a`` as an array of ``xp`` on ``device`` (``xp.asarray``), without
+    making a GPU wait: a copy from ordinary (pageable) host memory to a CUDA device holds the
+    host until every kernel queued before it has run, so a training loop that moves one batch
+    per step would stall on each. torch copies through page-locked memory asynchronously
+    instead (the copy is queued after the step like a kernel); elsewhere this is
+    ``xp.asarray``."""
+    if hasattr(device, "type") and getattr(device, "type", None) == "cuda":
+        import torch
+
+        host = torch.from_numpy(np.ascontiguousarray(a)).to(dtype)
+        return host.pin_memory().to(device, non_blocking=True)
+    return xp.asarray(a, dtype=dtype, device=device)
+
+
 def to_numpy(a) -> np.ndarray:
     """A NumPy copy of any backend's array (host transfer; for reports and tests)."""
     if hasattr(a, "detach"):

@@ -236,3 +236,15 @@ def test_heldout_l0_counts_the_kept_entries_not_the_listed_ones(backend):
         fixed = heldout_l0(state, [x])
     assert exact["l0_training_selection"] < 8  # some rows keep fewer than k
     assert fixed == exact
+
+
+def test_batches_reach_the_device_equal_to_the_host_batch(backend):
+    """Invariant: ``from_host`` (how the training loop moves each batch; on CUDA through
+    page-locked memory without a wait) gives the host values on the backend's device, in the
+    asked dtype."""
+    from sae_ref.arrays import from_host
+
+    host = np.random.default_rng(4).standard_normal((5, 3))
+    a = from_host(backend.xp, host, dtype=backend.dtype("float32"), device=backend.device)
+    assert device_of(a) == backend.device and a.dtype == backend.dtype("float32")
+    np.testing.assert_array_equal(backend.numpy(a), host.astype(np.float32))

@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 from array_api_compat import array_namespace
 
+from sae_ref.arrays import from_host
+
 #: What a stream does with a batch holding NaN or infinity.
 NONFINITE = ("raise", "skip")
 
@@ -118,7 +120,7 @@ class BatchStream:
             batch, info = self._make(i)
             if np.isfinite(batch).all():
                 self.position = i + 1
-                return self.xp.asarray(batch, dtype=self.dtype, device=self.device)
+                return from_host(self.xp, batch, dtype=self.dtype, device=self.device)
             where = self._describe(batch, info)
             if self.nonfinite == "raise":
                 raise ValueError(f"{self.name}: the batch at position {i} contains NaN or "
