@@ -85,12 +85,13 @@ def sync_free(enabled: bool = True):
 def is_sync_free(x) -> bool:
     """Whether the operations on ``x`` avoid every host read (fixed-size selections, codes
     with explicit zeros): inside :func:`sync_free` as it says, otherwise True for arrays on a
-    GPU (a torch tensor off the CPU, a CuPy array) and False elsewhere."""
+    CUDA GPU (a torch CUDA tensor, a CuPy array) and False elsewhere (other torch devices
+    keep the default path, whose operations they all have)."""
     forced = _SYNC_FREE.get()
     if forced is not None:
         return forced
     if is_torch_array(x):
-        return x.device.type != "cpu"
+        return x.device.type == "cuda"
     return is_cupy_array(x)
 
 
