@@ -257,6 +257,13 @@ class StandardBackend:
         standard exposes no layout: False here."""
         return False
 
+    # -- host to device ---------------------------------------------------------------------
+    def from_host(self, xp, a, *, dtype, device):
+        """The host (NumPy) array ``a`` as an array of ``xp`` on ``device``: ``xp.asarray``
+        here. A backend whose copy from ordinary host memory would hold the host until the
+        device's queued work has run (CUDA) copies asynchronously instead."""
+        return xp.asarray(a, dtype=dtype, device=device)
+
     # -- random numbers ---------------------------------------------------------------------
     def uniform(self, xp, seed: int, shape, *, low, high, dtype, device):
         """Uniform numbers on ``[low, high)`` from a generator seeded with ``seed``, on ``device``.

@@ -262,6 +262,14 @@ class TorchBackend(StandardBackend):
         out[rows, cols] = values
         return out
 
+    def from_host(self, xp, a, *, dtype, device):
+        if getattr(device, "type", None) == "cuda":
+            # through page-locked memory, queued after the step like a kernel: a copy from
+            # pageable memory would hold the host until the step had run
+            host = torch.from_numpy(np.ascontiguousarray(a)).to(dtype)
+            return host.pin_memory().to(device, non_blocking=True)
+        return super().from_host(xp, a, dtype=dtype, device=device)
+
     def uniform(self, xp, seed, shape, *, low, high, dtype, device):
         g = torch.Generator(device=device).manual_seed(seed)
         u = torch.rand(shape, generator=g, dtype=dtype, device=device)

@@ -62,18 +62,12 @@ def _host_only(backend, device):
 
 
 def from_host(xp, a: np.ndarray, *, dtype, device):
-    """The host array ``a`` as an array of ``xp`` on ``device`` (``xp.asarray``), without
-    making a GPU wait: a copy from ordinary (pageable) host memory to a CUDA device holds the
-    host until every kernel queued before it has run, so a training loop that moves one batch
-    per step would stall on each. torch copies through page-locked memory asynchronously
-    instead (the copy is queued after the step like a kernel); elsewhere this is
-    ``xp.asarray``."""
-    if hasattr(device, "type") and getattr(device, "type", None) == "cuda":
-        import torch
+    """The host array ``a`` as an array of ``xp`` on ``device`` without making a GPU wait
+    (:meth:`sae_ref.backends.StandardBackend.from_host`): how the training loop moves each
+    batch."""
+    from sae_ref.backends import get_backend
 
-        host = torch.from_numpy(np.ascontiguousarray(a)).to(dtype)
-        return host.pin_memory().to(device, non_blocking=True)
-    return xp.asarray(a, dtype=dtype, device=device)
+    return get_backend(xp).from_host(xp, a, dtype=dtype, device=device)
 
 
 def to_numpy(a) -> np.ndarray:
