@@ -1,11 +1,44 @@
-"""CuPy fast paths: ``cupy.partition`` for selection, ``cupyx.scatter_add`` for sums."""
+"""CuPy fast paths: ``cupy.partition`` for selection, sorted-segment kernels for sums.
+
+Every sum of a sparse product is formed without atomic adds (``cupyx.scatter_add`` adds in
+whatever order the threads arrive, so two runs of one step would differ in the last bits):
+the entries are sorted by their output row, the row boundaries found by ``searchsorted``, and
+one thread per output element sums its row's entries in order (:data:`_SEGMENT_SPMM`). No
+count is read back to the host.
+"""
 
 from __future__ import annotations
 
 import cupy as cp
-import cupyx
 
 from ._standard import CHUNK, StandardBackend, _below
+
+#: out[r, c] = sum over e in [start[r], start[r + 1]) of values[e] * dense[index[e], c]
+_SEGMENT_SPMM = cp.ElementwiseKernel(
+    "raw int64 start, raw int64 index, raw T values, raw T dense, int64 d",
+    "T out",
+    """
+    const long long r = i / d, c = i % d;
+    T acc = 0;
+    for (long long e = start[r]; e < start[r + 1]; ++e) {
+        acc += values[e] * dense[index[e] * d + c];
+    }
+    out = acc;
+    """,
+    "sae_ref_segment_spmm",
+)
+
+
+def _segment_spmm(out_index, in_index, values, dense, n_out):
+    """The (n_out, d) sums of ``values[i] * dense[in_index[i]]`` grouped by ``out_index``."""
+    order = cp.argsort(out_index)  # a radix sort: stable
+    at = out_index[order]
+    start = cp.searchsorted(at, cp.arange(n_out + 1, dtype=at.dtype)).astype(cp.int64)
+    dense = cp.ascontiguousarray(dense)
+    out = cp.empty((n_out, dense.shape[1]), dtype=dense.dtype)
+    _SEGMENT_SPMM(start, in_index[order].astype(cp.int64), values[order].astype(dense.dtype), dense,
+                  dense.shape[1], out)
+    return out
 
 
 class CupyBackend(StandardBackend):
@@ -35,16 +68,14 @@ class CupyBackend(StandardBackend):
             L.set_compute_type(cp.float32, before)
 
     def spmm(self, out_index, in_index, values, dense, n_out, *, out=None, accumulate=False):
-        if out is None or out.shape != (n_out, dense.shape[1]) or out.dtype != dense.dtype:
-            if accumulate:
-                return out + self.spmm(out_index, in_index, values, dense, n_out)
-            out = cp.zeros((n_out, dense.shape[1]), dtype=dense.dtype)
-        elif not accumulate:  # the caller's buffer: reused across steps, no allocation
-            out.fill(0)
-        for s in range(0, out_index.shape[0], CHUNK):
-            contrib = dense[in_index[s : s + CHUNK]] * values[s : s + CHUNK, None]
-            cupyx.scatter_add(out, out_index[s : s + CHUNK], contrib)
-        return out
+        res = _segment_spmm(out_index, in_index, values, dense, n_out)
+        if accumulate:
+            out += res
+            return out
+        if out is not None and out.shape == res.shape and out.dtype == res.dtype:
+            out[...] = res
+            return out
+        return res
 
     def sddmm(self, a, b, a_index, b_index):
         out = cp.empty(a_index.shape[0], dtype=cp.result_type(a, b))
@@ -64,9 +95,11 @@ class CupyBackend(StandardBackend):
         return out[:n]
 
     def segment_sum(self, index, values, n):
-        out = cp.zeros((n,), dtype=values.dtype)
-        cupyx.scatter_add(out, index, values)
-        return out
+        at = cp.arange(values.shape[0], dtype=cp.int64)
+        return _segment_spmm(index, at, values, cp.ones((values.shape[0], 1), dtype=values.dtype), n)[:, 0]
+
+    def latent_major(self, W_enc):
+        return cp.asfortranarray(W_enc)
 
     def is_column_major(self, x):
         return x.ndim == 2 and x.shape[0] > 1 and x.flags.f_contiguous and not x.flags.c_contiguous

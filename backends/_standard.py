@@ -75,7 +75,10 @@ class StandardBackend:
         return _segment_sums(xp, oi, contrib, n_out, dev)
 
     def sddmm(self, a, b, a_index, b_index):
-        """``out[i] = a[a_index[i]] . b[b_index[i]]``: a dense-dense product sampled at nnz places."""
+        """``out[i] = a[a_index[i]] . b[b_index[i]]``: a dense-dense product sampled at nnz places.
+
+        The places may repeat here; on the GPU path (torch's sampled CSR product) they must be
+        unique, as in every code sae-ref makes."""
         xp = array_namespace(a, b)
         parts = []
         n = a_index.shape[0]

@@ -1,8 +1,14 @@
-"""torch fast paths (CPU and CUDA): ``topk`` / ``kthvalue``, ``index_add_``, ``index_select``.
+"""torch fast paths (CPU and CUDA): ``topk``, sorted-segment products, ``index_select``.
 
 On the CPU, float16/32/64 tensors are viewed as NumPy arrays (no copy) for the whole-array
 selection, where ``np.partition`` is several times faster than ``torch.kthvalue`` or
 ``torch.topk``.
+
+On the GPU path (the sync-free mode) every sum of a sparse product is formed without atomic
+adds: the entries are sorted by their output row and each row's sum is one bag of
+``embedding_bag`` (a gather, summed in entry order). An atomic scatter-add (``index_add_``
+on CUDA) adds in whatever order the threads arrive, so two runs of one step would differ in
+the last bits; the sorted form gives the same bits every run.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import warnings
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ._standard import CHUNK, PRECISIONS, StandardBackend, _below
 
@@ -56,6 +63,39 @@ def _tf32():
             flags.allow_tf32 = before
 
 
+def _segment_spmm(out_index, in_index, values, dense, n_out):
+    """``out[r] = sum of values[i] * dense[in_index[i]] over the entries i with out_index[i] == r``
+    as (n_out, d), with no atomic add and no host read: the entries sorted by ``out_index``
+    (stably), the row boundaries found by ``searchsorted``, and each row one bag of
+    ``embedding_bag``, summed in entry order."""
+    order = torch.argsort(out_index, stable=True)
+    at = out_index.index_select(0, order)
+    bounds = torch.arange(n_out + 1, dtype=at.dtype, device=at.device)
+    offsets = torch.searchsorted(at, bounds)
+    return F.embedding_bag(in_index.index_select(0, order), dense, offsets, mode="sum",
+                           per_sample_weights=values.index_select(0, order).to(dense.dtype),
+                           include_last_offset=True)
+
+
+def _sampled_dots(a, b, a_index, b_index):
+    """``out[i] = a[a_index[i]] . b[b_index[i]]`` in one sampled product
+    (``torch.sparse.sampled_addmm``, cuSPARSE's SDDMM on a GPU) with no host read: the places
+    sorted row-major, the CSR row pointers found by ``searchsorted``, and the dot products put
+    back in the caller's order."""
+    key = a_index * b.shape[0] + b_index
+    order = torch.argsort(key, stable=True)
+    rows = a_index.index_select(0, order)
+    bounds = torch.arange(a.shape[0] + 1, dtype=rows.dtype, device=rows.device)
+    crow = torch.searchsorted(rows, bounds)
+    zeros = torch.zeros(order.shape[0], dtype=a.dtype, device=a.device)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
+        pattern = torch.sparse_csr_tensor(crow, b_index.index_select(0, order), zeros,
+                                          (a.shape[0], b.shape[0]), check_invariants=False)
+        dots = torch.sparse.sampled_addmm(pattern, a, b.T, beta=0.0).values()
+    return torch.empty_like(dots).index_copy_(0, order, dots)
+
+
 def _numpy():
     from . import get_backend
 
@@ -92,11 +132,16 @@ class TorchBackend(StandardBackend):
             res = _numpy().spmm(out_index.numpy(), in_index.numpy(), values.numpy(), dense.numpy(),
                                 n_out, out=buf, accumulate=accumulate)
             return out if buf is not None and res is buf else torch.from_numpy(res)
+        if _sync_free(dense):  # sorted segments: no atomics, the same bits every run
+            res = _segment_spmm(out_index, in_index, values, dense, n_out)
+            if accumulate:
+                return out.add_(res)
+            if out is not None and tuple(out.shape) == tuple(res.shape) and out.dtype == res.dtype:
+                return out.copy_(res)
+            return res
         if accumulate:
-            if _sync_free(dense):
-                return self._scatter_add(out, out_index, in_index, values, dense)
             return out + self.spmm(out_index, in_index, values, dense, n_out)
-        if dense.dtype in (torch.float32, torch.float64) and out_index.shape[0] > 0 and not _sync_free(dense):
+        if dense.dtype in (torch.float32, torch.float64) and out_index.shape[0] > 0:
             # a CSR product (torch.sparse, MKL on the CPU) is 1.5-6x faster than index_add_
             idx = torch.stack([out_index, in_index])
             # indices come from our own codes (in range by construction): skip torch's checks
@@ -105,17 +150,11 @@ class TorchBackend(StandardBackend):
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
                 return torch.sparse.mm(m.coalesce().to_sparse_csr(), dense)
-        # a scatter-add (atomic adds on a GPU): no count read back, the caller's buffer reused
         if out is None or tuple(out.shape) != (n_out, dense.shape[1]) or out.dtype != dense.dtype:
             out = torch.zeros((n_out, dense.shape[1]), dtype=dense.dtype, device=dense.device)
         else:
             out.zero_()
-        return self._scatter_add(out, out_index, in_index, values, dense)
-
-    @staticmethod
-    def _scatter_add(out, out_index, in_index, values, dense):
-        """``out[out_index[i]] += values[i] * dense[in_index[i]]`` in place, by chunks."""
-        for s in range(0, out_index.shape[0], CHUNK):
+        for s in range(0, out_index.shape[0], CHUNK):  # half precision off the GPU path
             contrib = dense.index_select(0, in_index[s : s + CHUNK]).mul_(values[s : s + CHUNK, None])
             out.index_add_(0, out_index[s : s + CHUNK], contrib)
         return out
@@ -140,19 +179,11 @@ class TorchBackend(StandardBackend):
         if _on_cpu(a, b) and a.dtype == b.dtype:
             return torch.from_numpy(_numpy().sddmm(a.numpy(), b.numpy(), a_index.numpy(), b_index.numpy()))
         n = a_index.shape[0]
-        if n > 0 and a.dtype in (torch.float32, torch.float64) and a.dtype == b.dtype and not _sync_free(a):
-            key = a_index * b.shape[0] + b_index
-            if bool(torch.all(key[1:] > key[:-1])):  # row-major, unique: a valid CSR pattern
-                crow = torch.zeros(a.shape[0] + 1, dtype=torch.int64, device=a.device)
-                crow[1:] = torch.cumsum(torch.bincount(a_index, minlength=a.shape[0]), 0)
-                with warnings.catch_warnings():
-                    warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
-                    pattern = torch.sparse_csr_tensor(crow, b_index, torch.zeros(n, dtype=a.dtype, device=a.device),
-                                                      (a.shape[0], b.shape[0]), check_invariants=False)
-                    # only the sampled dot products are computed, not a @ b.T
-                    return torch.sparse.sampled_addmm(pattern, a, b.T, beta=0.0).values()
+        if n > 0 and a.dtype in (torch.float32, torch.float64) and a.dtype == b.dtype:
+            # only the sampled dot products are computed, not a @ b.T
+            return _sampled_dots(a, b, a_index, b_index)
         out = torch.empty(n, dtype=torch.result_type(a, b), device=a.device)
-        for s in range(0, n, CHUNK):
+        for s in range(0, n, CHUNK):  # half precision
             ga = a.index_select(0, a_index[s : s + CHUNK])
             gb = b.index_select(0, b_index[s : s + CHUNK])
             out[s : s + CHUNK] = torch.einsum("ij,ij->i", ga, gb)
@@ -163,6 +194,10 @@ class TorchBackend(StandardBackend):
         return torch.nonzero_static(mask.reshape(-1), size=n).reshape(-1)
 
     def segment_sum(self, index, values, n):
+        if _sync_free(values) and values.is_floating_point():  # sorted segments: no atomics
+            ones = torch.ones((values.shape[0], 1), dtype=values.dtype, device=values.device)
+            at = torch.arange(values.shape[0], device=values.device)
+            return _segment_spmm(index, at, values, ones, n)[:, 0]
         out = torch.zeros((n,), dtype=values.dtype, device=values.device)
         return out.index_add_(0, index, values)
 

@@ -73,7 +73,7 @@ def topk(pre, k: int) -> SparseCode:
     """
     _check_pre("topk", pre)
     k = C.integer_in("topk", "k", k, 1, pre.shape[1], f" (h = {pre.shape[1]})")
-    return _topk(pre, k)
+    return _topk(pre, k).exact()
 
 
 def _topk(pre, k: int, backend=None, maxima=None) -> SparseCode:
@@ -126,7 +126,7 @@ def batch_topk(pre, k: int) -> SparseCode:
     """
     _check_pre("batch_topk", pre)
     k = C.integer_in("batch_topk", "k", k, 1, pre.shape[1], f" (h = {pre.shape[1]})")
-    return _batch_topk(pre, k)
+    return _batch_topk(pre, k).exact()
 
 
 def _batch_topk(pre, k: int, backend=None, maxima=None) -> SparseCode:

@@ -22,7 +22,7 @@ coefficient (1/32 in both sources) is the caller's.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from array_api_compat import device as device_of
@@ -115,7 +115,16 @@ def auxk(pre, dead, residual, W_dec, k_aux: int, *, convention: str = "authors",
         )
     if detach_residual is None:
         detach_residual = convention == "normalized"
-    return _auxk(xp, pre, dead, residual, W_dec, k_aux, convention, detach_residual)
+    return _exact(_auxk(xp, pre, dead, residual, W_dec, k_aux, convention, detach_residual))
+
+
+def _exact(res: AuxKResult) -> AuxKResult:
+    """``res`` with its code and the code's gradient without the padding entries of the
+    sync-free form (public results list kept entries only, on every device)."""
+    if res.code is None or not res.code.padded:
+        return res
+    kept = res.code.values != 0
+    return replace(res, code=res.code.exact(), g_values=res.g_values[kept])
 
 
 def _auxk(xp, pre, dead, residual, W_dec, k_aux, convention, detach_residual,

@@ -102,8 +102,6 @@ def heldout_l0(state: TrainState, batches) -> dict:
     n = 0
     with C.no_checks():
         for x in batches:
-            # nonzero values, not entries: on a GPU a selection's code lists B k places with
-            # zeros where the cut was not positive (SparseCode.padded)
             l0_inf += _kept(encode(state.params, x, inf_cfg))
             l0_train += _kept(encode(state.params, x, train_cfg))
             n += x.shape[0]

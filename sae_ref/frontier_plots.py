@@ -23,6 +23,9 @@ function, so the rest of sae-ref works without it.
 
 from __future__ import annotations
 
+#: Modules the docstring examples need (the tests skip them where one is not installed).
+__doctest_requires__ = {"*": ("matplotlib",)}
+
 import io
 import math
 from collections.abc import Mapping, Sequence

@@ -44,6 +44,9 @@ rules are in :mod:`sae_ref.fvu`. Nothing is ever inf by division.
 
 from __future__ import annotations
 
+#: Modules the docstring examples need (the tests skip them where one is not installed).
+__doctest_requires__ = {"plot_log_density": ("matplotlib",)}
+
 import io
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass

@@ -310,7 +310,7 @@ def encode(params: SAEParams, x, config: SAEConfig) -> SparseCode:
     if config.standardize:
         x, _ = _standardize(xp, x, 1e-5)
     pre, maxima = _pre(xp, params, x, g=_group(config, x, params.h), precision=config.precision)
-    return _select(xp, pre, config, params, x, maxima)
+    return _select(xp, pre, config, params, x, maxima).exact()
 
 
 def decode(params: SAEParams, code: SparseCode):
@@ -339,11 +339,14 @@ def forward(params: SAEParams, x, config: SAEConfig) -> Forward:
     return _forward(xp, params, x, config)
 
 
-def _forward(xp, params: SAEParams, x, config: SAEConfig, select=None, ws=None) -> Forward:
+def _forward(xp, params: SAEParams, x, config: SAEConfig, select=None, ws=None,
+             exact: bool = True) -> Forward:
     """:func:`forward` without the argument checks (training loops check once). ``select``,
     if given, replaces the selection (``select(pre) -> SparseCode``: data-parallel BatchTopK
     finds its cut across ranks); ``ws`` (a :class:`~sae_ref.workspace.Workspace`) holds the
-    pre-activations, which then live only until the workspace's next use."""
+    pre-activations, which then live only until the workspace's next use. ``exact=False``
+    (the training step) keeps a padded code as it is (no host read); otherwise the code is
+    the exact one (:meth:`SparseCode.exact`)."""
     stats = None
     if config.standardize:
         x, stats = _standardize(xp, x, 1e-5)
@@ -352,6 +355,8 @@ def _forward(xp, params: SAEParams, x, config: SAEConfig, select=None, ws=None) 
     pre, maxima = _pre(xp, params, x, ws, g, config.precision)
     P.mark("encoder gemm", pre)
     code = _select(xp, pre, config, params, x, maxima) if select is None else select(pre)
+    if exact:
+        code = code.exact()
     window = bandwidth = None
     if config.activation == "jumprelu":
         bandwidth = config.bandwidth

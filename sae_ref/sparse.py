@@ -36,10 +36,12 @@ class SparseCode:
         The activation value (or, for a gradient, the gradient at that place).
     shape : (B, h)
     padded : bool
-        The selection had a fixed size (the sync-free mode of :mod:`sae_ref.backends`):
-        entries with value 0 are places it listed but did not keep (a non-positive
-        pre-activation). They add nothing to a product, count in no L0, and the backward
-        pass gives them no gradient.
+        An internal form of the training step on a GPU (the sync-free mode of
+        :mod:`sae_ref.backends`): the selection had a size known in advance, and entries with
+        value 0 are places it listed but did not keep (a non-positive pre-activation). They
+        add nothing to a product, count in no L0, and the backward pass gives them no
+        gradient. No public function returns a padded code: each passes its result through
+        :meth:`exact`, so a code's entries are its kept entries on every device.
     """
 
     rows: Any
@@ -59,6 +61,16 @@ class SparseCode:
         flat = xp.astype(flat, xp.int64)
         values = xp.take(xp.reshape(z, (-1,)), flat)
         return cls(flat // h, flat % h, values, (B, h))
+
+    def exact(self) -> SparseCode:
+        """This code without the padding entries (value 0) of a padded code: the exact code of
+        the same selection, entries in the same order. A code that is not padded is returned
+        as it is; a padded one costs one host read (its number of kept entries)."""
+        if not self.padded:
+            return self
+        xp = array_namespace(self.values)
+        kept = self.values != 0
+        return SparseCode(self.rows[kept], self.cols[kept], self.values[kept], self.shape)
 
     @property
     def nnz(self) -> int:

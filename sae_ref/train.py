@@ -419,7 +419,7 @@ def _step(xp, state: TrainState, x, donate: bool = False, dp=None, ws=None):
     config, params = state.config, state.params
     t = state.t + 1
     B = x.shape[0] if dp is None else dp.B
-    fwd = _forward(xp, params, x, config.sae_config(), None if dp is None else dp.select, ws)
+    fwd = _forward(xp, params, x, config.sae_config(), None if dp is None else dp.select, ws, exact=False)
     mse, g_xhat = L._mse(xp, fwd.x_hat, fwd.x, config.loss_unit)
     coeff = O.linear_warmup_decay(t, base=config.sparsity_coeff, warmup=config.sparsity_warmup_steps)
     sparsity, g_code, g_theta, g_W_sp = _sparsity(xp, config, fwd, params, coeff)

@@ -1,8 +1,14 @@
 """Test fixtures: every property runs on every available backend.
 
-The session-scoped ``backend`` fixture yields numpy, torch (CPU) and array-api-strict, plus
-CuPy and torch-CUDA when a GPU is present. Inputs are drawn with NumPy and moved with
-``backend.asarray`` so all backends see the identical data.
+The session-scoped ``backend`` fixture yields numpy, torch (CPU), ``torch-gpu-path`` and
+array-api-strict, plus CuPy and torch-CUDA when a GPU is present. Inputs are drawn with NumPy
+and moved with ``backend.asarray`` so all backends see the identical data.
+
+``torch-gpu-path`` is torch on the CPU taking every decision a CUDA device takes: the
+sync-free mode of :mod:`sae_ref.backends` is forced around each test that uses it (fixed-size
+selections, padded codes inside the step, scatter-add products, no NumPy-view fast paths), so
+every property runs, on every CI run, through the calls a GPU step makes. A test that loops
+over ``all_backends`` runs each backend's calls inside ``backend.path()``.
 
 Hypothesis profiles: ``ci`` (derandomised, bounded, no deadline; chosen when CI is set),
 ``dev`` (the default locally) and ``thorough``; pick one with HYPOTHESIS_PROFILE.
@@ -10,6 +16,7 @@ Hypothesis profiles: ``ci`` (derandomised, bounded, no deadline; chosen when CI 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +52,18 @@ class Backend:
         dt = getattr(self.xp, np.dtype(dtype).name) if np.dtype(dtype) != np.bool_ else self.xp.bool
         return self.xp.asarray(a, dtype=dt, device=self.device)
 
+    @property
+    def gpu_path(self) -> bool:
+        """Whether this backend takes a GPU's execution path (a CUDA device, or its CPU stand-in)."""
+        return self.name in GPU_PATH_NAMES
+
+    def path(self):
+        """A context in which this backend's calls take its device's path: the sync-free mode
+        for ``torch-gpu-path`` (a real GPU takes it by default), nothing for the others."""
+        from sae_ref.backends import sync_free
+
+        return sync_free(True) if self.name == "torch-gpu-path" else contextlib.nullcontext()
+
     def dtype(self, name: str):
         return getattr(self.xp, name)
 
@@ -56,8 +75,11 @@ class Backend:
         return self.name
 
 
+GPU_PATH_NAMES = ("torch-gpu-path", "torch-cuda", "cupy")
+
+
 def _available() -> list[str]:
-    names = ["numpy", "torch", "strict"]
+    names = ["numpy", "torch", "torch-gpu-path", "strict"]
     try:
         import torch
 
@@ -65,6 +87,7 @@ def _available() -> list[str]:
             names.append("torch-cuda")
     except ImportError:
         names.remove("torch")
+        names.remove("torch-gpu-path")
     try:
         import cupy
 
@@ -81,7 +104,7 @@ BACKEND_NAMES = _available()
 def make_backend(name: str) -> Backend:
     from sae_ref.arrays import resolve
 
-    xp, device = resolve(name)
+    xp, device = resolve("torch" if name == "torch-gpu-path" else name)
     if name == "strict":
         # array-api-strict's second fake device: any creation call that forgets device=
         # lands on the default device and the next operation mixing the two fails.
@@ -92,6 +115,17 @@ def make_backend(name: str) -> Backend:
 @pytest.fixture(scope="session", params=BACKEND_NAMES)
 def backend(request) -> Backend:
     return make_backend(request.param)
+
+
+@pytest.fixture(autouse=True)
+def _device_path(request):
+    """Each test that takes the ``backend`` fixture runs inside that backend's :meth:`Backend.path`."""
+    b = request.getfixturevalue("backend") if "backend" in request.fixturenames else None
+    if not isinstance(b, Backend):  # no backend, or a test's own parameter of that name
+        yield
+        return
+    with b.path():
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
+
+torch = pytest.importorskip("torch")
 
 from sae_ref.sae import SAEConfig, _pre, forward, init_params
 from sae_ref.train import TrainConfig, init_state, step

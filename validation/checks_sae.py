@@ -38,6 +38,9 @@ True
 
 from __future__ import annotations
 
+#: Modules the docstring examples need (the tests skip them where one is not installed).
+__doctest_requires__ = {"*": ("torch",)}
+
 import numpy as np
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
