@@ -276,3 +276,41 @@ def test_batches_reach_the_device_equal_to_the_host_batch(backend):
     a = from_host(backend.xp, host, dtype=backend.dtype("float32"), device=backend.device)
     assert device_of(a) == backend.device and a.dtype == backend.dtype("float32")
     np.testing.assert_array_equal(backend.numpy(a), host.astype(np.float32))
+
+
+class _CallCounter(TorchFunctionMode):
+    """Counts every torch function and tensor method a block calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _step_calls(arch, B, h, dead_after):
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((B, 16)).astype(np.float32))
+    config = TrainConfig(arch=arch, h=h, k=4, k_aux=32, dead_after=dead_after, dead_unit="batches")
+    with sync_free(True):
+        state = init_state(config, x)
+        for _ in range(2):
+            state, _ = step(state, x, check=False)
+        with _CallCounter() as counter:
+            state, metrics = step(state, x, check=False)
+    return counter.calls, float(metrics["dead_fraction"])
+
+
+@pytest.mark.parametrize("arch", ["batchtopk", "topk"])
+def test_gpu_path_step_makes_the_same_calls_whatever_the_batch_width_or_dead_share(arch):
+    """Invariant: a torch step on the GPU path makes the same number of torch calls (each a
+    kernel launch or less) for any batch size, dictionary width and share of dead latents:
+    no product or selection loops over chunks of its data, so on a GPU the launches do not
+    grow with the work."""
+    pytest.importorskip("torch")
+    base, dead = _step_calls(arch, 64, 128, 1)
+    assert dead > 0  # AuxK has dead latents to work on
+    for B, h, dead_after in ((2048, 128, 1), (64, 4096, 1), (64, 128, 1000)):
+        calls, _ = _step_calls(arch, B, h, dead_after)
+        assert calls == base, f"B={B} h={h} dead_after={dead_after}: {calls} torch calls, {base} at B=64 h=128"
