@@ -23,6 +23,18 @@ from contextlib import contextmanager
 
 _active: dict | None = None
 _last = 0.0
+_listeners: list = []
+
+
+@contextmanager
+def listen(fn):
+    """Within the block, ``fn(name)`` is called at every :func:`mark`, before anything else
+    (the GPU ledger of ``benchmarks/`` charges the torch calls it records to phases this way)."""
+    _listeners.append(fn)
+    try:
+        yield
+    finally:
+        _listeners.remove(fn)
 
 
 @contextmanager
@@ -42,6 +54,8 @@ def mark(name: str, array=None) -> None:
     """End the phase ``name``: wait for ``array``'s device, then charge the time since the
     previous mark to ``name``. A no-op outside :func:`phases`."""
     global _last
+    for fn in _listeners:
+        fn(name)
     if _active is None:
         return
     if array is not None:

@@ -1,0 +1,228 @@
+"""The GPU path's ledger: what one training step asks of a GPU, phase by phase, with a model.
+
+    python benchmarks/bench_gpu_ledger.py                    # d=768 h=16384 k=32 B=4096
+    python benchmarks/bench_gpu_ledger.py --small            # d=128 h=2048 k=16 B=512
+    python benchmarks/bench_gpu_ledger.py --matmul-precision tf32 --dead-share 0.1
+
+Runs one torch training step on the CPU on the GPU's code path (the sync-free mode forced,
+as the ``torch-gpu-path`` test backend does: the same torch calls a CUDA step makes) and
+records every torch call with a ``TorchFunctionMode``. Each call that runs a kernel (it
+writes a new or an in-place tensor; views, metadata and bare allocations do not) is one
+launch. Per launch it counts bytes read and written and floating-point operations, and
+models its H200 time from the costs measured on an H200 (``GPU-FACTS``, see the table in
+:data:`MEASURED`): matrix products at the measured GEMM rate of their precision, the
+selections and scans (``topk``, ``sort``, ``cumsum``, ``nonzero_static``) and the gathers
+(``embedding_bag``, the sampled product) scaled from their measured times, and everything
+else at the measured copy bandwidth, with a floor of a few microseconds a kernel.
+
+It prints the ledger per phase (the phases of :mod:`sae_ref.profile`), the modeled device
+time, the host's launch time (an assumed cost per eager launch, which a captured CUDA graph
+removes), and the roofline floor: the encoder GEMM, one write and one read of the
+pre-activations and Adam's traffic. The model is a guide to where the time goes and
+whether the step's structure can reach its target; the measured GPU table is the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import sys
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_core import machine  # noqa: E402
+from bench_train import FULL, SMALL, setup  # noqa: E402
+
+import sae_ref  # noqa: E402
+from sae_ref import profile  # noqa: E402
+from sae_ref.backends import sync_free  # noqa: E402
+from sae_ref.train import step  # noqa: E402
+
+#: H200 costs measured with torch 2.11 (minimum of 10 runs): seconds, and the work they did
+MEASURED = {
+    "bandwidth": 536e6 / 0.14e-3,             # copy of the [4096, 16384] float32 pre-activations
+    "gemm": {"highest": 2 * 4096 * 768 * 16384 / 2.18e-3,  # FLOP/s of x @ W_enc
+             "tf32": 2 * 4096 * 768 * 16384 / 0.34e-3,
+             "bf16": 2 * 4096 * 768 * 16384 / 0.16e-3},
+    "topk_flat": 1.33e-3 / 67108864,          # torch.topk(flat, 131072) over 67M, per element
+    "topk_rows": 0.87e-3 / 67108864,          # per-row torch.topk(pre, 32), per element
+    "sort": 3.0e-3 / 67108864,                # torch.sort over 67M, per element
+    "cumsum": 0.89e-3 / 67108864,             # cumsum over 67M int32, per element
+    "nonzero_static": 0.21e-3 / 67108864,     # per mask element
+    "embedding_bag": 0.27e-3 / (131072 * 768),  # per gathered element (B k rows x d)
+    "sampled": 0.33e-3 / (131072 * 768),      # sampled dot products, per gathered element
+    "adam": 0.32e-3 / 25.2e6,                 # fused Adam, per parameter
+}
+KERNEL_FLOOR = 2e-6   # the shortest kernel's device time
+HOST_PER_LAUNCH = 5e-6  # assumed: the host's cost of one eager torch launch (a graph replays without it)
+NO_KERNEL = {"empty", "empty_like", "empty_strided", "new_empty", "set_", "requires_grad_", "__get__",
+             "__set__", "resize_", "sparse_csr_tensor", "values", "crow_indices", "col_indices"}
+
+
+def _tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for o in obj:
+            yield from _tensors(o)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            yield from _tensors(o)
+
+
+def _storage(t):
+    return t.untyped_storage().data_ptr()
+
+
+class Ledger(TorchFunctionMode):
+    """Records each kernel-launching torch call as (phase, name, read, written, flops, seconds)."""
+
+    def __init__(self, precision: str):
+        super().__init__()
+        self.precision = precision
+        self.pending, self.rows = [], []
+
+    def mark(self, phase: str):
+        self.rows += [(phase, *call) for call in self.pending]
+        self.pending = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = getattr(func, "__name__", str(func))
+        if name in NO_KERNEL:
+            return out
+        ins = list(_tensors(args)) + list(_tensors(kwargs))
+        outs = [t for t in _tensors(out) if t.layout == torch.strided]
+        if name == "sampled_addmm":  # a sparse result: its values are what the kernel writes
+            outs = [out.values()]
+        in_place = name.endswith("_") and not name.startswith("__") or name == "__setitem__" or "out" in kwargs
+        in_storages = {_storage(t) for t in ins if t.numel() and t.layout == torch.strided}
+        new = [t for t in outs if t.numel() and _storage(t) not in in_storages]
+        if not new and not in_place:
+            return out  # a view or metadata: no kernel
+        written = sum(t.numel() * t.element_size() for t in (new or ins[:1]))
+        read, flops, seconds = self._cost(name, ins, new or ins[:1], kwargs)
+        self.pending.append((name, read, written, flops, max(seconds, (read + written) / MEASURED["bandwidth"], KERNEL_FLOOR)))
+        return out
+
+    def _cost(self, name, ins, outs, kwargs):
+        """(bytes read, flops, seconds by the measured primitive costs or 0)."""
+        first = ins[0] if ins else None
+        n = first.numel() if first is not None else 0
+        read = sum(t.numel() * t.element_size() for t in {id(t): t for t in ins}.values()
+                   if t.layout == torch.strided)
+        if name in ("mm", "matmul", "addmm", "__matmul__", "bmm") and len(ins) >= 2:
+            a, b = ins[-2], ins[-1]
+            flops = 2 * a.numel() * b.shape[-1]
+            rate = MEASURED["gemm"][self.precision if self.phase_is_encoder else "highest"]
+            return read, flops, flops / rate
+        if name == "embedding_bag":
+            idx, weight = ins[0], ins[1]
+            work = idx.numel() * weight.shape[1]
+            return work * weight.element_size() + idx.numel() * 16, 2 * work, work * MEASURED["embedding_bag"]
+        if name == "sampled_addmm":
+            nnz, d = ins[0].values().numel(), ins[1].shape[1]
+            return 2 * nnz * d * ins[1].element_size(), 2 * nnz * d, nnz * d * MEASURED["sampled"]
+        if name in ("index_select", "take", "gather", "__getitem__", "take_along_dim"):
+            out_bytes = sum(t.numel() * t.element_size() for t in outs)
+            return out_bytes + sum(t.numel() * t.element_size() for t in ins[1:]), 0, 0.0
+        if name == "topk":
+            return read, 0, n * MEASURED["topk_flat" if first.dim() == 1 else "topk_rows"]
+        if name in ("sort", "argsort"):
+            return read, 0, n * MEASURED["sort"]
+        if name in ("cumsum", "cumulative_sum"):
+            return read, 0, n * MEASURED["cumsum"]
+        if name == "nonzero_static":
+            return read, 0, n * MEASURED["nonzero_static"]
+        if name == "_fused_adam_":
+            params = sum(t.numel() for t in _tensors(ins[:1]))
+            return read, 0, params * MEASURED["adam"]
+        return read, 0, 0.0
+
+    phase_is_encoder = False
+
+
+def record(state, x, precision):
+    """The ledger of one step on ``x`` from ``state`` (the GPU path, forced)."""
+    ledger = Ledger(precision)
+
+    def on_mark(phase):
+        ledger.mark(phase)
+        ledger.phase_is_encoder = phase == "standardize"  # the next phase holds the encoder GEMM
+
+    with sync_free(True), sae_ref.no_checks(), profile.listen(on_mark), ledger:
+        step(state, x, check=False, donate=True)  # as the training loop steps
+    ledger.mark("(after the last phase)")
+    return ledger.rows
+
+
+def floor_seconds(B, d, h, precision):
+    """The roofline floor: the encoder GEMM, one write and one read of the [B, h]
+    pre-activations, and Adam's traffic over the 2 d h + h + d parameters."""
+    gemm = 2 * B * d * h / MEASURED["gemm"][precision]
+    pre = 2 * B * h * 4 / MEASURED["bandwidth"]
+    adam = (2 * d * h + h + d) * MEASURED["adam"]
+    return gemm + pre + adam
+
+
+def report(rows, B, d, h, precision, label):
+    by_phase = collections.OrderedDict()
+    for phase, name, read, written, flops, seconds in rows:
+        p = by_phase.setdefault(phase, [0, 0, 0, 0.0, 0.0, collections.Counter()])
+        p[0] += 1
+        p[1] += read
+        p[2] += written
+        p[3] += flops
+        p[4] += seconds
+        p[5][name] += seconds
+    print(f"\n{label}")
+    print(f"{'phase':28s} {'launches':>8s} {'read MB':>9s} {'written MB':>10s} {'GFLOP':>8s} {'model ms':>9s}  largest")
+    tot = [0, 0, 0, 0.0, 0.0]
+    for phase, (n, r, w, f, s, names) in by_phase.items():
+        top = ", ".join(f"{k} {v * 1e3:.2f}" for k, v in names.most_common(2))
+        print(f"{phase:28s} {n:8d} {r / 1e6:9.1f} {w / 1e6:10.1f} {f / 1e9:8.1f} {s * 1e3:9.3f}  {top}")
+        tot = [a + b for a, b in zip(tot, (n, r, w, f, s))]
+    n, r, w, f, s = tot
+    host = n * HOST_PER_LAUNCH
+    floor = floor_seconds(B, d, h, precision)
+    print(f"{'total':28s} {n:8d} {r / 1e6:9.1f} {w / 1e6:10.1f} {f / 1e9:8.1f} {s * 1e3:9.3f}")
+    print(f"modeled H200 step: {s * 1e3:.2f} ms on the device; eager {max(s, host) * 1e3:.2f} ms "
+          f"(host launches {host * 1e3:.2f} ms at {HOST_PER_LAUNCH * 1e6:.0f} us each); "
+          f"roofline floor {floor * 1e3:.2f} ms; device model / floor {s / floor:.2f}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--small", action="store_true", help="d=128 h=2048 k=16 B=512")
+    for n in ("d", "h", "k", "B"):
+        p.add_argument(f"--{n}", type=int)
+    p.add_argument("--matmul-precision", default="highest", choices=["highest", "tf32", "bf16"])
+    p.add_argument("--dead-share", type=float, action="append",
+                   help="share of latents suppressed so they go dead (repeatable; default 0 = AuxK off, and 0.1)")
+    p.add_argument("--arch", action="append", choices=["batchtopk", "topk"], help="repeatable (default batchtopk)")
+    a = p.parse_args(argv)
+    shape = {n: getattr(a, n) if getattr(a, n) is not None else (SMALL if a.small else FULL)[n]
+             for n in ("d", "h", "k", "B")}
+    d, h, k, B = (shape[n] for n in ("d", "h", "k", "B"))
+    print(f"machine: {machine()} (recording on the CPU; times modeled for an H200)")
+    print(f"shape: d={d} h={h} k={k} B={B} float32, encoder product {a.matmul_precision}")
+    for arch in a.arch or ["batchtopk"]:
+        for share in a.dead_share or [0.0, 0.1]:
+            aux = share > 0
+            with sync_free(True):
+                xp, x0, x1, state = setup("torch", d, h, k, B, 1, share, aux, arch, a.matmul_precision)
+                with sae_ref.no_checks():
+                    for x in (x0, x1):  # warm-up: the dead latents appear
+                        state, m = step(state, x, check=False, donate=True)
+            dead = float(m["dead_fraction"])
+            rows = record(state, x0, a.matmul_precision)
+            label = f"{arch}, " + (f"AuxK 'authors' k_aux=512, {dead:.1%} dead" if aux else "AuxK off")
+            report(rows, B, d, h, a.matmul_precision, label)
+
+
+if __name__ == "__main__":
+    main()
