@@ -35,7 +35,13 @@ def resolve(backend: str, device=None):
         t = torch.zeros(1, device=dev)
         return array_namespace(t), device_of(t)
     elif backend == "cupy":
-        import cupy
+        try:
+            import cupy
+        except ImportError as e:
+            raise ModuleNotFoundError(
+                f"resolve: backend 'cupy' needs CuPy, which cannot be imported ({e}): install it "
+                "with pip install 'sae-ref[cupy]' (cupy-cuda12x, for CUDA 12), or train on the GPU "
+                "with backend 'torch' and device 'cuda'", name="cupy") from None
 
         if device is not None:
             with cupy.cuda.Device(int(str(device).removeprefix("cuda:"))):

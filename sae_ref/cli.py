@@ -8,11 +8,20 @@ Moving a run to a GPU is one flag: ``--backend torch --device cuda`` or ``--back
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from pathlib import Path
 
 BACKENDS = ["numpy", "torch", "torch-cuda", "cupy", "strict"]
+#: Architectures that keep k latents per sample (``--k`` applies to them only).
+K_ARCHS = ("topk", "batchtopk")
+#: The flag of each field a resumed run must keep (TrainConfig fields without one: --set).
+FLAGS = {"data": "--data", "batch_size": "--batch-size", "data_seed": "--data-seed",
+         "holdout_batches": "--holdout-batches", "dtype": "--dtype", "arch": "--arch", "h": "--h",
+         "k": "--k", "steps": "--steps", "lr": "--lr", "sparsity_coeff": "--sparsity-coeff",
+         "seed": "--seed", "afa_coeff": "--afa-coeff", "afa_target": "--afa-target",
+         "matmul_precision": "--matmul-precision", "preset": "--preset"}
 
 
 def _value(text: str):
@@ -26,7 +35,9 @@ def _value(text: str):
 def _train_parser(sub):
     p = sub.add_parser("train", help="train one SAE (checkpoints, resume, SAELens export)",
                        description="Train one SAE. Every run writes OUT/metrics.jsonl, "
-                       "OUT/checkpoints/, OUT/sae/ (SAELens format) and OUT/summary.json.")
+                       "OUT/checkpoints/, OUT/sae/ (SAELens format) and OUT/summary.json. An OUT "
+                       "that holds a run is continued with --resume or replaced with --overwrite, "
+                       "never written over otherwise.")
     p.add_argument("--data", default="synthetic",
                    help="activation store directory (with manifest.json), or 'synthetic' (default)")
     p.add_argument("--synthetic", default="64,512,4", metavar="D,N,K",
@@ -54,11 +65,18 @@ def _train_parser(sub):
     p.add_argument("--seed", type=int, default=None, help="initialisation seed")
     p.add_argument("--data-seed", type=int, default=0, help="shuffling / sampling seed")
     p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--checkpoint-every", type=int, default=500,
+                   help="steps between checkpoints (0: only at the end)")
     p.add_argument("--keep", type=int, default=3, help="checkpoints kept (newest)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints")
-    p.add_argument("--log-every", type=int, default=50)
-    p.add_argument("--holdout-batches", type=int, default=4)
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUT/checkpoints (with the run's data, batch size, seeds, "
+                   "dtype and config)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete the run OUT holds (checkpoints/, metrics.jsonl, sae/, "
+                   "summary.json) and start a new one")
+    p.add_argument("--log-every", type=int, default=50, help="steps between metrics lines")
+    p.add_argument("--holdout-batches", type=int, default=4,
+                   help="batches at the store's end held out of training (default 4)")
     p.add_argument("--nonfinite", default=None, choices=["raise", "skip"],
                    help="what to do with a batch holding NaN/inf (default: raise)")
     p.add_argument("--no-progress", action="store_true")
@@ -93,20 +111,98 @@ def _spawn_train(args) -> int:
     return 0
 
 
+def _at_least(parser, args, flag: str, low: int, what: str = "") -> None:
+    value = getattr(args, flag.lstrip("-").replace("-", "_"))
+    if value is not None and value < low:
+        parser.error(f"{flag} must be >= {low}{what}, got {value}")
+
+
+def _check_train_flags(args, parser) -> None:
+    """The flags' ranges and combinations, before anything is read or written."""
+    from sae_ref.train import PRESETS
+
+    _at_least(parser, args, "--nproc", 1)
+    _at_least(parser, args, "--batch-size", 1)
+    _at_least(parser, args, "--steps", 1)
+    _at_least(parser, args, "--log-every", 1)
+    _at_least(parser, args, "--checkpoint-every", 0, " (0: a checkpoint at the end only)")
+    _at_least(parser, args, "--keep", 1)
+    _at_least(parser, args, "--holdout-batches", 0)
+    if args.resume and args.overwrite:
+        parser.error("--resume and --overwrite exclude each other: --resume continues the run "
+                     "in --out, --overwrite deletes it")
+    if args.preset not in PRESETS:
+        parser.error(f"--preset must be one of {sorted(PRESETS)}, got {args.preset!r}")
+    arch = args.arch or PRESETS[args.preset].get("arch", "batchtopk")
+    if args.k is not None and arch not in K_ARCHS:
+        parser.error(f"--k does not apply to --arch {arch}: only {' and '.join(K_ARCHS)} keep k "
+                     "latents per sample (set the sparsity with --sparsity-coeff)")
+
+
+def _check_out(args) -> str | None:
+    """The error line when --out does not fit --resume / --overwrite, else None."""
+    from sae_ref.fit import RunDirError, check_run_dir
+
+    try:
+        check_run_dir(args.out, resume=args.resume, overwrite=args.overwrite)
+    except RunDirError as e:
+        return _run_dir_message(e)
+    return None
+
+
+def _run_dir_message(e) -> str:
+    if e.kind == "exists":
+        return (f"--out '{e.run}' already holds a run ({e.contents}); add --resume to continue "
+                "it, or --overwrite to delete it and start again (or choose a new --out)")
+    holds = (f"; it holds {e.contents}: start again there with --overwrite" if e.contents
+             else "; leave out --resume to start a run there")
+    return f"--resume: '{e.run}' has no checkpoint to resume from (no checkpoints/step-*.json){holds}"
+
+
+def _mismatch_message(e) -> str:
+    parts = []
+    for name, given, recorded in e.fields:
+        flag = FLAGS.get(name, f"--set {name}=...")
+        if name == "data":
+            parts.append(f"--data gives {given} but the run was trained on {recorded}")
+        else:
+            parts.append(f"{flag} is {_shown(given)} but the run was trained with {_shown(recorded)}")
+    return (f"--resume: '{e.run}' holds another run: " + "; ".join(parts)
+            + "; resume with the run's values, or train them in a new --out")
+
+
+def _shown(v) -> str:
+    return json.dumps(v) if not isinstance(v, str) else v
+
+
+def _write_failed(e: OSError, out) -> str:
+    """A failed read or write (a full disk): what failed, and that the checkpoints are intact."""
+    from sae_ref.io.checkpoint import latest_checkpoint
+
+    newest = latest_checkpoint(Path(out) / "checkpoints")
+    fix = "free some space" if e.errno == errno.ENOSPC else "fix the cause"
+    if newest is None:
+        return f"{e}; no checkpoint had been written yet: {fix} and start again with --overwrite"
+    step = int(newest.stem.split("-")[1])
+    return (f"{e}; no checkpoint was lost: the newest, step {step} in '{newest.parent}', is "
+            f"intact: {fix} and continue with the same command and --resume")
+
+
 def _train(args, parser) -> int:
     from sae_ref.dist.launch import comm_from_env, is_torchrun
     from sae_ref.fit import fit
-    from sae_ref.train import PRESETS, preset
+    from sae_ref.train import preset
 
-    if args.nproc < 1:
-        parser.error(f"--nproc must be >= 1, got {args.nproc}")
+    _check_train_flags(args, parser)
     if args.nproc > 1 and not is_torchrun():
+        problem = _check_out(args)
+        if problem is not None:
+            print(f"sae-ref train: error: {problem}", file=sys.stderr)
+            return 2
         return _spawn_train(args)
     comm = comm_from_env() if is_torchrun() else None
     rank = 0 if comm is None else comm.rank
 
-    if args.preset not in PRESETS:
-        parser.error(f"--preset must be one of {sorted(PRESETS)}, got {args.preset!r}")
     source = _source(args, parser)
     overrides = {}
     for item in args.set:
@@ -130,7 +226,7 @@ def _train(args, parser) -> int:
         parser.error(f"--set: {e}")
     result = fit(config, source, backend=args.backend, device=args.device, dtype=args.dtype,
                  batch_size=args.batch_size, run_dir=args.out, checkpoint_every=args.checkpoint_every,
-                 keep=args.keep, resume=args.resume, log_every=args.log_every,
+                 keep=args.keep, resume=args.resume, overwrite=args.overwrite, log_every=args.log_every,
                  holdout_batches=args.holdout_batches, data_seed=args.data_seed,
                  progress=not args.no_progress, comm=comm)
     if rank != 0:
@@ -220,16 +316,30 @@ def _report_parser(sub):
     p.add_argument("--eval-docs", type=int, default=64)
     p.add_argument("--backend", default="numpy", choices=BACKENDS)
     p.add_argument("--device", default=None)
+    p.add_argument("--nonfinite", default="raise", choices=["raise", "skip"],
+                   help="what to do with an evaluation batch holding NaN/inf (default: raise)")
     return p
 
 
 def _report(args, parser) -> int:
-    from sae_ref.report import ReportConfig, build_report
+    from sae_ref.data.store import ActivationStore
+    from sae_ref.report import ReportConfig, build_report, heldout_overlaps
 
+    for flag in ("--eval-rows", "--batch-size", "--eval-docs"):
+        _at_least(parser, args, flag, 1)
+    _at_least(parser, args, "--ref-rows", 0)
+    store = ActivationStore(args.data)
+    overlaps = heldout_overlaps(args.runs, store, args.eval_rows)
+    if overlaps:
+        runs = "; ".join(f"'{r}' held out only the last {n:,}" for r, n in overlaps)
+        print(f"sae-ref report: error: --eval-rows {args.eval_rows:,} reaches into rows that runs "
+              f"trained on ({runs} of the {store.n_rows:,} rows of '{store.directory}'); pass "
+              f"--eval-rows {min(n for _, n in overlaps)} or less", file=sys.stderr)
+        return 2
     cfg = ReportConfig(eval_rows=args.eval_rows, ref_rows=args.ref_rows, batch_size=args.batch_size,
                        prune=tuple(args.prune), downstream=args.downstream, eval_docs=args.eval_docs,
-                       backend=args.backend, device=args.device)
-    build_report(args.runs, args.data, args.out, config=cfg)
+                       backend=args.backend, device=args.device, nonfinite=args.nonfinite)
+    build_report(args.runs, store, args.out, config=cfg)
     print(f"report: {Path(args.out) / 'report.md'}")
     return 0
 
@@ -266,9 +376,31 @@ def main(argv=None) -> int:
     run = _train if args.command == "train" else _report
     try:
         return run(args, parser)
-    except (ValueError, FileNotFoundError, NotImplementedError) as e:
-        print(f"sae-ref {args.command}: error: {e}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 (the known ones become one line; others propagate)
+        line = _error_line(args, e)
+        if line is None:
+            raise
+        print(f"sae-ref {args.command}: error: {line}", file=sys.stderr)
         return 2
+
+
+def _error_line(args, e: Exception) -> str | None:
+    """The one-line message of an expected error (bad input, missing file or package, a full
+    disk), with the command's flags where the library names its arguments; None: a bug."""
+    from sae_ref.data.stream import NonFiniteBatch
+    from sae_ref.fit import RunDirError, RunMismatch
+
+    if isinstance(e, RunDirError):
+        return _run_dir_message(e)
+    if isinstance(e, RunMismatch):
+        return _mismatch_message(e)
+    if isinstance(e, NonFiniteBatch):
+        return f"{e.detail}; pass --nonfinite skip to leave such batches out"
+    if isinstance(e, (ValueError, FileNotFoundError, NotImplementedError, ImportError)):
+        return str(e)
+    if isinstance(e, OSError):
+        return _write_failed(e, args.out) if args.command == "train" else str(e)
+    return None
 
 
 if __name__ == "__main__":

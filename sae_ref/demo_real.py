@@ -79,6 +79,7 @@ def run(out="runs/demo", cfg: DemoConfig = DemoConfig(), echo=print) -> dict:
             t0 = time.perf_counter()
             run_dir = out / f"{arch}-k{k}"
             fit(config, store, backend=cfg.backend, batch_size=cfg.batch_size, run_dir=run_dir,
+                overwrite=True,  # the demo retrains its own runs each time it is run
                 holdout_batches=cfg.holdout_batches, checkpoint_every=None, progress=True, log_every=50,
                 saelens_metadata={"model_name": name, "hook_name": f"hidden_states.{cfg.layer}"})
             echo(f"trained {arch} k={k} in {time.perf_counter() - t0:.0f} s -> {run_dir}")

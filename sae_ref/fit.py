@@ -5,14 +5,23 @@
 :class:`~sae_ref.data.synthetic.SyntheticSource`) on one backend, and writes into ``run_dir``:
 
 - ``checkpoints/step-*.safetensors`` + ``.json``: the whole state (parameters, Adam moments,
-  counters, the theta estimator, the data position, the config), atomically, every
+  counters, the theta estimator, the data position, the config, and what decides the batches:
+  the data, ``batch_size``, ``data_seed``, ``holdout_batches``, ``dtype``), atomically, every
   ``checkpoint_every`` steps and at the end; ``resume=True`` continues from the newest one
   exactly (bit for bit on NumPy: the data stream is a function of its position);
 - ``metrics.jsonl``: one line every ``log_every`` steps (the only host reads of the metrics);
 - ``sae/``: the trained SAE in the SAELens format (BatchTopK as JumpReLU with theta; top-AFA
   has no SAELens architecture and is kept in the checkpoint only);
-- ``summary.json``: final metrics and, for BatchTopK, the inference L0 that theta gives on
-  held-out batches next to k.
+- ``summary.json``: final metrics, the rows trained on and held out, and, for BatchTopK,
+  the inference L0 that theta gives on held-out batches next to k.
+
+A run directory that holds a run (any of :data:`RUN_FILES`) is never written over by
+accident: a new run there needs ``overwrite=True`` (which deletes the old run's files first),
+and ``resume=True`` needs a checkpoint to resume from (:class:`RunDirError` otherwise).
+Resuming with anything that decides the batches or the steps changed (the data, the batch
+size, the data seed, the held-out batches, the dtype, a config field other than
+``nonfinite``) raises :class:`RunMismatch` naming each field and both values. Temporary
+files left by a process killed inside a write are removed when a run starts.
 
 :func:`load_run` reads a trained SAE back (from the newest checkpoint, or from a SAELens
 directory) for evaluation.
@@ -25,6 +34,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -44,6 +54,36 @@ from sae_ref.train import (TrainConfig, TrainState, inference_config, init_state
 
 #: Seed offset of the held-out stream of a synthetic source (disjoint from training batches).
 HOLDOUT_SEED = 1_000_003
+#: What :func:`fit` writes into a run directory: a directory holding any of them holds a run.
+RUN_FILES = ("checkpoints", "metrics.jsonl", "sae", "summary.json")
+#: The fields of a run's identity besides its config: a resume must give the same values.
+IDENTITY = ("data", "batch_size", "data_seed", "holdout_batches", "dtype")
+
+
+class RunDirError(ValueError):
+    """A run directory does not fit the request: it holds a run and neither ``resume`` nor
+    ``overwrite`` was asked for (``kind="exists"``), or ``resume`` was asked for and it has
+    no checkpoint (``kind="no-checkpoint"``). ``run`` is the directory and ``contents`` what
+    it holds (e.g. ``"checkpoints/ (newest step 600), metrics.jsonl (12 lines)"``)."""
+
+    def __init__(self, message: str, *, kind: str, run: Path, contents: str):
+        super().__init__(message)
+        self.kind, self.run, self.contents = kind, run, contents
+
+
+class RunMismatch(ValueError):
+    """A resume asked for another run than the checkpoint holds.
+
+    ``fields`` lists ``(name, given, recorded)`` for each differing field: a config field, or
+    one of :data:`IDENTITY` (``data`` values are the data's descriptions).
+    """
+
+    def __init__(self, run: Path, fields: list[tuple[str, Any, Any]]):
+        self.run, self.fields = run, fields
+        diffs = "; ".join(f"{name} is {given!r} but the run was trained with {recorded!r}"
+                          for name, given, recorded in fields)
+        super().__init__(f"fit: cannot resume the run in '{run}': {diffs}; resume with the "
+                         "run's values or start a new run_dir")
 
 
 @dataclass(frozen=True)
@@ -67,6 +107,105 @@ def _split(source, batch_size, holdout_batches):
         raise ValueError(f"fit: the store has {n} rows; holding out {holdout_batches} batches of "
                          f"{batch_size} leaves fewer than one batch to train on")
     return (0, n - m), (n - m, n)
+
+
+def data_identity(source) -> dict:
+    """What identifies a data source's content: ``{"source": description, "fingerprint": str}``.
+
+    A store is identified by its shards' checksums (the same store copied elsewhere is the
+    same data), a synthetic source by its parameters; another source has no fingerprint
+    (None: not compared on resume).
+    """
+    from sae_ref.data.store import ActivationStore
+    from sae_ref.data.synthetic import SyntheticSource
+
+    if isinstance(source, ActivationStore):
+        return {"source": f"store '{source.directory}' ({source.n_rows} rows, d={source.d})",
+                "fingerprint": source.fingerprint()}
+    if isinstance(source, SyntheticSource):
+        return {"source": repr(source), "fingerprint": repr(source)}
+    return {"source": type(source).__name__, "fingerprint": None}
+
+
+def _contents(run: Path) -> str:
+    """What a run directory holds of :data:`RUN_FILES`, described ("" when none)."""
+    out = []
+    for name in RUN_FILES:
+        p = run / name
+        if name == "checkpoints":
+            newest = latest_checkpoint(p)
+            others = [q for q in p.iterdir() if not _atomic.is_temp_name(q.name)] if p.is_dir() else []
+            if newest is not None:
+                out.append(f"checkpoints/ (newest step {int(newest.stem.split('-')[1])})")
+            elif others:
+                out.append("checkpoints/ (no committed checkpoint)")
+        elif name == "metrics.jsonl" and p.is_file():
+            out.append(f"metrics.jsonl ({len(p.read_bytes().splitlines())} lines)")
+        elif p.exists():
+            out.append(name + ("/" if p.is_dir() else ""))
+    return ", ".join(out)
+
+
+def check_run_dir(run_dir, *, resume: bool = False, overwrite: bool = False) -> None:
+    """Raise :class:`RunDirError` if starting a run in ``run_dir`` would write over a run
+    (it holds one, and neither ``resume`` nor ``overwrite``) or ``resume`` has nothing to
+    resume (no committed checkpoint). Reads only; a missing directory is a fresh one."""
+    if resume and overwrite:
+        raise ValueError("fit: arguments 'resume' and 'overwrite' exclude each other")
+    run = Path(run_dir)
+    contents = _contents(run) if run.is_dir() else ""
+    if resume and latest_checkpoint(run / "checkpoints") is None:
+        raise RunDirError(f"fit: resume=True but run_dir '{run}' has no checkpoint to resume from "
+                          f"(no checkpoints/step-*.json){'; it holds ' + contents if contents else ''}",
+                          kind="no-checkpoint", run=run, contents=contents)
+    if contents and not resume and not overwrite:
+        raise RunDirError(f"fit: run_dir '{run}' already holds a run ({contents}); pass "
+                          "resume=True to continue it or overwrite=True to replace it",
+                          kind="exists", run=run, contents=contents)
+
+
+def _clear(run: Path, overwrite: bool) -> None:
+    """Delete the old run's files (with ``overwrite``) and temporary files left by a kill."""
+    if overwrite:
+        for name in RUN_FILES:
+            p = run / name
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            elif p.exists() or p.is_symlink():
+                p.unlink()
+    for d in (run, run / "checkpoints", run / "sae"):
+        if d.is_dir():
+            for p in d.iterdir():
+                if _atomic.is_temp_name(p.name) and p.is_file():
+                    p.unlink()
+
+
+def _check_same_run(run: Path, meta: dict, identity: dict, config: TrainConfig) -> None:
+    """RunMismatch listing what differs between the checkpoint's run and the one asked for."""
+    diffs = []
+    for name in IDENTITY:
+        if name not in meta or (name == "holdout_batches" and identity["train_rows"] is None):
+            continue  # older checkpoints lack some fields; an endless source holds no rows out
+        got, had = identity[name], meta[name]
+        if name == "data":
+            if None not in (got["fingerprint"], had.get("fingerprint")) and got["fingerprint"] != had["fingerprint"]:
+                diffs.append(("data", got["source"], had["source"]))
+        elif got != had:
+            diffs.append((name, got, had))
+    if diffs:  # before the config: a dtype mismatch would fail later, less clearly
+        raise RunMismatch(run, diffs)
+    mine, theirs = config.to_dict(), meta["config"]
+    diffs = [(k, mine[k], theirs.get(k)) for k in mine
+             if k != "nonfinite" and mine[k] != theirs.get(k)]
+    if diffs:
+        raise RunMismatch(run, diffs)
+
+
+def _write_error(e: OSError, path: Path) -> OSError:
+    """``e`` naming the file that was being written (a full disk names none)."""
+    if e.errno is None:
+        return e
+    return OSError(e.errno, f"{e.strerror} while writing", str(path))
 
 
 def _read_metrics(m: dict) -> dict:
@@ -115,9 +254,17 @@ def heldout_l0(state: TrainState, batches) -> dict:
 def fit(config: TrainConfig, source, *, backend: str = "numpy", device=None,
         dtype: str = "float32", batch_size: int = 4096, run_dir=None,
         checkpoint_every: int | None = None, keep: int | None = 3, resume: bool = False,
-        log_every: int = 50, holdout_batches: int = 4, data_seed: int = 0,
-        progress: bool = True, saelens_metadata: dict | None = None, comm=None) -> FitResult:
+        overwrite: bool = False, log_every: int = 50, holdout_batches: int = 4,
+        data_seed: int = 0, progress: bool = True, saelens_metadata: dict | None = None,
+        comm=None) -> FitResult:
     """Train ``config`` on ``source`` for ``config.steps`` steps (see the module docstring).
+
+    ``resume``: continue the run in ``run_dir`` from its newest checkpoint (one must exist;
+    everything that decides the batches must match, else :class:`RunMismatch`).
+    ``overwrite``: delete the run ``run_dir`` holds (its :data:`RUN_FILES`) and start anew;
+    without it a ``run_dir`` holding a run raises :class:`RunDirError`. Everything is
+    checked before the old run is deleted. ``checkpoint_every`` None or 0: one checkpoint,
+    at the end.
 
     ``comm`` (a :class:`sae_ref.dist.Comm` of R > 1 ranks, e.g. from
     :func:`sae_ref.dist.comm_from_env` under ``torchrun``): data-parallel training. Every rank
@@ -129,6 +276,10 @@ def fit(config: TrainConfig, source, *, backend: str = "numpy", device=None,
     xp, dev = resolve(backend, device)
     dt = _dtype(xp, dtype)
     batch_size = C.integer_in("fit", "batch_size", batch_size, 1, 2**40)
+    log_every = C.integer_in("fit", "log_every", log_every, 1, 2**62)
+    if checkpoint_every is not None:
+        checkpoint_every = C.integer_in("fit", "checkpoint_every", checkpoint_every, 0, 2**62)
+    holdout_batches = C.integer_in("fit", "holdout_batches", holdout_batches, 0, 2**40)
     rank, size = (0, 1) if comm is None else (comm.rank, comm.size)
     if batch_size % size:
         raise ValueError(f"fit: argument 'batch_size' ({batch_size}) must be a multiple of the number of ranks ({size})")
@@ -140,15 +291,20 @@ def fit(config: TrainConfig, source, *, backend: str = "numpy", device=None,
     train_rows, held_rows = _split(source, batch_size, holdout_batches)
     run = Path(run_dir) if run_dir is not None else None
     ckpt_dir = run / "checkpoints" if run is not None else None
-    if resume and run is None:
-        raise ValueError("fit: resume=True needs a run_dir to resume from")
-    state, position, skipped = None, 0, 0
-    if resume and latest_checkpoint(ckpt_dir) is not None:
-        arrays, meta, _ = load_checkpoint(ckpt_dir)
+    if (resume or overwrite) and run is None:
+        raise ValueError("fit: resume=True or overwrite=True needs a run_dir")
+    if run is not None and (writer or resume):  # other ranks: rank 0 may be writing already
+        check_run_dir(run, resume=resume, overwrite=overwrite)
+    identity = {"data": data_identity(source), "batch_size": batch_size, "data_seed": data_seed,
+                "holdout_batches": holdout_batches, "dtype": dtype,
+                "train_rows": None if train_rows is None else list(train_rows)}
+    state, position, skipped, saved_t = None, 0, 0, None
+    if resume:
+        arrays, meta, saved_t = load_checkpoint(ckpt_dir)
+        _check_same_run(run, meta, identity, config)
         state = state_from_arrays(arrays, meta, xp=xp, device=dev)
-        if state.config.to_dict() != config.to_dict():
-            raise ValueError("fit: the checkpoint in run_dir was written with another config; "
-                             "resume with the same config or start a new run_dir")
+        if state.config != config:  # only nonfinite may differ: what to do with a NaN batch
+            state = replace(state, config=config)
         position, skipped = meta["data_position"], meta["data_skipped"]
     stream_kw = dict(seed=data_seed, xp=xp, device=dev, dtype=dt, nonfinite=config.nonfinite, rows=train_rows)
     if state is None:
@@ -158,13 +314,14 @@ def fit(config: TrainConfig, source, *, backend: str = "numpy", device=None,
         run = ckpt_dir = None
     log_path = run / "metrics.jsonl" if run is not None else None
     if run is not None:
+        _clear(run, overwrite)  # nothing failed so far: the old run may go
         run.mkdir(parents=True, exist_ok=True)
         _trim_log(log_path, state.t)
 
     def checkpoint():
         arrays, meta = state_arrays(state)
         meta.update(data_position=stream.position, data_skipped=skipped + stream.skipped,
-                    batch_size=batch_size, data_seed=data_seed, backend=backend, dtype=dtype)
+                    backend=backend, **identity)
         save_checkpoint(ckpt_dir, state.t, arrays, meta, keep=keep)
 
     bar = tqdm(total=config.steps, initial=state.t, disable=not progress, unit="step",
@@ -181,18 +338,25 @@ def fit(config: TrainConfig, source, *, backend: str = "numpy", device=None,
                 rate = (state.tokens - tokens0) / max(time.perf_counter() - t0, 1e-9)
                 last.update(tokens_per_s=rate, skipped=skipped + stream.skipped,
                             mse_unit=config.loss_unit)
-                log.write(json.dumps(last) + "\n")
-                log.flush()
+                try:
+                    log.write(json.dumps(last) + "\n")
+                    log.flush()
+                except OSError as e:
+                    raise _write_error(e, log_path) from e
                 bar.set_postfix(L0=f"{last['l0']:.2f}", NMSE=f"{last['nmse']:.4f}",
                                 dead=f"{last['dead_fraction']:.3f}", tok_s=f"{rate:,.0f}")
             if ckpt_dir is not None and checkpoint_every and state.t % checkpoint_every == 0:
                 checkpoint()
+                saved_t = state.t
     bar.close()
-    if ckpt_dir is not None and (not checkpoint_every or state.t % checkpoint_every != 0):
+    if ckpt_dir is not None and saved_t != state.t:  # a resumed finished run: already saved
         checkpoint()
     summary = {"steps": state.t, "tokens": state.tokens, "skipped": skipped + stream.skipped,
                "config": config.to_dict(), "backend": backend, "dtype": dtype,
-               "final_metrics": last, "k": config.k}
+               "final_metrics": last, "k": config.k, "data": identity["data"],
+               "batch_size": batch_size, "data_seed": data_seed,
+               "holdout_batches": holdout_batches, "train_rows": identity["train_rows"],
+               "heldout_rows": None if held_rows is None else list(held_rows)}
     held = _heldout(source, batch_size, holdout_batches, held_rows, xp, dev, dt) if writer else None
     if held is not None:
         summary["heldout"] = heldout_l0(state, held)
@@ -208,6 +372,26 @@ def fit(config: TrainConfig, source, *, backend: str = "numpy", device=None,
                      overwrite=True)
         _atomic.atomic_write_bytes(run / "summary.json", json.dumps(summary, indent=2).encode())
     return FitResult(state, summary)
+
+
+def trained_rows(path) -> dict | None:
+    """What a run directory trained on: ``{"fingerprint", "source", "train_rows"}`` from its
+    newest checkpoint's record (or its summary), None when unknown (a SAELens directory, a
+    run of an older sae-ref, an endless source)."""
+    path = Path(path)
+    meta = None
+    newest = latest_checkpoint(path / "checkpoints")
+    try:
+        if newest is not None:
+            meta = json.loads(newest.read_text())["meta"]
+        elif (path / "summary.json").is_file():
+            meta = json.loads((path / "summary.json").read_text())
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(meta, dict) or not isinstance(meta.get("data"), dict) or not meta.get("train_rows"):
+        return None
+    return {"fingerprint": meta["data"].get("fingerprint"), "source": meta["data"].get("source"),
+            "train_rows": tuple(meta["train_rows"])}
 
 
 @dataclass(frozen=True)

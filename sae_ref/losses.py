@@ -77,16 +77,31 @@ def nmse(x_hat, x, *, reduce: str = "pooled"):
 
     Both normalise by the squared norm about zero; the fraction of variance unexplained about
     the batch mean is an evaluation metric (see the metrics pages), not this loss.
+
+    A zero reference. Where the normaliser is zero (``x`` all zero; with ``"per_row"``, any
+    all-zero row) the ratio is undefined: the value and the gradient are nan there, never inf
+    and without a division warning, as :mod:`sae_ref.fvu`'s ratios with a zero total. No host
+    read: a training loop sees the nan in its logged metrics.
+
+    >>> import numpy as np
+    >>> from sae_ref.losses import nmse
+    >>> float(nmse(np.ones((2, 3)), np.zeros((2, 3)))[0])
+    nan
     """
     xp = _check_pair("nmse", x_hat, x)
     C.choice("nmse", "reduce", reduce, ("pooled", "per_row"))
     r = x_hat - x
     if reduce == "pooled":
-        den = xp.sum(x * x)
+        den = _defined(xp, xp.sum(x * x))
         return xp.sum(r * r) / den, r * (2.0 / den)
-    den = xp.sum(x * x, axis=1, keepdims=True)
+    den = _defined(xp, xp.sum(x * x, axis=1, keepdims=True))
     B = x.shape[0]
     return xp.sum(xp.sum(r * r, axis=1, keepdims=True) / den) / B, r * 2.0 / (den * B)
+
+
+def _defined(xp, den):
+    """``den`` with nan where it is zero: dividing by it gives nan without a warning."""
+    return xp.where(den > 0, den, xp.full_like(den, float("nan")))
 
 
 def _check_code(op, code: SparseCode):

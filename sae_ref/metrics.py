@@ -343,14 +343,15 @@ def evaluate(params, config, batches: Iterable, *, mean=None) -> Metrics:
 
 
 def store_batches(store, batch_size: int, *, xp=None, device=None, dtype=None,
-                  rows: tuple[int, int] | None = None) -> Iterator:
+                  rows: tuple[int, int] | None = None, nonfinite: str = "raise") -> Iterator:
     r"""The store's rows ``[start, stop)`` in file order, as batches of ``batch_size`` rows.
 
     .. math:: \text{batch } i = \text{rows } [start + iB, \min(start + (i+1)B, stop))
 
     Deterministic and unshuffled (the last batch may be shorter); each batch is checked for
-    NaN/inf on the host (ValueError naming the shard and row) and moved with ``xp.asarray``
-    to ``device`` in ``dtype`` (default float32), as the store's streams do.
+    NaN/inf on the host (:class:`~sae_ref.data.stream.NonFiniteBatch`, a ValueError naming the
+    shard and row; with ``nonfinite="skip"`` such a batch is left out) and moved with
+    ``xp.asarray`` to ``device`` in ``dtype`` (default float32), as the store's streams do.
 
     >>> import tempfile, numpy as np
     >>> from sae_ref.data.store import write_store
@@ -369,8 +370,12 @@ def store_batches(store, batch_size: int, *, xp=None, device=None, dtype=None,
     B = C.integer_in(op, "batch_size", batch_size, 1, 2**40)
     start, stop = _row_range(op, store, rows)
 
+    n_batches = -(-(stop - start) // B)
+
     def make(i):
         s = start + i * B
+        if i >= n_batches:  # past the last batch (after skipping it): an empty end marker
+            return np.zeros((0, store.d), dtype=store.dtype), s
         return store.read(s, min(s + B, stop)), s
 
     def describe(batch, s):
@@ -379,8 +384,16 @@ def store_batches(store, batch_size: int, *, xp=None, device=None, dtype=None,
         return f": store row {s + r} (row {local} of shard '{name}')"
 
     stream = BatchStream(f"store_batches({store.directory!r})", make, describe, xp=xp,
-                         device=device, dtype=dtype)
-    return (next(stream) for _ in range(-(-(stop - start) // B)))
+                         device=device, dtype=dtype, nonfinite=nonfinite, max_skips=n_batches + 1)
+    return _until_empty(stream, n_batches)
+
+
+def _until_empty(stream, n_batches: int) -> Iterator:
+    while stream.position < n_batches:
+        x = next(stream)
+        if x.shape[0] == 0:
+            return
+        yield x
 
 
 def _row_range(op, store, rows) -> tuple[int, int]:
@@ -398,7 +411,8 @@ def _row_range(op, store, rows) -> tuple[int, int]:
 
 
 def evaluate_store(params, config, store, *, batch_size: int = 4096,
-                   rows: tuple[int, int] | None = None, per_token_mean: bool = True) -> Metrics:
+                   rows: tuple[int, int] | None = None, per_token_mean: bool = True,
+                   nonfinite: str = "raise") -> Metrics:
     r"""Evaluate the SAE on a store's rows in order (see :func:`store_batches`).
 
     .. math:: m = \frac1N \textstyle\sum_b x_b \text{ (first pass)}, \quad
@@ -406,6 +420,8 @@ def evaluate_store(params, config, store, *, batch_size: int = 4096,
 
     Rows are moved to the parameters' backend, device and dtype. With ``per_token_mean`` a
     first pass (no SAE) computes the dataset mean, the reference of ``fvu_per_token``.
+    ``nonfinite``: "raise" on a batch with NaN/inf (naming the shard and row), or "skip" it
+    (the batch is left out of both passes).
 
     >>> import tempfile, numpy as np
     >>> from sae_ref.data.store import write_store
@@ -423,7 +439,8 @@ def evaluate_store(params, config, store, *, batch_size: int = 4096,
     if not isinstance(params, SAEParams):
         raise TypeError(f"evaluate_store: argument 'params' must be SAEParams, got {type(params).__name__}")
     xp = array_namespace(params.W_enc)
-    where = {"xp": xp, "device": device_of(params.W_enc), "dtype": params.W_enc.dtype, "rows": rows}
+    where = {"xp": xp, "device": device_of(params.W_enc), "dtype": params.W_enc.dtype, "rows": rows,
+             "nonfinite": nonfinite}
     mean = None
     if per_token_mean:
         total, n = None, 0

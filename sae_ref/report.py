@@ -17,6 +17,12 @@ activation store (the tail :func:`sae_ref.fit.fit` holds out):
    no downstream metric), Hill with coefficient 1 (and free, linear and power law when the
    family has enough points), and the ratio of the families' :math:`x_{1/2}`.
 
+The evaluated rows are held out: a run whose record (:func:`sae_ref.fit.trained_rows`) says
+it trained on some of them on this store (the same shards, wherever the store lies) is
+refused, naming how many rows it held out; runs without such a record (SAELens directories,
+runs on another store) are listed on the page as not checked. A run of another ``d`` than
+the store's is refused naming both.
+
 Everything lands in ``out``: ``report.md``, ``results.json`` and ``figures/*.png``, each
 file written atomically. BatchTopK runs are evaluated with their threshold inference
 (:func:`sae_ref.train.inference_config`), so no code depends on the evaluation batch.
@@ -57,6 +63,8 @@ class ReportConfig:
     downstream : "auto" (the packaged model when the store came from it), "none"
     eval_docs : held-out documents of the downstream metric (the corpus' last ones)
     backend, device : where the SAEs run
+    nonfinite : "raise" on an evaluation batch with NaN/inf (naming the shard and row), or
+        "skip" it
     """
 
     eval_rows: int = 8192
@@ -67,6 +75,7 @@ class ReportConfig:
     eval_docs: int = 64
     backend: str = "numpy"
     device: str | None = None
+    nonfinite: str = "raise"
     prune_grid: dict = field(default_factory=lambda: dict(PRUNE_GRID))
 
 
@@ -107,7 +116,35 @@ def _family(loaded) -> str:
 def _batches(store, cfg, rows, xp, dev, dtype):
     from sae_ref.metrics import store_batches
 
-    return store_batches(store, cfg.batch_size, xp=xp, device=dev, dtype=dtype, rows=rows)
+    return store_batches(store, cfg.batch_size, xp=xp, device=dev, dtype=dtype, rows=rows,
+                         nonfinite=cfg.nonfinite)
+
+
+def heldout_overlaps(runs, store, eval_rows: int) -> list[tuple[str, int]]:
+    """``(run, rows it held out)`` for each run that trained on some of the store's last
+    ``eval_rows`` rows, by its record (:func:`sae_ref.fit.trained_rows`); runs without a
+    record of this store are not listed."""
+    from sae_ref.fit import trained_rows
+
+    out = []
+    fingerprint = store.fingerprint()
+    for r in runs:
+        rec = trained_rows(r)
+        if rec is None or rec["fingerprint"] != fingerprint:
+            continue
+        held = store.n_rows - rec["train_rows"][1]
+        if eval_rows > held:
+            out.append((str(r), held))
+    return out
+
+
+def _unchecked(runs, store) -> list[str]:
+    """The runs whose record says nothing of this store's rows (their held-out tail unknown)."""
+    from sae_ref.fit import trained_rows
+
+    fingerprint = store.fingerprint()
+    return [Path(r).name for r in runs
+            if (rec := trained_rows(r)) is None or rec["fingerprint"] != fingerprint]
 
 
 def evaluate_run(path, store, cfg: ReportConfig, ds=None, *, prune: bool = False) -> dict:
@@ -125,11 +162,16 @@ def evaluate_run(path, store, cfg: ReportConfig, ds=None, *, prune: bool = False
     xp, dev = resolve(cfg.backend, cfg.device)
     loaded = load_run(path, xp=xp, device=dev)
     params, config = loaded.params, loaded.config
+    if params.d != store.d:
+        raise ValueError(f"report: run '{path}' has d={params.d} but the store '{store.directory}' "
+                         f"has d={store.d}: evaluate it on activations of the model and layer it "
+                         "was trained on")
     n = store.n_rows
     rows = (n - cfg.eval_rows, n)
     dt = params.W_enc.dtype
     with C.no_checks():
-        m = evaluate_store(params, config, store, batch_size=cfg.batch_size, rows=rows)
+        m = evaluate_store(params, config, store, batch_size=cfg.batch_size, rows=rows,
+                           nonfinite=cfg.nonfinite)
         zf = zf_points(params, config, _batches(store, cfg, rows, xp, dev, dt))
     out = {"label": Path(path).name, "path": str(path), "family": _family(loaded),
            "source": loaded.source, "activation": config.activation, "theta": config.theta,
@@ -269,9 +311,15 @@ def build_report(runs, store, out, *, config: ReportConfig = ReportConfig(), ech
     if not runs:
         raise ValueError(f"{op}: argument 'runs' is empty")
     C.choice(op, "config.downstream", config.downstream, ("auto", "none"))
+    C.choice(op, "config.nonfinite", config.nonfinite, ("raise", "skip"))
     if not isinstance(store, ActivationStore):
         store = ActivationStore(store)
     C.integer_in(op, "config.eval_rows", config.eval_rows, 1, store.n_rows)
+    overlaps = heldout_overlaps(runs, store, config.eval_rows)
+    if overlaps:
+        raise ValueError(f"{op}: argument 'config.eval_rows' ({config.eval_rows}) reaches into "
+                         "rows that runs trained on: " + "; ".join(
+                             f"'{r}' held out only the last {n} rows" for r, n in overlaps))
     names = [r.name for r in runs]
     unknown = [p for p in config.prune if p != "all" and p not in names]
     if unknown:
@@ -294,6 +342,7 @@ def build_report(runs, store, out, *, config: ReportConfig = ReportConfig(), ech
     figures = _figures(out / "figures", rows, front)
     results = {"store": str(store.directory), "n_rows": store.n_rows,
                "eval_rows": [store.n_rows - config.eval_rows, store.n_rows],
+               "heldout_unchecked": _unchecked(runs, store),
                "config": {k: v for k, v in asdict(config).items()},
                "runs": [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows],
                "frontier": {**{k: v for k, v in front.items() if k != "fits"},

@@ -111,11 +111,22 @@ def _frontier(results) -> list[str]:
     return out + _fig(results, "hit_plane", "hit plane") + _fig(results, "l0_frontier", "L0 frontier")
 
 
+def _heldout_note(results) -> str:
+    unchecked = results.get("heldout_unchecked", [])
+    if not unchecked:
+        return "No run trained on these rows (each run's record of this store says so)."
+    others = len(results["runs"]) - len(unchecked)
+    return (f"Not checked to be held out for {', '.join(unchecked)}: no record of training on "
+            "this store (a SAELens directory, a run on another store, or of an older sae-ref)"
+            + ("; the other runs did not train on these rows." if others else "."))
+
+
 def markdown(results: dict) -> str:
     """The page, from the JSON-ready results."""
     lo, hi = results["eval_rows"]
     lines = ["# sae-ref report", "",
              (f"Store `{results['store']}`: held-out rows {lo:,}–{hi:,} ({hi - lo:,} tokens). "
-             f"{len(results['runs'])} SAE(s); {results['seconds']:.0f} s."), ""]
+             f"{len(results['runs'])} SAE(s); {results['seconds']:.0f} s."), "",
+             _heldout_note(results), ""]
     lines += _metrics(results) + [""] + _zf(results) + [""] + _pruning(results) + [""] + _frontier(results)
     return "\n".join(lines) + "\n"

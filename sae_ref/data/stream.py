@@ -30,6 +30,21 @@ from sae_ref.arrays import from_host
 NONFINITE = ("raise", "skip")
 
 
+class NonFiniteBatch(ValueError):
+    """A batch holds NaN or infinity and the stream was asked to raise.
+
+    Attributes
+    ----------
+    detail : str
+        What and where (the source, the position, the file and row), without the hint; a
+        command line adds its own hint (``--nonfinite skip``) to it.
+    """
+
+    def __init__(self, detail: str, hint: str = "pass nonfinite='skip' to drop such batches"):
+        super().__init__(f"{detail}; {hint}")
+        self.detail = detail
+
+
 def check_int(op: str, name: str, value, low: int) -> int:
     """``value`` as a Python int, checked to be an integer ``>= low``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -76,7 +91,8 @@ class BatchStream:
         Where the batches go: an array namespace (default NumPy), a device of it, and a real
         floating dtype of it (default ``xp.float32``) or its name.
     nonfinite : {"raise", "skip"}
-        ``"raise"``: a batch with NaN/inf raises ValueError, and ``position`` stays on it.
+        ``"raise"``: a batch with NaN/inf raises :class:`NonFiniteBatch` (a ValueError), and
+        ``position`` stays on it.
         ``"skip"``: it is dropped, counted in ``skipped``, and the next batch is delivered.
     max_skips : int, optional
         After this many consecutive skipped batches, raise instead of looping for ever (a
@@ -123,8 +139,8 @@ class BatchStream:
                 return from_host(self.xp, batch, dtype=self.dtype, device=self.device)
             where = self._describe(batch, info)
             if self.nonfinite == "raise":
-                raise ValueError(f"{self.name}: the batch at position {i} contains NaN or "
-                                 f"infinity{where}; pass nonfinite='skip' to drop such batches")
+                raise NonFiniteBatch(f"{self.name}: the batch at position {i} contains NaN or "
+                                     f"infinity{where}")
             self.position = i + 1
             self.skipped += 1
             run += 1

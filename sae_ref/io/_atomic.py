@@ -82,7 +82,12 @@ class _Hashing:
 
 def atomic_write(path, write) -> str:
     """Write ``path`` atomically through ``write(file_like)`` (which may write in many
-    blocks, e.g. ``np.lib.format.write_array``); return the sha256 hex digest of the bytes."""
+    blocks, e.g. ``np.lib.format.write_array``); return the sha256 hex digest of the bytes.
+
+    An OSError with an error number (a full disk: ``[Errno 28]``) is raised again naming
+    ``path``, the file being written (the operating system names no file, or the temporary
+    one, which is gone); ``path`` itself is untouched.
+    """
     path = Path(path)
     if not path.parent.is_dir():
         raise FileNotFoundError(f"atomic_write: directory {str(path.parent)!r} does not exist")
@@ -94,8 +99,10 @@ def atomic_write(path, write) -> str:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         _remove_quietly(tmp)
+        if isinstance(e, OSError) and e.errno is not None:  # e.g. a full disk: name the target
+            raise OSError(e.errno, f"{e.strerror} while writing", str(path)) from e
         raise
     fsync_directory(path.parent)
     return h.sha.hexdigest()
