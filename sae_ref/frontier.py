@@ -30,6 +30,13 @@ parameters carried as logs. Uncertainties are :math:`s^2 (J^\top J)^{-1}`,
 when :math:`n \le p`. Only Array API functions are used (``linalg.solve`` on a p x p system),
 so the fit runs where the points live and agrees across backends.
 
+:math:`x_{1/2}` is read off the fitted curve. When the curve reaches :math:`y = 1/2` outside
+the range of the points' :math:`x` (all of them on one side of it, e.g. a family whose points
+all lose less than half the performance), the number is the model's extrapolation, not a
+property of the data: the fit warns (:class:`FrontierWarning`) and says so in its result
+(:attr:`FrontierFit.extrapolated`, with the message in :attr:`FrontierFit.warnings`). Every
+warning of a fit is kept in its result, so a saved fit still carries it.
+
 >>> import numpy as np
 >>> x = np.array([0.01, 0.02, 0.05, 0.1, 0.2])
 >>> fit = fit_frontier(x, x / (x + 0.05), "hill1")
@@ -56,7 +63,8 @@ PARAMS = {"linear": ("x_half",), "hill1": ("x_half",), "hill": ("x_half", "n"), 
 
 
 class FrontierWarning(UserWarning):
-    """Points were left out of a frontier fit, or the fit did not converge."""
+    """Points were left out of a frontier fit, the fit did not converge, or the fitted curve
+    reaches 1/2 outside the points' x range (:math:`x_{1/2}` extrapolated)."""
 
 
 # --- the models, in the internal (log) parameters ----------------------------------------------
@@ -192,6 +200,11 @@ class FrontierFit:
     n_used, n_dropped : points fitted, points left out (y outside (0, 1) or x <= 0)
     converged, n_iter : Levenberg-Marquardt's outcome (a fit that did not converge warns and
         reports NaN uncertainties)
+    x_range : (smallest, largest) x of the points used
+    extrapolated : the curve reaches y = 1/2 outside ``x_range`` (at :math:`x_{1/2}`; for
+        linear at :math:`x_{1/2}/2`), so :math:`x_{1/2}` is the model's extrapolation beyond
+        the points; the fit warned
+    warnings : the messages of every :class:`FrontierWarning` the fit issued, in order
     """
 
     model: str
@@ -205,6 +218,14 @@ class FrontierFit:
     n_dropped: int
     converged: bool
     n_iter: int
+    x_range: tuple = (math.nan, math.nan)
+    extrapolated: bool = False
+    warnings: tuple = ()
+
+    @property
+    def x_at_half(self) -> float:
+        """Where the curve reaches y = 1/2: :math:`x_{1/2}`, or :math:`x_{1/2}/2` for linear."""
+        return self.x_half / 2 if self.model == "linear" else self.x_half
 
     def predict(self, x):
         """The curve at ``x``: a number, a sequence (NumPy float64 out) or any backend's array
@@ -233,6 +254,7 @@ class FrontierFit:
         out = dict(self.__dict__)
         out["cov"] = [list(r) for r in self.cov]
         out["params"], out["stderr"] = dict(self.params), dict(self.stderr)
+        out["x_range"], out["warnings"] = list(self.x_range), list(self.warnings)
         return out
 
 
@@ -280,7 +302,8 @@ def fit_frontier(x, y, model: str = "hill1", *, xp=None, start: dict | None = No
     max_iter : Levenberg-Marquardt iterations at most
 
     Points with :math:`y \notin (0, 1)` or :math:`x \le 0` are dropped with a
-    :class:`FrontierWarning` saying how many. Starting points: ``linear`` closed form,
+    :class:`FrontierWarning` saying how many. A curve that reaches :math:`y = 1/2` outside the
+    x range of the points used warns too, and the result says so (``extrapolated``). Starting points: ``linear`` closed form,
     :math:`1/x_{1/2} = \sum x y / \sum x^2`; ``hill1``: least squares through the origin of
     :math:`1/y - 1` on :math:`1/x` (slope :math:`x_{1/2}`); ``hill``: the line of
     :math:`\mathrm{logit}\, y` on :math:`\log x` (slope n, intercept :math:`-n \log x_{1/2}`;
@@ -305,9 +328,14 @@ def fit_frontier(x, y, model: str = "hill1", *, xp=None, start: dict | None = No
     (keep,) = xp.nonzero((y > 0) & (y < 1) & (x > 0))
     x, y = xp.take(x, keep), xp.take(y, keep)
     n, p = int(x.shape[0]), len(PARAMS[model])
+    said = []
+
+    def warn(message):
+        said.append(message)
+        warnings.warn(message, FrontierWarning, stacklevel=3)
+
     if n < n_all:
-        warnings.warn(f"{op}: dropped {n_all - n} of {n_all} points with y outside (0, 1) or x <= 0",
-                      FrontierWarning, stacklevel=2)
+        warn(f"{op}: dropped {n_all - n} of {n_all} points with y outside (0, 1) or x <= 0")
     if n < p:
         raise ValueError(f"{op}: model {model!r} needs at least {p} point(s) with 0 < y < 1 and x > 0, "
                          f"got {n}")
@@ -318,8 +346,7 @@ def fit_frontier(x, y, model: str = "hill1", *, xp=None, start: dict | None = No
     theta0 = _start(xp, model, x, u, y) if start is None else _internal(op, model, start)
     theta, J, rss, ok, it = _lm(xp, model, x, u, y, theta0, max_iter=max_iter, dev=dev)
     if not ok:
-        warnings.warn(f"{op}: Levenberg-Marquardt did not converge in {max_iter} iterations "
-                      f"(model {model!r})", FrontierWarning, stacklevel=2)
+        warn(f"{op}: Levenberg-Marquardt did not converge in {max_iter} iterations (model {model!r})")
     th = [float(theta[i]) for i in range(p)]
     cov_int = _covariance(xp, J, rss, n, p) if ok else [[math.nan] * p for _ in range(p)]
     nat, scale = _natural(model, th)
@@ -328,7 +355,15 @@ def fit_frontier(x, y, model: str = "hill1", *, xp=None, start: dict | None = No
     params = dict(zip(names, nat))
     stderr = {k: math.sqrt(cov[i][i]) if cov[i][i] >= 0 else math.nan for i, k in enumerate(names)}
     x_half, x_half_se = _x_half(model, th, nat, cov_int, stderr)
-    return FrontierFit(model, params, stderr, cov, x_half, x_half_se, rss, n, n_all - n, ok, it)
+    lo, hi = float(xp.min(x)), float(xp.max(x))
+    at_half = x_half / 2 if model == "linear" else x_half
+    outside = math.isfinite(at_half) and not lo <= at_half <= hi
+    if outside:
+        where = "beyond the largest" if at_half > hi else "below the smallest"
+        warn(f"{op}: the {model} curve reaches y = 1/2 at x = {at_half:.4g}, {where} x of the "
+             f"points ([{lo:.4g}, {hi:.4g}]): x_half = {x_half:.4g} is extrapolated by the model")
+    return FrontierFit(model, params, stderr, cov, x_half, x_half_se, rss, n, n_all - n, ok, it,
+                       (lo, hi), outside, tuple(said))
 
 
 def _covariance(xp, J, rss: float, n: int, p: int) -> list[list[float]]:
@@ -379,7 +414,7 @@ def compare(fit_a: FrontierFit, fit_b: FrontierFit) -> FrontierComparison:
     """How many times larger family a's :math:`x_{1/2}` is than family b's (> 1: a is better).
 
     >>> import numpy as np
-    >>> x = np.array([0.01, 0.02, 0.05, 0.1])
+    >>> x = np.array([0.01, 0.02, 0.05, 0.1, 0.2])
     >>> a, b = fit_frontier(x, x / (x + 0.1), "hill1"), fit_frontier(x, x / (x + 0.04), "hill1")
     >>> round(compare(a, b).ratio, 9)
     2.5

@@ -198,6 +198,9 @@ def test_points_outside_the_unit_interval_are_dropped_with_a_warning(backend, se
 
 
 def test_bad_input_raises_errors_naming_the_argument(backend):
+    """Unknown models, mismatched shapes, NaN, 2-D input, too few usable or distinct points,
+    bad starting points, a comparison of something that is not a fit and a non-positive L0
+    each raise an error that names the argument."""
     x = backend.asarray(np.array([0.01, 0.02, 0.05]))
     y = backend.asarray(np.array([0.2, 0.3, 0.5]))
     with pytest.raises(ValueError, match="'model' must be one of"):
@@ -222,6 +225,35 @@ def test_bad_input_raises_errors_naming_the_argument(backend):
         hit_plane(backend.asarray(np.array([0.0, 4.0])), backend.asarray(np.array([0.5, 0.5])))
 
 
+@given(seed=st.integers(0, 2**31 - 1), model=st.sampled_from(MODELS), side=st.sampled_from(["below", "above"]))
+def test_x_half_outside_the_points_is_flagged_as_extrapolated(backend, seed, model, side):
+    """When every point lies on one side of where the curve reaches y = 1/2 (x_half; x_half/2
+    for the line), the fit warns that x_half is extrapolated and its result says so
+    (``extrapolated``, the message in ``warnings``, the points' ``x_range``); points on both
+    sides give no warning and ``extrapolated`` False."""
+    rng = np.random.default_rng(seed)
+    p, _ = _truth(model, rng)
+    half = p["x_half"] if "x_half" in p else (2 * p["a"]) ** (-1 / p["n"])
+    half = half / 2 if model == "linear" else half
+    # the line and the power law pass y = 1 at 2 and 2^(1/n) times their crossing of 1/2
+    top = {"linear": 0.95 * 2.0, "power": 0.95 * 2 ** (1 / p.get("n", 1.0))}.get(model, 20.0)
+    lo, hi = (0.05, 0.6) if side == "below" else (1 + 0.2 * (top - 1), top)
+    x = half * np.exp(np.linspace(np.log(lo), np.log(hi), 6))
+    y = CURVES[model](x, p)
+    with pytest.warns(FrontierWarning, match="extrapolated") as caught:
+        fit = fit_frontier(backend.asarray(x), backend.asarray(y), model)
+    assert fit.extrapolated and fit.x_range == (float(x.min()), float(x.max()))
+    assert [str(w.message) for w in caught if w.category is FrontierWarning] == list(fit.warnings)
+    assert any("extrapolated" in m for m in fit.warnings)
+    assert not fit.x_range[0] <= fit.x_at_half <= fit.x_range[1]
+    both = half * np.exp(np.linspace(np.log(0.3), np.log(min(1.5, top)), 6))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        inside = fit_frontier(backend.asarray(both), backend.asarray(CURVES[model](both, p)), model)
+    assert not inside.extrapolated and inside.warnings == ()
+    assert inside.as_dict()["warnings"] == [] and fit.as_dict()["extrapolated"] is True
+
+
 def test_plain_sequences_are_fitted_with_the_namespace_given(backend):
     """Lists are turned into arrays of ``xp`` (default NumPy) and fit like arrays."""
     x = [0.01, 0.02, 0.05, 0.1]
@@ -236,7 +268,8 @@ def test_compare_is_the_ratio_of_x_half_with_delta_method_error(backend, seed):
     """ratio = x_a / x_b; se = ratio * sqrt((se_a/x_a)^2 + (se_b/x_b)^2); noiseless families
     give their true ratio."""
     rng = np.random.default_rng(seed)
-    x = np.exp(rng.uniform(np.log(1e-3), np.log(0.5), size=6))
+    # both ends fixed, so each family's x_half (0.01 to 0.2) lies among the points
+    x = np.exp(np.concatenate([[np.log(1e-3), np.log(0.5)], rng.uniform(np.log(1e-3), np.log(0.5), size=4)]))
     xa, xb = float(rng.uniform(0.01, 0.2)), float(rng.uniform(0.01, 0.2))
     fa = fit_frontier(backend.asarray(x), backend.asarray(x / (x + xa)), "hill1")
     fb = fit_frontier(backend.asarray(x), backend.asarray(x / (x + xb)), "hill1")
@@ -257,15 +290,18 @@ def test_a_fit_that_does_not_converge_warns_and_reports_nan_uncertainties(backen
     n -> 0 (a flat line), so the fit warns, and its uncertainties and comparisons are NaN."""
     x = np.array([0.50986936, 0.38357344, 0.64801514, 0.26483981])
     y = np.array([0.8034259, 0.77612445, 0.82982922, 0.87770085])
-    with pytest.warns(FrontierWarning, match="did not converge in 50 iterations"):
+    with pytest.warns(FrontierWarning) as caught:
         fit = fit_frontier(backend.asarray(x), backend.asarray(y), "hill", max_iter=50)
+    assert any("did not converge in 50 iterations" in str(w.message) for w in caught)
     assert not fit.converged and fit.params["n"] < 0.05
+    assert "did not converge in 50 iterations" in fit.warnings[0]
     assert all(math.isnan(v) for v in fit.stderr.values()) and math.isnan(fit.x_half_stderr)
-    good = fit_frontier(backend.asarray(x), backend.asarray(x / (x + 0.1)), "hill1")
+    good = fit_frontier(backend.asarray(x), backend.asarray(x / (x + 0.4)), "hill1")
     assert math.isnan(compare(good, fit).stderr)
 
 
 def test_hit_plane_is_inverse_l0_and_one_minus_recovered(backend):
+    """The plane's coordinates are x = 1/L0 and y = 1 - loss recovered, on the backend's arrays."""
     l0 = np.array([8.0, 32.0, 100.0])
     rec = np.array([0.95, 0.7, 0.2])
     x, y = hit_plane(backend.asarray(l0), backend.asarray(rec))
@@ -302,6 +338,8 @@ def test_each_figure_is_written_as_a_png_and_no_temporary_file_is_left(backend, 
 
 
 def test_figure_arguments_are_checked(tmp_path):
+    """A zero L0 on the log axis, x and y of different lengths, an unknown metric and an
+    unknown file suffix are refused; an SVG is written as SVG."""
     pytest.importorskip("matplotlib")
     from sae_ref.frontier_plots import plot_l0_frontier, plot_pruning_sweep, save_figure
 
