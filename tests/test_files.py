@@ -316,3 +316,26 @@ def test_bad_arguments_are_refused_before_writing(tmp_path, kwargs, error, match
     with pytest.raises(error, match=match):
         save_checkpoint(tmp_path / "ck", args["step"], args["arrays"], args["meta"], keep=keep)
     assert not (tmp_path / "ck").exists()
+
+
+def test_a_full_disk_error_names_the_file_being_written_and_keeps_the_old_one(tmp_path, monkeypatch):
+    """The operating system's ENOSPC names no file; the error names the target (not the
+    temporary file, which is gone), and the target keeps its old content."""
+    import errno
+
+    target = _atomic.atomic_write_bytes(tmp_path / "f.bin", b"old")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError) as info:
+        save_checkpoint(tmp_path / "ck", 3, {"w": np.ones(2)}, {})
+    assert info.value.errno == errno.ENOSPC
+    assert info.value.filename == str(tmp_path / "ck" / "step-000000003.safetensors")
+    assert "No space left on device while writing" in str(info.value)
+    with pytest.raises(OSError, match="f.bin"):
+        _atomic.atomic_write_bytes(target, b"new")
+    monkeypatch.undo()
+    assert target.read_bytes() == b"old"
+    assert _names(tmp_path) == ["ck", "f.bin"] and _names(tmp_path / "ck") == []

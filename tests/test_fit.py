@@ -150,3 +150,43 @@ def test_cli_train_names_a_bad_option_clearly(tmp_path, capsys):
     assert "preset" in capsys.readouterr().err
     assert main(["train", "--out", str(tmp_path / "r"), "--data", str(tmp_path / "missing")]) == 2
     assert "missing" in capsys.readouterr().err
+
+
+def test_fit_refuses_a_run_dir_holding_a_run_unless_resumed_or_overwritten(tmp_path):
+    from sae_ref.fit import RunDirError, RunMismatch
+
+    src = SyntheticSource(8, 32, k=2, seed=0)
+    cfg = TrainConfig(h=32, k=2, k_aux=8, steps=6)
+    kw = dict(batch_size=32, holdout_batches=1, progress=False, checkpoint_every=3)
+    run = tmp_path / "run"
+    fit(cfg, src, run_dir=run, **kw)
+    with pytest.raises(RunDirError, match="already holds a run .*checkpoints/ \\(newest step 6\\)"):
+        fit(cfg, src, run_dir=run, **kw)
+    with pytest.raises(RunDirError, match="no checkpoint to resume from"):
+        fit(cfg, src, run_dir=tmp_path / "empty", resume=True, **kw)
+    with pytest.raises(RunMismatch) as info:
+        fit(TrainConfig(h=32, k=2, k_aux=8, steps=9), src, run_dir=run, resume=True,
+            **{**kw, "batch_size": 16})
+    assert info.value.fields == [("batch_size", 16, 32)]  # the batches first, then the config
+    with pytest.raises(RunMismatch, match="steps is 9 but the run was trained with 6"):
+        fit(TrainConfig(h=32, k=2, k_aux=8, steps=9), src, run_dir=run, resume=True, **kw)
+    assert fit(cfg, src, run_dir=run, overwrite=True, **kw).state.t == 6
+    assert not (tmp_path / "empty").exists()
+
+
+def test_resuming_a_finished_run_rewrites_no_checkpoint(tmp_path, monkeypatch):
+    """A finished run resumed: its last checkpoint (step 7, not a multiple of 3) is not saved
+    again, so a failure there (a full disk) cannot un-commit the only newest checkpoint."""
+    src = SyntheticSource(8, 32, k=2, seed=0)
+    cfg = TrainConfig(h=32, k=2, k_aux=8, steps=7)
+    kw = dict(batch_size=32, holdout_batches=1, progress=False, checkpoint_every=3, keep=1)
+    run = tmp_path / "run"
+    fit(cfg, src, run_dir=run, **kw)
+    import sae_ref.fit as F
+
+    def no_saving(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(F, "save_checkpoint", no_saving)
+    assert fit(cfg, src, run_dir=run, resume=True, **kw).state.t == 7
+    assert load_checkpoint(run / "checkpoints")[2] == 7

@@ -284,6 +284,36 @@ def test_zero_variances_give_nan_never_inf(backend):
     assert math.isfinite(m.fvu_pooled) and math.isfinite(m.nmse)
 
 
+def test_an_all_zero_reference_gives_nan_without_a_warning_in_nmse_and_fvu(backend):
+    """nmse(x_hat, x) and fvu(x, x_hat) with x all zero: nan (the documented undefined ratio),
+    never inf and never only a RuntimeWarning; with reduce="per_row" a zero row makes the mean
+    nan and only that row's gradient."""
+    import warnings
+
+    from sae_ref.arrays import to_numpy
+    from sae_ref.losses import nmse
+
+    zero = backend.asarray(np.zeros((4, 3)), dtype="float64")
+    ones = backend.asarray(np.ones((4, 3)), dtype="float64")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for x_hat in (ones, zero):
+            for reduce in ("pooled", "per_row"):
+                value, grad = nmse(x_hat, zero, reduce=reduce)
+                assert math.isnan(float(to_numpy(value))), (reduce, x_hat)
+                assert np.isnan(to_numpy(grad)).all()
+            for definition in F.DEFINITIONS:
+                assert math.isnan(float(to_numpy(F.fvu(zero, x_hat, definition)))), definition
+        x = np.ones((3, 2))
+        x[1] = 0.0
+        value, grad = nmse(backend.asarray(x + 0.5, dtype="float64"), backend.asarray(x, dtype="float64"),
+                           reduce="per_row")
+        g = to_numpy(grad)
+        assert math.isnan(float(to_numpy(value))) and np.isnan(g[1]).all() and np.isfinite(g[[0, 2]]).all()
+        value, _ = nmse(backend.asarray(x + 0.5, dtype="float64"), backend.asarray(x, dtype="float64"))
+        assert float(to_numpy(value)) == pytest.approx(6 * 0.25 / 4)  # pooled: defined
+
+
 def test_dead_and_dense_latents_use_strict_thresholds_over_the_token_window(backend):
     """100 tokens: latents firing on 0, 1, 2, 10, 11 tokens -> 1 dead, 3 above 1%, 1 above 10%."""
     n, fires = 100, [0, 1, 2, 10, 11]
@@ -391,6 +421,15 @@ def test_a_nan_row_in_the_store_is_reported_with_its_shard(tmp_path):
     store = write_store(tmp_path / "s", x, shard_rows=3)
     with pytest.raises(ValueError, match="store row 4 .*row 1 of shard"):
         list(M.store_batches(store, 4))
+
+
+def test_store_batches_can_skip_a_batch_with_nan_and_stop_at_the_end(tmp_path):
+    x = np.arange(20, dtype=np.float32).reshape(10, 2)
+    x[9, 1] = np.nan  # in the last batch
+    x[0, 0] = np.inf  # in the first
+    store = write_store(tmp_path / "s", x, shard_rows=3)
+    got = [b[:, 0].tolist() for b in M.store_batches(store, 4, nonfinite="skip")]
+    assert got == [[8.0, 10.0, 12.0, 14.0]]
 
 
 # --- the plot ------------------------------------------------------------------------------------
