@@ -87,11 +87,12 @@ class CupyBackend(StandardBackend):
 
     def compact(self, mask, n):
         # each True entry's position among the True ones is a running count; scattering the
-        # indices there needs no count on the host (the False entries go to a spare slot)
+        # indices there needs no count on the host (the False entries and the True ones past
+        # the n-th go to a spare slot; unfilled slots keep the size of the mask)
         flat = mask.reshape(-1)
         pos = cp.cumsum(flat, dtype=cp.int64) - 1
-        out = cp.empty(n + 1, dtype=cp.int64)
-        out[cp.where(flat, pos, n)] = cp.arange(flat.shape[0], dtype=cp.int64)
+        out = cp.full(n + 1, flat.shape[0], dtype=cp.int64)
+        out[cp.where(flat & (pos < n), pos, n)] = cp.arange(flat.shape[0], dtype=cp.int64)
         return out[:n]
 
     def segment_sum(self, index, values, n):

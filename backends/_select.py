@@ -204,6 +204,15 @@ def top_n_fixed(x, n: int, *, axis: int | None = None, backend=None):
     xp = array_namespace(x)
     be = backend if backend is not None else get_backend(xp)
     B, h = x.shape
+    g = _fixed_group(h, B, n) if axis is None else 1
+    if g > 1:
+        return _top_n_fixed_bracketed(xp, be, x, n, g)
+    return _top_n_fixed_plain(xp, be, x, n, axis)
+
+
+def _top_n_fixed_plain(xp, be, x, n: int, axis):
+    """:func:`top_n_fixed` without the bracket: the cut from a top-k of all entries."""
+    B, h = x.shape
     v = be.kth_largest(x, n, axis=axis)
     gt = x > v
     eq = x == v
@@ -218,3 +227,56 @@ def top_n_fixed(x, n: int, *, axis: int | None = None, backend=None):
         total = B * n
     keep = gt | (eq & (rank <= need))
     return be.compact(keep, total), v
+
+
+#: The largest column group of the fixed-size bracket (:func:`_top_n_fixed_bracketed`).
+MAX_FIXED_GROUP = 16
+
+
+def _fixed_group(h: int, B: int, n: int) -> int:
+    """The column group of the fixed-size bracket: the largest power of two
+    ``g <= MAX_FIXED_GROUP`` dividing ``h`` that leaves at least ``8 n`` group maxima, or 1
+    (no bracket) when the array is not much larger than the selection."""
+    g = MAX_FIXED_GROUP
+    while g > 1 and (h % g or B * (h // g) < 8 * n):
+        g //= 2
+    return g
+
+
+def _top_n_fixed_bracketed(xp, be, x, n: int, g: int):
+    """:func:`top_n_fixed` over the whole array, the cut bracketed by column groups (as
+    :func:`top_n_indices`, with every size known in advance).
+
+    The n groups with the largest maxima (the plain fixed-size selection on the ``[B, h/g]``
+    maxima)
+    hold ``n g`` candidates, and the cut ``v``, the n-th largest entry, is the n-th largest
+    candidate: if every group holding one of the n largest entries is among them, the
+    candidates contain those entries; if not, such a group's maximum equals the n-th largest
+    maximum ``m``, so ``v = m`` and the n chosen groups hold n candidates ``>= m``. Every
+    entry ``> v`` lies in a chosen group (its group's maximum exceeds ``m``); the ties at
+    ``v`` may lie anywhere, so the first ``n - count(> v)`` of them in index order come from
+    one comparison pass over ``x``. The two lists, each of size ``n`` padded past the end,
+    are merged by one sort of ``2 n`` indices. Work: one pass for the maxima, a top-k over
+    ``B h / g`` maxima and one over ``n g`` candidates, one comparison pass, and two
+    fixed-size ``nonzero`` (against a top-k over all ``B h`` entries and a running count
+    over them).
+    """
+    B, h = x.shape
+    w = h // g
+    size = B * h
+    dev = device_of(x)
+    q, _ = _top_n_fixed_plain(xp, be, be.group_max(x, g), n, None)  # the chosen groups, [n]
+    b, j = q // w, q % w
+    s = xp.arange(g, dtype=q.dtype, device=dev)
+    cand = xp.reshape(b[:, None] * h + s[None, :] * w + j[:, None], (-1,))  # [n g], flat indices
+    flat = xp.reshape(x, (-1,))
+    vals = xp.take(flat, cand)
+    v = be.kth_largest(vals, n)
+    gt = vals > v
+    past = xp.full((1,), size, dtype=cand.dtype, device=dev)
+    above = xp.take(xp.concat([cand, past]), be.compact(gt, n))  # the entries > v, then size
+    need = n - xp.count_nonzero(gt)
+    ties = be.compact(flat == v, n)  # the first n ties in index order (padded with size)
+    ties = xp.where(xp.arange(n, dtype=ties.dtype, device=dev) < need, ties, past[0])
+    kept = xp.sort(xp.concat([above, ties]), stable=False)[:n]
+    return kept, v

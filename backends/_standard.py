@@ -171,12 +171,18 @@ class StandardBackend:
         return idx
 
     def compact(self, mask, n: int):
-        """Flat (row-major) indices, ascending, int64, of the True entries of ``mask``, which
-        holds exactly ``n`` of them: a backend with a fixed-size form needs no count read back
-        to the host (this one uses ``nonzero``, which may)."""
+        """Flat (row-major) indices, ascending, int64, of the first ``n`` True entries of
+        ``mask``; where it holds fewer, the rest are ``mask.size`` (one past the last index).
+        A backend with a fixed-size form needs no count read back to the host (this one uses
+        ``nonzero``, which may)."""
         xp = array_namespace(mask)
         (idx,) = xp.nonzero(xp.reshape(mask, (-1,)))
-        return xp.astype(idx, xp.int64)
+        idx = xp.astype(idx[:min(n, idx.shape[0])], xp.int64)  # no stop past the end (the standard)
+        size = 1
+        for s in mask.shape:
+            size *= s
+        pad = xp.full((n - idx.shape[0],), size, dtype=xp.int64, device=device_of(mask))
+        return xp.concat([idx, pad]) if pad.shape[0] else idx
 
     def segment_sum(self, index, values, n: int):
         """``out[index[i]] += values[i]`` for a 1-D ``values``; ``out`` has shape (n,)."""

@@ -191,7 +191,8 @@ class TorchBackend(StandardBackend):
 
     def compact(self, mask, n):
         # a fixed-size nonzero: on CUDA no count is copied back to the host
-        return torch.nonzero_static(mask.reshape(-1), size=n).reshape(-1)
+        flat = mask.reshape(-1)
+        return torch.nonzero_static(flat, size=n, fill_value=flat.shape[0]).reshape(-1)
 
     def segment_sum(self, index, values, n):
         if _sync_free(values) and values.is_floating_point():  # sorted segments: no atomics

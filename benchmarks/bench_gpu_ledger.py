@@ -105,19 +105,20 @@ class Ledger(TorchFunctionMode):
         if not new and not in_place:
             return out  # a view or metadata: no kernel
         written = sum(t.numel() * t.element_size() for t in (new or ins[:1]))
-        read, flops, seconds = self._cost(name, ins, new or ins[:1], kwargs)
+        read, flops, seconds = self._cost(name, ins, new or ins[:1], list(_tensors(args)))
         self.pending.append((name, read, written, flops, max(seconds, (read + written) / MEASURED["bandwidth"], KERNEL_FLOOR)))
         return out
 
-    def _cost(self, name, ins, outs, kwargs):
-        """(bytes read, flops, seconds by the measured primitive costs or 0)."""
+    def _cost(self, name, ins, outs, operands):
+        """(bytes read, flops, seconds by the measured primitive costs or 0); ``operands``:
+        the tensors among the positional arguments (a product's two factors)."""
         first = ins[0] if ins else None
         n = first.numel() if first is not None else 0
         read = sum(t.numel() * t.element_size() for t in {id(t): t for t in ins}.values()
                    if t.layout == torch.strided)
-        if name in ("mm", "matmul", "addmm", "__matmul__", "bmm") and len(ins) >= 2:
-            a, b = ins[-2], ins[-1]
-            flops = 2 * a.numel() * b.shape[-1]
+        if name in ("mm", "matmul", "addmm", "__matmul__", "bmm") and len(operands) >= 2:
+            a, b = operands[-2], operands[-1]
+            flops = 2 * a.numel() * (b.shape[-1] if b.dim() > 1 else 1)
             rate = MEASURED["gemm"][self.precision if self.phase_is_encoder else "highest"]
             return read, flops, flops / rate
         if name == "embedding_bag":

@@ -70,6 +70,28 @@ def test_top_n_fixed_keeps_the_tie_rule_set_in_ascending_order_with_its_fixed_si
     np.testing.assert_array_equal(backend.numpy(cut).astype(np.float64), kth)
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["native", "standard"])
+@given(seed=st.integers(0, 2**32 - 1), B=st.integers(1, 16), h=st.sampled_from([64, 128, 256]),
+       ties=st.booleans(), data=st.data())
+def test_bracketed_fixed_selection_equals_the_tie_rule_oracle(backend, native, seed, B, h, ties, data):
+    """Invariant: the whole-array fixed-size selection through column-group maxima (the GPU's
+    BatchTopK cut: the n groups with the largest maxima, the cut among their entries, the
+    ties from one pass over all entries) keeps exactly the oracle's places under the
+    lower-index tie rule, ascending, with the n-th largest value as its cut, also when the
+    ties at the cut lie in groups it did not choose."""
+    from sae_ref.backends._select import _fixed_group
+
+    rng = np.random.default_rng(seed)
+    z = (rng.integers(-2, 4, size=(B, h)) if ties else rng.standard_normal((B, h))).astype(np.float32)
+    n = data.draw(st.integers(1, max(1, B * h // 32)), label="n")
+    assert _fixed_group(h, B, n) > 1  # the bracket is taken
+    idx, cut = top_n_fixed(backend.asarray(z), n, backend=get_backend(backend.xp, native=native))
+    idx = backend.numpy(idx).astype(np.int64)
+    assert idx.shape == (n,) and np.all(np.diff(idx) > 0)
+    np.testing.assert_array_equal(_mask(z.shape, idx), top_n_mask_oracle(z, n, None))
+    assert float(backend.numpy(cut)) == np.sort(z, axis=None)[-n]
+
+
 @pytest.mark.parametrize("select", ["batchtopk", "topk"])
 @given(z=tied_or_continuous(), data=st.data())
 def test_public_selection_is_one_code_in_both_modes_and_the_padded_form_adds_only_zeros(backend, select, z, data):
