@@ -21,6 +21,9 @@ def _code(backend, f):
 
 @given(seed=st.integers(0, 2**31 - 1), h=st.integers(2, 40), d=st.integers(2, 12), block=st.integers(1, 16))
 def test_blocked_quasi_orthogonality_equals_the_dense_gram_matrix(backend, seed, h, d, block):
+    """quasi_orthogonality, computed in blocks of rows, gives the largest absolute, the largest
+    signed and the mean off-diagonal cosine of the dense Gram matrix of the normalised atoms, for
+    any block size."""
     W = np.random.default_rng(seed).standard_normal((h, d))
     q = quasi_orthogonality(backend.asarray(W), block=block)
     U = W / np.linalg.norm(W, axis=1, keepdims=True)
@@ -33,6 +36,8 @@ def test_blocked_quasi_orthogonality_equals_the_dense_gram_matrix(backend, seed,
 
 @given(seed=st.integers(0, 2**31 - 1), h=st.integers(1, 8))
 def test_orthonormal_atoms_give_equal_norms_and_zero_eps_lbo(backend, seed, h):
+    """With orthonormal atoms the bound is an equality: the features' norm equals the input's,
+    ||f~|| = ||z||, and the smallest consistent epsilon (eps_lbo) is zero."""
     rng = np.random.default_rng(seed)
     Q, _ = np.linalg.qr(rng.standard_normal((12, 12)))
     W = Q[:h]
@@ -47,6 +52,8 @@ def test_orthonormal_atoms_give_equal_norms_and_zero_eps_lbo(backend, seed, h):
 
 @given(seed=st.integers(0, 2**31 - 1), h=st.integers(2, 30), d=st.integers(8, 40))
 def test_random_unit_atoms_obey_the_bound_and_eps_lbo_is_at_most_eps(backend, seed, h, d):
+    """Random unit atoms obey the AFA bound: ||f|| lies within afa_bounds of ||z|| with n = h and
+    with n = L0, and eps_lbo never exceeds the measured epsilon."""
     rng = np.random.default_rng(seed)
     W = _unit_rows(rng, h, d)
     f = np.abs(rng.standard_normal((6, h))) * (rng.random((6, h)) < 0.5)
@@ -83,6 +90,8 @@ def _top_afa_oracle(pre, scale, t, sentinel=True):
 
 @given(seed=st.integers(0, 2**31 - 1), B=st.integers(1, 6), h=st.integers(2, 24))
 def test_top_afa_keeps_the_prefix_whose_norm_is_nearest_the_target(backend, seed, B, h):
+    """top-AFA keeps, per row, the prefix of scores in decreasing order whose norm is nearest the
+    target (ties in the scores and in the distance included), exactly as a float64 NumPy oracle."""
     rng = np.random.default_rng(seed)
     pre = np.round(rng.standard_normal((B, h)), 1)  # ties in the scores
     scale = rng.choice([0.5, 1.0, 2.0], size=h)
@@ -93,6 +102,8 @@ def test_top_afa_keeps_the_prefix_whose_norm_is_nearest_the_target(backend, seed
 
 
 def test_top_afa_k_is_monotone_in_the_target_and_varies_across_rows(backend):
+    """For one row of pre-activations, top-AFA's k never decreases as the target grows, and rows
+    with different targets get different k."""
     rng = np.random.default_rng(1)
     pre = rng.standard_normal((1, 50))
     pre = np.repeat(pre, 30, axis=0)
@@ -103,6 +114,9 @@ def test_top_afa_k_is_monotone_in_the_target_and_varies_across_rows(backend):
 
 
 def test_top_afa_rows_are_independent_and_invariant_to_atom_rescaling(backend):
+    """top-AFA treats rows independently (permuting the rows permutes the output) and selects the
+    same latents when each atom's activation is divided by the factor its decoder norm is
+    multiplied by."""
     rng = np.random.default_rng(2)
     pre, scale, t = rng.standard_normal((8, 20)), np.abs(rng.standard_normal(20)) + 0.2, np.abs(rng.standard_normal(8)) * 2
     base = backend.numpy(top_afa(backend.asarray(pre), backend.asarray(scale), backend.asarray(t)).to_dense())
@@ -116,6 +130,8 @@ def test_top_afa_rows_are_independent_and_invariant_to_atom_rescaling(backend):
 
 @given(seed=st.integers(0, 2**31 - 1))
 def test_afa_loss_is_nonnegative_zero_iff_norms_match_and_its_gradient_matches_autograd(backend, seed):
+    """The AFA loss is non-negative, zero when each row's norm equals its target, and its gradients
+    on the code's values and on the target equal torch.autograd's (an empty row included)."""
     rng = np.random.default_rng(seed)
     f = np.abs(rng.standard_normal((5, 9))) * (rng.random((5, 9)) < 0.6)
     f[0] = 0.0  # an empty row

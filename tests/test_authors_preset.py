@@ -214,6 +214,10 @@ def run_both(backend, config, batches, make_oracle):
 
 # --- the authors' preset ----------------------------------------------------------------------
 def test_authors_preset_names_the_published_hyperparameters():
+    """The 'authors' preset sets the BatchTopK authors' published hyperparameters: standardised
+    inputs, MSE per element, b_enc frozen, renormalisation before the step, AuxK with k_aux 512,
+    coefficient 1/32 and a window of 5 batches, the residual not detached, Adam at 3e-4 with
+    betas (0.9, 0.99), no schedule, clipping at 1e5, b_dec from zeros."""
     c = preset("authors", h=64, k=2)
     assert (c.standardize, c.loss_unit, c.freeze_b_enc, c.decoder_order) == (True, "element", True, "before")
     assert (c.aux_convention, c.k_aux, c.aux_coeff, c.dead_after, c.dead_unit) == ("authors", 512, 1 / 32, 5, "batches")
@@ -259,6 +263,8 @@ def test_authors_preset_step_equals_published_algorithm_in_float32():
 
 
 def test_authors_preset_with_engaged_clipping_equals_published_algorithm(all_backends):
+    """With gradient clipping engaged (max norm 0.01), the 'authors' steps equal an independent
+    torch re-implementation of the published training step."""
     d, h, k, B, n = 16, 64, 2, 32, 2
     config = preset("authors", h=h, k=k, steps=n, max_grad_norm=0.01)
     numpy_backend = next(be for be in all_backends if be.name == "numpy")
@@ -355,6 +361,8 @@ def test_dictionary_learning_preset_differs_from_published_code_only_by_its_norm
 
 
 def test_dictionary_learning_preset_warmup_equals_lambdalr_schedule(all_backends):
+    """The 'dictionary_learning' steps, warm-up included, equal an independent torch re-
+    implementation of that library's step with its LambdaLR warm-up schedule."""
     d, h, k, B, n = 16, 64, 2, 32, 3
     config = preset("dictionary_learning", h=h, k=k, steps=n)
     batches = [b + 0.5 for b in gaussian_batches(n, B, d, seed=4)]

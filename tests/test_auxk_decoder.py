@@ -16,7 +16,6 @@ from hypothesis import assume, given, strategies as st
 from sae_ref import sae as S
 from sae_ref.arrays import to_numpy
 from sae_ref.auxk import auxk
-from sae_ref.backends import is_sync_free
 from sae_ref.decoder import constrained_step, project_grad, renormalize
 from sae_ref.sae import SAEConfig, SAEParams
 from sae_ref.sparse import SparseCode
@@ -109,6 +108,9 @@ def run_auxk(backend, pre, dead, residual, W_dec, k_aux, **kw):
 @given(sae_problems(), st.sampled_from(CONVENTIONS), st.sampled_from([None, True, False]),
        st.data())
 def test_auxk_exactly_zero_without_dead_latents(backend, problem, convention, detach, data):
+    """With no dead latent AuxK is exactly zero: value 0, an empty code, all-zero gradients of the
+    right shapes (no residual gradient when the residual is detached), and pushed through the
+    SAE's backward it changes no gradient, bit for bit."""
     x, p = problem
     B, d = x.shape
     assume(convention != "normalized" or B >= 2)  # one row is refused (tests/test_errors.py)
@@ -143,6 +145,10 @@ def test_auxk_exactly_zero_without_dead_latents(backend, problem, convention, de
 # --- AuxK: selection, e_hat and value against the oracle --------------------------------------
 @given(auxk_problems(), st.sampled_from(CONVENTIONS))
 def test_auxk_matches_numpy_oracle(backend, problem, convention):
+    """AuxK equals a float64 NumPy oracle in both conventions: it selects only dead latents, per row
+    the min(k_aux, n_dead, positive dead) largest, its value matches, live latents' decoder rows
+    get exactly zero gradient, and the gradients are those of the reconstruction e_hat (no b_dec)
+    of the residual."""
     pre, dead, residual, W_dec, k_aux = problem
     B, h = pre.shape
     d = residual.shape[1]
@@ -242,6 +248,8 @@ def test_auxk_direct_grads_vs_autograd_and_fd(backend, problem, convention, deta
 
 
 def test_auxk_detach_default(backend):
+    """By default the 'authors' convention passes a gradient to the residual and 'normalized'
+    detaches it; detach_residual overrides either."""
     rng = np.random.default_rng(0)
     B, h, d = 4, 6, 3
     pre = rng.standard_normal((B, h))
@@ -265,6 +273,9 @@ def test_auxk_detach_default(backend):
        st.sampled_from([1 / 32, 1.0]), st.data())
 def test_auxk_through_sae_backward_matches_autograd(backend, problem, convention, detach,
                                                     alpha, data):
+    """AuxK's gradients added into the SAE's backward with a coefficient alpha give torch.autograd's
+    gradients of the main loss plus alpha times the AuxK loss, in both conventions, with the
+    residual detached or not; the AuxK code touches only dead latents."""
     x, p = problem
     B, d = x.shape
     h = p["W_enc"].shape[1]
@@ -352,6 +363,8 @@ def np_project(W, g):
 
 @given(decoders(), st.sampled_from(["float64", "float32"]))
 def test_renormalize_gives_unit_rows(backend, data, dtype):
+    """renormalize gives unit-norm decoder rows (1e-12 in float64, 1e-6 in float32) in the input's
+    dtype, equal to w / ||w||; a zero row stays zero, with no NaN."""
     W, _ = data
     out = to_numpy(renormalize(backend.asarray(W, dtype)))
     assert out.dtype == np.dtype(dtype)
@@ -368,6 +381,8 @@ def test_renormalize_gives_unit_rows(backend, data, dtype):
 
 @given(decoders())
 def test_project_grad_orthogonal(backend, data):
+    """project_grad removes from each row's gradient exactly its component along the row: the result
+    is orthogonal to the row and the removed part is parallel to it."""
     W, g = data
     out = to_numpy(project_grad(backend.asarray(W), backend.asarray(g)))
     assert_orthogonal(out, W, "project_grad")
@@ -391,6 +406,8 @@ def recording_sgd(lr):
 
 @given(decoders(), st.sampled_from([1e-3, 0.1, 10.0]))
 def test_constrained_step_after_gives_unit_rows(backend, data, lr):
+    """order='after': the optimiser's step sees the raw rows and the projected gradient, and the
+    rows are renormalised to unit norm after it."""
     W, g = data
     seen, sgd = recording_sgd(lr)
     out = to_numpy(constrained_step(backend.asarray(W), backend.asarray(g), sgd, order="after"))
@@ -403,6 +420,9 @@ def test_constrained_step_after_gives_unit_rows(backend, data, lr):
 
 @given(decoders(), st.sampled_from([1e-4, 1e-3]))
 def test_constrained_step_before_renormalises_then_steps(backend, data, lr):
+    """order='before': the rows are renormalised first and the step sees unit rows and a gradient
+    orthogonal to them; the rows leave the unit sphere only by the second order of the step, |w +
+    s|^2 = 1 + |s|^2."""
     W, g = data
     seen, sgd = recording_sgd(lr)
     out = to_numpy(constrained_step(backend.asarray(W), backend.asarray(g), sgd, order="before"))
@@ -440,7 +460,7 @@ def test_training_forms_of_auxk_give_the_bits_of_auxk(backend, convention, detac
     """Invariant: the forms training asks for (the residual given as x_hat - x and turned in
     the reconstruction's buffer, gradients of the loss scaled by a power of two, the residual
     gradient left as -g_ehat) give the plain AuxK's value and gradients bit for bit, on the
-    entries and on the dead columns' block (the sync-free mode computes on the entries only)."""
+    entries and on the dead columns' block (in the sync-free mode, the whole [B, h] block)."""
     from sae_ref.auxk import _auxk
 
     rng = np.random.default_rng(11)
@@ -464,9 +484,8 @@ def test_training_forms_of_auxk_give_the_bits_of_auxk(backend, convention, detac
         np.testing.assert_array_equal(-n(got.g_ehat), c * n(want.g_residual))
     else:
         np.testing.assert_array_equal(n(got.g_residual), c * n(want.g_residual))
-    assert (got.block is None) == (want.block is None)
-    assert (got.block is not None) == (block and not is_sync_free(pre))
-    if got.block is not None:
+    assert (got.block is None) == (want.block is None) == (not block)
+    if block:
         for mine, theirs, scale in zip(got.block, want.block, (1, c)):
             np.testing.assert_array_equal(n(mine.cols), n(theirs.cols))
             np.testing.assert_array_equal(n(mine.values), scale * n(theirs.values))

@@ -113,23 +113,33 @@ def test_api_reference_has_a_page_per_public_module(site):
         assert (html / "reference" / "api" / f"{mod}.html").is_file(), mod
 
 
+UNDOCUMENTED = (
+    'def test_documented():\n    """Says what it checks."""\n\n\n'
+    "def test_bare():\n    assert True\n")
+
+#: name -> (the page, text the build's log must show, test files of the site's own tests/)
 BROKEN_PAGES = {
     "a failing code cell": (
         ("---\nfile_format: mystnb\nkernelspec:\n  name: python3\n---\n\n"
          "# Broken\n\n```{code-cell} ipython3\nraise ValueError('broken on purpose')\n```\n"),
-        "broken on purpose"),
+        "broken on purpose", {}),
     "a test that does not exist": (
         ("# Stale\n\n```{sae-invariants} tests/test_activations.py\n"
          ":names: test_that_does_not_exist\n```\n"),
-        "test_that_does_not_exist"),
+        "test_that_does_not_exist", {}),
+    "a listed test without a docstring": (
+        "# Bare\n\n```{sae-invariants} tests/test_undocumented.py\n:match: .\n```\n",
+        "without a docstring: ['tests/test_undocumented.py::test_bare']",
+        {"test_undocumented.py": UNDOCUMENTED}),
 }
 
 
 @pytest.mark.parametrize("case", sorted(BROKEN_PAGES))
 def test_a_broken_page_fails_the_strict_build(case, tmp_path):
-    """The site's own configuration refuses a page with a failing example or a table citing a
-    test that is not in tests/ (a one-page site built with docs/conf.py)."""
-    text, message = BROKEN_PAGES[case]
+    """The site's own configuration refuses a page with a failing example, a table citing a
+    test that is not in tests/, or a table listing a test without a docstring (a one-page site
+    built with docs/conf.py)."""
+    text, message, test_files = BROKEN_PAGES[case]
     src = tmp_path / "src"
     src.mkdir()
     (src / "index.md").write_text(text)
@@ -139,10 +149,39 @@ def test_a_broken_page_fails_the_strict_build(case, tmp_path):
             "html_static_path = [STATIC]\n"
             "saeref_generate_pages = False\n")
     conf = conf.replace("CONF", repr(str(DOCS / "conf.py"))).replace("STATIC", repr(str(DOCS / "_static")))
+    if test_files:
+        tests = tmp_path / "tests"
+        tests.mkdir()
+        for name, body in test_files.items():
+            (tests / name).write_text(body)
+        conf += f"saeref_tests_dir = {str(tests)!r}\n"
     (src / "conf.py").write_text(conf)
     rc, log = sphinx_build(src, tmp_path / "out")
     assert rc != 0, f"the build passed with {case}"
     assert message in log
+
+
+def test_a_table_of_documented_tests_passes_the_docstring_check(tmp_path):
+    """The counterpart of the case above: the same one-page site listing only the documented
+    test raises no docstring error, so the refusal is the docstring's doing. (The table's links
+    to test pages that this one-page site does not generate may still warn.)"""
+    src = tmp_path / "src"
+    src.mkdir()
+    tests = tmp_path / "tests"
+    tests.mkdir()
+    (tests / "test_undocumented.py").write_text(UNDOCUMENTED)
+    (src / "index.md").write_text("# Documented\n\n```{sae-invariants} tests/test_undocumented.py\n"
+                                  ":names: test_documented\n```\n")
+    conf = ("import runpy\n"
+            f"settings = runpy.run_path({str(DOCS / 'conf.py')!r})\n"
+            "globals().update({k: v for k, v in settings.items() if not k.startswith('__')})\n"
+            f"html_static_path = [{str(DOCS / '_static')!r}]\n"
+            "saeref_generate_pages = False\n"
+            f"saeref_tests_dir = {str(tests)!r}\n")
+    (src / "conf.py").write_text(conf)
+    _, log = sphinx_build(src, tmp_path / "out")
+    assert "sae-invariants" not in log, log[-2000:]
+    assert (tmp_path / "out" / "html" / "index.html").is_file()
 
 
 def test_maths_and_figures_render_in_headless_chromium(site, tmp_path):

@@ -109,6 +109,8 @@ def make_code(backend, f, mask) -> SparseCode:
 # --- reconstruction losses --------------------------------------------------------------------
 @given(pairs(), st.sampled_from(["element", "sample"]))
 def test_mse_value_and_grad(backend, data, unit):
+    """mse's value and gradient equal torch.autograd's in float64 and finite differences, in either
+    unit; the unit "sample" is exactly d times the unit "element"."""
     x_hat, x, seed = data
     B, d = x.shape
     val, g = losses.mse(backend.asarray(x_hat), backend.asarray(x), unit=unit)
@@ -133,6 +135,8 @@ def test_mse_value_and_grad(backend, data, unit):
 
 @given(pairs(), st.sampled_from(["pooled", "per_row"]))
 def test_nmse_value_and_grad(backend, data, reduce):
+    """nmse's value and gradient, pooled and per row (each normalised by the squared norm about
+    zero), equal torch.autograd's in float64 and finite differences."""
     x_hat, x, seed = data
     val, g = losses.nmse(backend.asarray(x_hat), backend.asarray(x), reduce=reduce)
     val, g = scalar(backend, val), backend.numpy(g)
@@ -154,6 +158,9 @@ def test_nmse_value_and_grad(backend, data, reduce):
 # --- sparsity penalties -----------------------------------------------------------------------
 @given(codes(), st.booleans())
 def test_l1_value_and_grads(backend, data, weighted):
+    """l1's value and its gradients on the code's values and (weighted by the decoder row norms) on
+    W_dec equal torch.autograd's and finite differences; without W_dec there is no W_dec
+    gradient."""
     f, mask, W_dec, seed = data
     B = f.shape[0]
     code = make_code(backend, f, mask)
@@ -186,6 +193,8 @@ def test_l1_value_and_grads(backend, data, weighted):
 
 @given(codes(min_value=1e-2), st.sampled_from([1e-6, 1e-4]))
 def test_sqrt_l1_value_and_grad(backend, data, eps):
+    """sqrt_l1, the sum of sqrt(f + eps) - sqrt(eps) over B, and its gradient 1 / (2B sqrt(f + eps))
+    equal torch.autograd's and finite differences."""
     f, mask, _, seed = data
     B = f.shape[0]
     code = make_code(backend, f, mask)
@@ -203,6 +212,8 @@ def test_sqrt_l1_value_and_grad(backend, data, eps):
 
 @given(st.integers(1, 6), st.integers(1, 12), SEEDS, st.sampled_from([1e-8, 1e-6, 1e-4]))
 def test_sqrt_l1_finite_at_zero(backend, B, h, seed, eps):
+    """At f = 0 sqrt_l1 stays finite: the gradient is positive and at most its bound 1 / (2B
+    sqrt(eps)), which it reaches at the zeros, and an all-zero code costs exactly 0."""
     rng = np.random.default_rng(seed)
     f = rng.uniform(0.0, 2.0, size=(B, h))
     f[rng.random((B, h)) < 0.5] = 0.0
@@ -246,6 +257,10 @@ def torch_sae(p: dict, x: np.ndarray, mask: np.ndarray, standardize: bool):
 @given(sae_problems(), st.sampled_from(["relu", "topk", "batchtopk", "threshold"]),
        st.data(), st.booleans())
 def test_sae_backward_matches_autograd(backend, problem, activation, data, standardize):
+    """The SAE's hand-written backward (relu, topk, batchtopk, threshold; with and without
+    standardisation) gives torch.autograd's gradients of every parameter through the same
+    selection, and finite differences where the selection does not change; the code keeps only
+    positive pre-activations."""
     x, p = problem
     B, d = x.shape
     h = p["W_enc"].shape[1]
@@ -473,6 +488,8 @@ def test_jumprelu_backward_matches_ste(backend, problem, lam_l0, lam_l1, seed):
 # --- sparsity of the gradients ----------------------------------------------------------------
 @given(sae_problems(max_h=40), st.sampled_from(["topk", "batchtopk"]), st.integers(1, 3), SEEDS)
 def test_gradients_zero_for_latents_that_never_fired(backend, problem, activation, k, seed):
+    """A latent that fired for no sample of the batch gets exactly zero gradient in its W_dec row,
+    its W_enc column and its b_enc; the latents that fired do get a gradient."""
     x, p = problem
     B, d = x.shape
     h = p["W_enc"].shape[1]
@@ -497,6 +514,8 @@ def test_gradients_zero_for_latents_that_never_fired(backend, problem, activatio
 # --- float32 against float64 ------------------------------------------------------------------
 @given(sae_problems(), st.sampled_from(["relu", "topk", "batchtopk", "jumprelu"]), st.data())
 def test_float32_gradients_agree_with_float64(backend, problem, activation, data):
+    """In float32 every gradient keeps the parameters' dtype and agrees with float64 to 1e-4 of its
+    largest entry, whenever the two precisions select the same entries."""
     x, p = problem
     h = p["W_enc"].shape[1]
     k = data.draw(st.integers(1, h), label="k")

@@ -340,6 +340,10 @@ def test_pruned_sae_code_is_the_pruned_encoding(backend):
 
 # --- errors ----------------------------------------------------------------------------------------
 def test_bad_arguments_raise_errors_naming_them(backend):
+    """Negative activations, a dense array for a code, parameters outside their range or not finite,
+    an unknown method, missing, foreign or mismatched statistics, statistics without values for
+    quantiles, no reference codes, mixed widths, no values and no rows each raise an error that
+    names the argument."""
     f = np.array([[1.0, 0.0, 2.0], [0.5, 0.3, 0.0]])
     code = _code(backend, f)
     stats = reference_stats(code)

@@ -159,6 +159,8 @@ def test_adam_update_equals_torch_adam_over_several_steps():
 
 
 def test_clip_by_global_norm_equals_torch_clip_grad_norm():
+    """Clipping by the global norm of all gradients returns the norm and the clipped gradients of
+    torch.nn.utils.clip_grad_norm_ to 1e-12, whether the clip engages or not."""
     rng = np.random.default_rng(4)
     g = _params64(rng)
     for max_norm in (0.5, 1e6):
@@ -174,6 +176,8 @@ def test_clip_by_global_norm_equals_torch_clip_grad_norm():
 
 # --- state, constraint, non-finite batches -----------------------------------------------------
 def test_state_round_trips_through_arrays_bit_for_bit(backend):
+    """A training state saved as plain arrays and metadata and read back is the same state, bit for
+    bit: the same arrays, the same metadata, and the same next step."""
     config = _small(steps=3)
     x = backend.asarray(X_ALL[:64], dtype="float32")
     state = init_state(config, x)
@@ -210,6 +214,8 @@ def test_decoder_rows_are_unit_norm_where_the_order_promises(order):
 
 
 def test_nonfinite_batch_is_rejected_or_skipped_and_counted(backend):
+    """A batch holding NaN or infinity is refused by default; with nonfinite='skip' the step leaves
+    the parameters and the step count unchanged and counts the skipped batch."""
     x = np.array(X_ALL[:32])
     x[3, 5] = np.nan
     bad = backend.asarray(x, dtype="float32")
@@ -223,6 +229,8 @@ def test_nonfinite_batch_is_rejected_or_skipped_and_counted(backend):
 
 
 def test_step_rejects_a_batch_of_the_wrong_width_or_dtype():
+    """A batch whose width or dtype differs from the state's is refused with an error naming the
+    batch."""
     state = init_state(_small(), np.zeros((4, 48), dtype=np.float32) + 1)
     with pytest.raises(ValueError, match="batch"):
         step(state, np.ones((4, 47), dtype=np.float32))
@@ -231,6 +239,9 @@ def test_step_rejects_a_batch_of_the_wrong_width_or_dtype():
 
 
 def test_each_preset_is_one_name_and_overrides_apply():
+    """Every preset is one name whose keyword overrides apply; 'authors' and 'dictionary_learning'
+    set their sources' published conventions (AuxK, dead-latent window and unit, decoder order,
+    learning rate, loss unit); an unknown name or k > h is refused."""
     for name in PRESETS:
         cfg = preset(name, h=64, k=4)
         assert cfg.preset == name and cfg.h == 64
@@ -249,6 +260,8 @@ def test_each_preset_is_one_name_and_overrides_apply():
 
 
 def test_authors_preset_never_moves_b_enc():
+    """Under the 'authors' preset b_enc stays exactly zero through training, as in the authors'
+    code, where it is never read."""
     state = init_state(preset("authors", h=384, k=4, k_aux=64), np.asarray(X_ALL[:128], dtype=np.float32))
     for i in range(5):
         state, _ = step(state, np.asarray(X_ALL[i * 128:(i + 1) * 128], dtype=np.float32))
@@ -311,6 +324,8 @@ def test_theta_estimated_during_training_gives_inference_l0_near_k():
 
 
 def test_dictionary_learning_theta_keeps_every_positive_before_its_start_step():
+    """Before its start step dictionary_learning's theta stays at -1, so inference keeps every
+    positive pre-activation."""
     state = _trained_batchtopk("dictionary_learning", 20)
     assert float(T.theta_value(state.theta)) == -1.0
     x = np.asarray(X_ALL[-512:], dtype=np.float32)
@@ -320,6 +335,9 @@ def test_dictionary_learning_theta_keeps_every_positive_before_its_start_step():
 
 
 def test_theta_estimators_follow_their_update_rules():
+    """Each theta estimator follows its update rule on a known sequence of batch minima: the running
+    mean of the last window, SAELens's EMA with decay 0.99 from 0, dictionary_learning's EMA with
+    rate 0.001 from its start step."""
     ms = [2.0, 4.0, 8.0, 16.0]
     s = {k: T.theta_init(k, xp=np, dtype=np.float64, window=3, start=1) for k in T.KINDS}
     for i, m in enumerate(ms, 1):
@@ -334,6 +352,7 @@ def test_theta_estimators_follow_their_update_rules():
 
 
 def test_theta_ignores_a_batch_with_no_positive_activation():
+    """A batch in which no activation was kept leaves theta unchanged."""
     s = T.theta_init("running_mean", xp=np, dtype=np.float64, window=4)
     s = T.theta_update(s, np.asarray(3.0))
     s = T.theta_update(s, T.batch_min_kept(np.zeros((5,))))

@@ -2,8 +2,9 @@
 
 - ``sae-invariants``: a table of the property tests that check an operation, read from
   ``tests/`` with :mod:`ast` (test name, the first paragraph of its docstring, a link to its
-  source). A pattern that matches no test, or a named test that does not exist, is a build
-  error, so a page cannot go on citing a test that was renamed or deleted.
+  source). A pattern that matches no test, a named test that does not exist, or a listed
+  test without a docstring is a build error, so a page cannot go on citing a test that was
+  renamed or deleted, nor show a row that does not say what its test checks.
 - ``sae-test-sources``: every test of one test file with its docstring and source, each with
   an anchor the tables above link to.
 - Class docstrings that list their fields as ``name : text`` lines without a section header
@@ -59,14 +60,15 @@ class TestFunction:
 _CACHE: dict[Path, tuple[float, list[TestFunction]]] = {}
 
 
-def read_tests(path: Path) -> list[TestFunction]:
-    """The test functions of one file (top-level ``test_*`` and ``Test*`` class methods)."""
+def read_tests(path: Path, root: Path = ROOT) -> list[TestFunction]:
+    """The test functions of one file (top-level ``test_*`` and ``Test*`` class methods);
+    their ``file`` is the path relative to ``root``."""
     mtime = path.stat().st_mtime
     if path in _CACHE and _CACHE[path][0] == mtime:
         return _CACHE[path][1]
     text = path.read_text()
     tree = ast.parse(text)
-    rel = path.relative_to(ROOT).as_posix()
+    rel = path.relative_to(root).as_posix()
     found = []
 
     def add(fn, prefix=""):
@@ -98,16 +100,24 @@ def first_paragraph(doc: str) -> str:
     return " ".join(doc.strip().split("\n\n")[0].split())
 
 
+def _tests_dir(directive: SphinxDirective) -> Path:
+    """The tests folder (``saeref_tests_dir``; the repository's ``tests/`` by default)."""
+    return Path(directive.config.saeref_tests_dir or TESTS).resolve()
+
+
 def _test_file(directive: SphinxDirective, arg: str) -> Path:
-    path = (ROOT / arg).resolve()
-    if not path.is_file() or path.parent != TESTS.resolve():
-        raise directive.error(f"{directive.name}: {arg!r} is not a file in tests/")
+    """``arg`` (``tests/test_NAME.py``, relative to the folder above the tests folder)."""
+    tests = _tests_dir(directive)
+    path = (tests.parent / arg).resolve()
+    if not path.is_file() or path.parent != tests:
+        raise directive.error(f"{directive.name}: {arg!r} is not a file in {tests.name}/")
     return path
 
 
 class InvariantsDirective(SphinxDirective):
     """A table of the tests of one or more test files whose names match ``:match:``
-    (a regular expression, searched) or are listed in ``:names:``."""
+    (a regular expression, searched) or are listed in ``:names:``. Every listed test must
+    have a docstring: its first paragraph is the row's statement of the invariant."""
 
     required_arguments = 1
     optional_arguments = 8
@@ -122,13 +132,17 @@ class InvariantsDirective(SphinxDirective):
         for arg in self.arguments:
             path = _test_file(self, arg)
             self.env.note_dependency(str(path))
-            tests.extend(read_tests(path))
+            tests.extend(read_tests(path, _tests_dir(self).parent))
         chosen = [t for t in tests if (pattern and re.search(pattern, t.name)) or t.name in names]
         missing = [n for n in names if n not in {t.name for t in tests}]
         if missing:
             raise self.error(f"{self.name}: no test named {missing} in {self.arguments}")
         if not chosen:
             raise self.error(f"{self.name}: no test in {self.arguments} matches {pattern!r}")
+        bare = [t.key for t in chosen if not first_paragraph(t.doc)]
+        if bare:
+            raise self.error(f"{self.name}: tests without a docstring: {bare}; the table shows "
+                             f"each test's docstring, which states the invariant it checks")
         return [self._table(chosen)]
 
     def _table(self, tests):
@@ -150,7 +164,7 @@ class InvariantsDirective(SphinxDirective):
             para = nodes.paragraph()
             para += ref
             para += nodes.inline(text=f"  ({Path(t.file).name})", classes=["sae-test-file"])
-            body += _row([para, nodes.paragraph(text=first_paragraph(t.doc) or "(no docstring)")])
+            body += _row([para, nodes.paragraph(text=first_paragraph(t.doc))])
         return table
 
 
@@ -173,7 +187,7 @@ class TestSourcesDirective(SphinxDirective):
         self.env.note_dependency(str(path))
         std = self.env.domains.standard_domain
         out = []
-        for t in read_tests(path):
+        for t in read_tests(path, _tests_dir(self).parent):
             box = nodes.container(classes=["sae-test"], ids=[t.anchor])
             title = nodes.paragraph(classes=["sae-test-name"])
             title += nodes.strong(text=t.name)
@@ -259,6 +273,9 @@ def _offline_mathjax(app) -> None:
 def setup(app):
     _offline_mathjax(app)
     app.add_config_value("saeref_generate_pages", True, "env")
+    # the folder the test tables read (None: the repository's tests/); the build's own tests
+    # point it at a folder of their own
+    app.add_config_value("saeref_tests_dir", None, "env")
     app.add_object_type(OBJTYPE, OBJTYPE, objname="property test")
     app.add_directive("sae-invariants", InvariantsDirective)
     app.add_directive("sae-test-sources", TestSourcesDirective)
