@@ -481,6 +481,9 @@ def _add_transposed_product(xp, be, M, dense, out):
     if isinstance(M, ColumnBlock):  # a GEMM on the block, its rows added at the columns
         prod = be.matmul(xp.matrix_transpose(M.values), dense)
         n = M.cols.shape[0]
+        if n == h:  # every column, in order (the columns ascend, unique)
+            out += prod
+            return out
         ones = xp.ones((n,), dtype=prod.dtype, device=device_of(prod))
         at = xp.arange(n, dtype=xp.int64, device=device_of(prod))
         return be.spmm(M.cols, at, ones, prod, h, out=out, accumulate=True)
@@ -490,7 +493,8 @@ def _add_transposed_product(xp, be, M, dense, out):
 def _column_sums(xp, be, M):
     """Each column's sum of a (B, h) SparseCode or ColumnBlock, shape [h]."""
     if isinstance(M, ColumnBlock):
-        return be.segment_sum(M.cols, xp.sum(M.values, axis=0), M.shape[1])
+        sums = xp.sum(M.values, axis=0)
+        return sums if M.cols.shape[0] == M.shape[1] else be.segment_sum(M.cols, sums, M.shape[1])
     return be.segment_sum(M.cols, M.values, M.shape[1])
 
 
