@@ -138,3 +138,20 @@ def test_l0_quantiles_read_the_histogram_like_numpy_on_the_samples():
     assert got["l0_std"] == pytest.approx(l0.std())
     for q in (0.05, 0.5, 0.95):
         assert got[f"l0_q{round(100 * q):02d}"] == np.quantile(l0, q, method="inverted_cdf")
+
+
+def test_report_refuses_rows_a_run_trained_on_and_lists_runs_it_could_not_check(setup, tmp_path):
+    """The runs held out 2 batches of 256: 1024 evaluated rows reach into their training rows.
+    A SAELens directory has no record of its training rows: evaluated, and named on the page
+    as not checked."""
+    root, store, x, runs = setup
+    cfg = ReportConfig(eval_rows=1024, ref_rows=1024, batch_size=256, downstream="none")
+    with pytest.raises(ValueError, match=r"'config.eval_rows' \(1024\) reaches into rows that runs "
+                                         r"trained on: '.*topk-k2' held out only the last 512 rows"):
+        build_report(runs[:1], store, tmp_path / "rep", config=cfg, echo=lambda *_: None)
+    assert not (tmp_path / "rep").exists()
+    cfg = ReportConfig(eval_rows=512, ref_rows=1024, batch_size=256, downstream="none")
+    res = build_report([runs[0], runs[1] / "sae"], store, tmp_path / "rep", config=cfg, echo=lambda *_: None)
+    assert res["heldout_unchecked"] == ["sae"]
+    page = (tmp_path / "rep" / "report.md").read_text()
+    assert "Not checked to be held out for sae" in page and "the other runs did not train" in page
