@@ -182,7 +182,10 @@ def _write_failed(e: OSError, out) -> str:
     newest = latest_checkpoint(Path(out) / "checkpoints")
     fix = "free some space" if e.errno == errno.ENOSPC else "fix the cause"
     if newest is None:
-        return f"{e}; no checkpoint had been written yet: {fix} and start again with --overwrite"
+        from sae_ref.fit import _contents
+
+        again = " with --overwrite" if Path(out).is_dir() and _contents(Path(out)) else ""
+        return f"{e}; no checkpoint had been written yet: {fix} and start again{again}"
     step = int(newest.stem.split("-")[1])
     return (f"{e}; no checkpoint was lost: the newest, step {step} in '{newest.parent}', is "
             f"intact: {fix} and continue with the same command and --resume")

@@ -188,8 +188,9 @@ def _check_same_run(run: Path, meta: dict, identity: dict, config: TrainConfig) 
             continue  # older checkpoints lack some fields; an endless source holds no rows out
         got, had = identity[name], meta[name]
         if name == "data":
-            if None not in (got["fingerprint"], had.get("fingerprint")) and got["fingerprint"] != had["fingerprint"]:
-                diffs.append(("data", got["source"], had["source"]))
+            prints = (got["fingerprint"], had.get("fingerprint"))
+            if None not in prints and prints[0] != prints[1]:
+                diffs.append(("data", got["source"], had.get("source")))
         elif got != had:
             diffs.append((name, got, had))
     if diffs:  # before the config: a dtype mismatch would fail later, less clearly
