@@ -31,6 +31,7 @@ from sae_ref import _checks as C
 from sae_ref.backends import get_backend, is_sync_free, top_n_fixed
 from sae_ref.sparse import ColumnBlock, SparseCode, empty_code
 from sae_ref.activations import _padded_code_at, _topk
+from sae_ref.sae import matmul_at
 
 CONVENTIONS = ("authors", "normalized")
 #: The share of the [B, n_dead] block that the k' kept entries per row must fill for
@@ -129,18 +130,20 @@ def _exact(res: AuxKResult) -> AuxKResult:
 
 def _auxk(xp, pre, dead, residual, W_dec, k_aux, convention, detach_residual,
           want_g_W_dec=True, allow_block=False, scale=1.0, lazy_residual=False, ws=None,
-          negated_residual=False) -> AuxKResult:
+          negated_residual=False, precision="highest") -> AuxKResult:
     """:func:`auxk` without the checks. Training's options: ``allow_block`` (the dense-block
-    form), gradients of ``scale`` times the loss, ``lazy_residual`` (see
-    :class:`AuxKResult`), ``ws``, a workspace for the [B, d] reconstruction, and
-    ``negated_residual``: ``residual`` holds x_hat - x instead (the same results)."""
+    form, whose GEMMs run at ``precision``, the step's matmul precision), gradients of
+    ``scale`` times the loss, ``lazy_residual`` (see :class:`AuxKResult`), ``ws``, a
+    workspace for the [B, d] reconstruction, and ``negated_residual``: ``residual`` holds
+    x_hat - x instead (the same results)."""
     B, h = pre.shape
     be = get_backend(xp)
     loss = _Loss(xp, residual, convention, detach_residual, scale, lazy_residual, negated_residual)
     buf = None if ws is None else ws.array("aux_e_hat", xp, tuple(residual.shape), residual.dtype,
                                            device_of(residual))
     if is_sync_free(pre):
-        return _auxk_fixed(xp, be, pre, dead, W_dec, k_aux, loss, want_g_W_dec, buf, allow_block)
+        return _auxk_fixed(xp, be, pre, dead, W_dec, k_aux, loss, want_g_W_dec, buf,
+                           precision if allow_block else None)
     n_dead = int(xp.count_nonzero(dead))
     if n_dead == 0:
         zero = xp.zeros((), dtype=pre.dtype, device=device_of(pre))
@@ -155,7 +158,7 @@ def _auxk(xp, pre, dead, residual, W_dec, k_aux, convention, detach_residual,
     sub = xp.take(pre, dead_idx, axis=1)
     k = min(k_aux, n_dead)
     if allow_block and k >= BLOCK_MIN_FILL * n_dead:
-        return _auxk_block(xp, be, sub, dead_idx, k, W_dec, loss, buf)
+        return _auxk_block(xp, be, sub, dead_idx, k, W_dec, loss, buf, precision)
     top = _topk(sub, k)
     code = SparseCode(top.rows, xp.take(dead_idx, top.cols), top.values, (B, h))
     value, g_ehat, g_res = loss(be.spmm(code.rows, code.cols, code.values, W_dec, B, out=buf))
@@ -204,7 +207,7 @@ class _Loss:
         return AuxKResult(value, code, g_values, g_W_dec, g_res, g_ehat, block, self.lazy)
 
 
-def _auxk_block(xp, be, sub, dead_idx, k, W_dec, loss, buf=None):
+def _auxk_block(xp, be, sub, dead_idx, k, W_dec, loss, buf=None, precision="highest"):
     """AuxK on the dense [B, n_dead] block ``sub`` of the dead columns: the same selection
     (each row's top ``k`` under the tie rule, positive entries only) as a mask, and every
     product a GEMM with the dead rows of the decoder."""
@@ -220,14 +223,14 @@ def _auxk_block(xp, be, sub, dead_idx, k, W_dec, loss, buf=None):
     zero = xp.zeros((), dtype=sub.dtype, device=dev)
     a = xp.where(kept, sub, zero)
     W_d = xp.take(W_dec, dead_idx, axis=0)
-    value, g_ehat, g_res = loss(be.matmul(a, W_d, out=buf))
-    g_a = xp.where(kept, be.matmul(g_ehat, xp.matrix_transpose(W_d)), zero)
+    value, g_ehat, g_res = loss(matmul_at(be, a, W_d, precision, out=buf))
+    g_a = xp.where(kept, matmul_at(be, g_ehat, xp.matrix_transpose(W_d), precision), zero)
     shape = (B, W_dec.shape[0])
-    block = (ColumnBlock(dead_idx, a, shape), ColumnBlock(dead_idx, g_a, shape))
+    block = (ColumnBlock(dead_idx, a, shape, precision), ColumnBlock(dead_idx, g_a, shape, precision))
     return loss.result(value, None, None, None, g_res, g_ehat, block)
 
 
-def _auxk_fixed(xp, be, pre, dead, W_dec, k_aux, loss, want_g_W_dec, buf=None, allow_block=False):
+def _auxk_fixed(xp, be, pre, dead, W_dec, k_aux, loss, want_g_W_dec, buf=None, block_precision=None):
     """AuxK with shapes known in advance (the sync-free mode): each row's top
     ``min(k_aux, h)`` of the pre-activations with the live columns set to -inf. The dead
     columns come first, so the kept positive entries are those of the exact selection; the
@@ -235,10 +238,11 @@ def _auxk_fixed(xp, be, pre, dead, W_dec, k_aux, loss, want_g_W_dec, buf=None, a
     with no gradient. With no dead latent at all the loss and its gradients are zero, chosen
     on the device.
 
-    ``allow_block`` (training): the products run as GEMMs on the whole [B, h] block (the
-    auxiliary activations written into a zero matrix), since the number of dead columns is
-    not known without a host read. Four GEMMs of the encoder's size cost less on a GPU than
-    the sparse products over the ``B k_aux`` entries (2M at B = 4096, k_aux = 512)."""
+    ``block_precision`` (training; None otherwise): the products run as GEMMs at that
+    precision on the whole [B, h] block (the auxiliary activations written into a zero
+    matrix), since the number of dead columns is not known without a host read. Four GEMMs
+    of the encoder's size cost less on a GPU than the sparse products over the ``B k_aux``
+    entries (2M at B = 4096, k_aux = 512)."""
     B, h = pre.shape
     dev = device_of(pre)
     k = min(k_aux, h)
@@ -246,20 +250,20 @@ def _auxk_fixed(xp, be, pre, dead, W_dec, k_aux, loss, want_g_W_dec, buf=None, a
     code = _padded_code_at(masked, top_n_fixed(masked, k, axis=-1, backend=be)[0])
     any_dead = xp.any(dead)
     zero = xp.zeros((), dtype=pre.dtype, device=dev)
-    if allow_block:
+    if block_precision is not None:
         a = be.to_dense(code.rows, code.cols, code.values, (B, h))
-        e_hat = be.matmul(a, W_dec, out=buf)
+        e_hat = matmul_at(be, a, W_dec, block_precision, out=buf)
     else:
         e_hat = be.spmm(code.rows, code.cols, code.values, W_dec, B, out=buf)
     value, g_ehat, g_res = loss(e_hat)
     value = xp.where(any_dead, value, zero)
     g_ehat = xp.where(any_dead, g_ehat, zero)
     g_res = None if g_res is None else xp.where(any_dead, g_res, zero)
-    if allow_block:
-        g_a = xp.where(a > 0, be.matmul(g_ehat, xp.matrix_transpose(W_dec)), zero)
+    if block_precision is not None:
+        g_a = xp.where(a > 0, matmul_at(be, g_ehat, xp.matrix_transpose(W_dec), block_precision), zero)
         cols = xp.arange(h, dtype=xp.int64, device=dev)
-        block = (ColumnBlock(cols, a, (B, h)), ColumnBlock(cols, g_a, (B, h)))
-        g_W_dec = be.matmul(xp.matrix_transpose(a), g_ehat) if want_g_W_dec else None
+        block = (ColumnBlock(cols, a, (B, h), block_precision), ColumnBlock(cols, g_a, (B, h), block_precision))
+        g_W_dec = matmul_at(be, xp.matrix_transpose(a), g_ehat, block_precision) if want_g_W_dec else None
         return AuxKResult(value, None, None, g_W_dec, g_res, g_ehat, block, loss.lazy)
     g_values = be.sddmm(g_ehat, W_dec, code.rows, code.cols)
     g_values = xp.where(code.values != 0, g_values, zero)

@@ -287,6 +287,13 @@ def _group(config: SAEConfig, x, h: int) -> int:
     return 1
 
 
+def matmul_at(be, a, b, precision: str, out=None):
+    """``a @ b`` by the backend ``be`` at ``precision`` (the dtype's own for "highest")."""
+    if precision == "highest":
+        return be.matmul(a, b, out=out)
+    return be.matmul_at(a, b, precision, out=out)
+
+
 def _pre(xp, params, x, ws=None, g: int = 1, precision: str = "highest"):
     """``(z, maxima)``: z = (x - b_dec) W_enc + b_enc, into the workspace's [B, h] buffer when
     given, and with ``g > 1`` its column-group maxima for the selection's bracket, taken in
@@ -295,10 +302,7 @@ def _pre(xp, params, x, ws=None, g: int = 1, precision: str = "highest"):
     be = get_backend(xp)
     x_c = x - params.b_dec
     buf = None if ws is None else ws.array("pre", xp, (x.shape[0], params.h), x.dtype, device_of(x))
-    if precision == "highest":
-        pre = be.matmul(x_c, params.W_enc, out=buf)
-    else:
-        pre = be.matmul_at(x_c, params.W_enc, precision, out=buf)
+    pre = matmul_at(be, x_c, params.W_enc, precision, out=buf)
     if g > 1:
         return be.add_and_group_max(pre, params.b_enc, g)
     return be.add_row_vector(pre, params.b_enc), None  # in place: no second [B, h] array
@@ -479,7 +483,7 @@ def _add_transposed_product(xp, be, M, dense, out):
     ``out`` ([h, d]) where the backend can."""
     h = out.shape[0]
     if isinstance(M, ColumnBlock):  # a GEMM on the block, its rows added at the columns
-        prod = be.matmul(xp.matrix_transpose(M.values), dense)
+        prod = matmul_at(be, xp.matrix_transpose(M.values), dense, M.precision)
         n = M.cols.shape[0]
         if n == h:  # every column, in order (the columns ascend, unique)
             out += prod

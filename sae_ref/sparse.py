@@ -124,11 +124,13 @@ class ColumnBlock:
     cols : int64 array, shape [n], ascending, unique
     values : float array, shape [B, n]: column ``cols[i]`` of the matrix is ``values[:, i]``
     shape : (B, h)
+    precision : the precision of the GEMMs with the block (``SAEConfig.precision``'s values)
     """
 
     cols: Any
     values: Any
     shape: tuple[int, int]
+    precision: str = "highest"
 
 
 def values_at(src: SparseCode, dst: SparseCode):

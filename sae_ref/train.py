@@ -89,9 +89,9 @@ class TrainConfig:
     architecture), ``afa_target`` one of :data:`AFA_TARGETS`; top-AFA's ``afa_rule`` and
     ``afa_sentinel``.
     ``nonfinite``: "raise" or "skip" a batch with NaN/inf. ``seed`` of the initialisation.
-    ``matmul_precision``: the encoder product's, "highest", "tf32" or "bf16" (SAEConfig's
-    ``precision``: TF32 units on a CUDA GPU; bfloat16 inputs with float32 sums, torch only);
-    the rest of the step stays in the parameters' dtype.
+    ``matmul_precision``: the encoder product's and AuxK's dense-block GEMMs', "highest",
+    "tf32" or "bf16" (SAEConfig's ``precision``: TF32 units on a CUDA GPU; bfloat16 inputs
+    with float32 sums, torch only); the rest of the step stays in the parameters' dtype.
     """
 
     arch: str = "batchtopk"
@@ -443,7 +443,8 @@ def _step(xp, state: TrainState, x, donate: bool = False, dp=None, ws=None):
             residual, negated = fwd.x - fwd.x_hat, False
         aux = K._auxk(xp, fwd.pre, dead, residual, params.W_dec, state.k_aux,
                       config.aux_convention, _detach(config), want_g_W_dec=False, allow_block=True,
-                      scale=c, lazy_residual=True, ws=ws, negated_residual=negated)
+                      scale=c, lazy_residual=True, ws=ws, negated_residual=negated,
+                      precision=config.matmul_precision)
         aux_value = c * aux.value
         # the residual x - x_hat depends on the SAE too; g_xhat is this step's own array
         if aux.g_residual is not None:

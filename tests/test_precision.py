@@ -100,3 +100,37 @@ def test_forward_with_bf16_selects_from_the_rounded_product(backend):
     code = fwd.code
     np.testing.assert_array_equal(backend.numpy(code.values),
                                   pre[backend.numpy(code.rows), backend.numpy(code.cols)])
+
+
+@pytest.mark.parametrize("sync", [False, True], ids=["cpu_block", "gpu_block"])
+def test_bf16_auxk_block_reconstructs_from_bfloat16_rounded_factors(backend, sync):
+    """Invariant: training's AuxK on its dense block (the dead columns' block on the CPU path,
+    the whole [B, h] block on the GPU path) runs its GEMMs at the step's precision: with
+    "bf16" (torch) the loss equals the one computed in float64 from the bfloat16-rounded
+    auxiliary activations and decoder rows, and the highest precision gives the float64
+    loss of the unrounded factors."""
+    if not backend.name.startswith("torch"):
+        pytest.skip("bf16 is a torch precision")
+    from sae_ref.auxk import _auxk
+    from sae_ref.backends import sync_free
+
+    rng = np.random.default_rng(4)
+    B, h, d, k_aux = 16, 64, 8, 6
+    pre = backend.asarray(rng.standard_normal((B, h)).astype(np.float32))
+    dead_np = np.zeros(h, dtype=bool)
+    dead_np[:12] = True
+    dead = backend.asarray(dead_np)
+    res = backend.asarray(rng.standard_normal((B, d)).astype(np.float32))
+    W = backend.asarray(rng.standard_normal((h, d)).astype(np.float32))
+    with sync_free(sync):
+        got = {p: _auxk(backend.xp, pre, dead, res, W, k_aux, "authors", True, allow_block=True,
+                        precision=p) for p in ("highest", "bf16")}
+    a, _ = got["highest"].block
+    cols = backend.numpy(a.cols)
+    a_np = backend.numpy(a.values).astype(np.float64)
+    W_np = backend.numpy(W)[cols].astype(np.float64)
+    r = backend.numpy(res).astype(np.float64)
+    for p, (aa, ww) in {"highest": (a_np, W_np), "bf16": (_bf16(a_np), _bf16(W_np))}.items():
+        want = np.mean((aa @ ww - r) ** 2)
+        assert_close(float(backend.numpy(got[p].value)), want, rtol=1e-5, atol=1e-7)
+    assert float(backend.numpy(got["bf16"].value)) != float(backend.numpy(got["highest"].value))
