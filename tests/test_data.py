@@ -499,3 +499,8 @@ def test_mean_max_cosine_accepts_backend_arrays(backend):
     src = SyntheticSource(8, 16, seed=0)
     W = backend.asarray(src.atoms, dtype="float64")
     assert mean_max_cosine(W, src.atoms) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_verify_takes_on_read_true_or_false_only(store):
+    with pytest.raises(ValueError, match="argument 'verify' must be 'on-read', True or False, got 'always'"):
+        ActivationStore(store.directory, verify="always")
