@@ -119,7 +119,7 @@ def _at_least(parser, args, flag: str, low: int, what: str = "") -> None:
 
 def _check_train_flags(args, parser) -> None:
     """The flags' ranges and combinations, before anything is read or written."""
-    from sae_ref.train import PRESETS
+    from sae_ref.train import ARCHS, PRESETS
 
     _at_least(parser, args, "--nproc", 1)
     _at_least(parser, args, "--batch-size", 1)
@@ -134,6 +134,8 @@ def _check_train_flags(args, parser) -> None:
     if args.preset not in PRESETS:
         parser.error(f"--preset must be one of {sorted(PRESETS)}, got {args.preset!r}")
     arch = args.arch or PRESETS[args.preset].get("arch", "batchtopk")
+    if arch not in ARCHS:
+        parser.error(f"--arch must be one of {list(ARCHS)}, got {arch!r}")
     if args.k is not None and arch not in K_ARCHS:
         parser.error(f"--k does not apply to --arch {arch}: only {' and '.join(K_ARCHS)} keep k "
                      "latents per sample (set the sparsity with --sparsity-coeff)")

@@ -276,6 +276,7 @@ def test_report_names_the_run_the_store_and_both_d_when_they_differ(tmp_path, tr
     (["--holdout-batches", "-1"], "--holdout-batches must be >= 0, got -1"),
     (["--keep", "0"], "--keep must be >= 1, got 0"),
     (["--arch", "jumprelu", "--k", "16"], "--k does not apply to --arch jumprelu"),
+    (["--arch", "jump-relu"], "--arch must be one of ["),
 ])
 def test_bad_flags_get_one_line_naming_the_flag_and_leave_no_run_directory(tmp_path, args, says):
     line = one_line_error(sae_ref("train", "--out", tmp_path / "run", *SYN, *args))
