@@ -80,9 +80,9 @@ def _storage(t):
 class Ledger(TorchFunctionMode):
     """Records each kernel-launching torch call as (phase, name, read, written, flops, seconds)."""
 
-    def __init__(self, precision: str):
+    def __init__(self, precision: str, big: float):
         super().__init__()
-        self.precision = precision
+        self.precision, self.big = precision, big
         self.pending, self.rows = [], []
 
     def mark(self, phase: str):
@@ -119,7 +119,9 @@ class Ledger(TorchFunctionMode):
         if name in ("mm", "matmul", "addmm", "__matmul__", "bmm") and len(operands) >= 2:
             a, b = operands[-2], operands[-1]
             flops = 2 * a.numel() * (b.shape[-1] if b.dim() > 1 else 1)
-            rate = MEASURED["gemm"][self.precision if self.phase_is_encoder else "highest"]
+            # the step's matmul precision applies to its encoder-sized GEMMs (the encoder's and
+            # AuxK's block); the small products stay in float32
+            rate = MEASURED["gemm"][self.precision if flops >= self.big else "highest"]
             return read, flops, flops / rate
         if name == "embedding_bag":
             idx, weight = ins[0], ins[1]
@@ -144,18 +146,13 @@ class Ledger(TorchFunctionMode):
             return read, 0, params * MEASURED["adam"]
         return read, 0, 0.0
 
-    phase_is_encoder = False
 
 
 def record(state, x, precision):
     """The ledger of one step on ``x`` from ``state`` (the GPU path, forced)."""
-    ledger = Ledger(precision)
-
-    def on_mark(phase):
-        ledger.mark(phase)
-        ledger.phase_is_encoder = phase == "standardize"  # the next phase holds the encoder GEMM
-
-    with sync_free(True), sae_ref.no_checks(), profile.listen(on_mark), ledger:
+    B, d = x.shape
+    ledger = Ledger(precision, big=B * d * state.params.W_enc.shape[1])  # half an encoder GEMM
+    with sync_free(True), sae_ref.no_checks(), profile.listen(ledger.mark), ledger:
         step(state, x, check=False, donate=True)  # as the training loop steps
     ledger.mark("(after the last phase)")
     return ledger.rows
