@@ -5,14 +5,19 @@ Usage (after building the site into docs/_build/html)::
     python scripts/docs_screenshots.py [--html docs/_build/html] [--out docs/_build/screenshots]
                                        [--chromium /usr/bin/chromium] [PAGE ...]
 
-PAGE defaults to the BatchTopK page and the first tutorial. The site is served from a local
-HTTP server on 127.0.0.1; the browser is the system's Chromium driven by playwright
-(``pip install playwright``; ``apt-get install chromium``; playwright's own browser download
-is not needed). Per page it checks:
+PAGE defaults to every hand-written page of the site (the operations, the tutorials and the
+top-level pages; not the generated reference). The site is served from a local HTTP server on
+127.0.0.1; the browser is the system's Chromium driven by playwright (``pip install
+playwright``; ``apt-get install chromium``; playwright's own browser download is not needed).
+Per page, in a 1280 x 900 window, it checks:
 
-- MathJax typeset every maths node: at least one ``mjx-container``, no ``mjx-merror``, and
-  no TeX left in the text outside code blocks (``\\(``, ``\\[``, ``$$`` or a ``\\command``);
-- every ``<img>`` loaded (``naturalWidth > 0``) and the page has at least one;
+- MathJax typeset every maths node (as many ``mjx-container`` as maths nodes), no
+  ``mjx-merror``, and no TeX left in the text outside code blocks (``\\(``, ``\\[``, ``$$``
+  or a ``\\command``);
+- every ``<img>`` loaded (``naturalWidth > 0``), and an operation page has at least one;
+- no display equation and no code block is wider than the text column: a typeset equation
+  wider than its box, or a code line that needs a horizontal scroll bar, fails (long
+  equations are broken into lines in the page's source, long code lines in the code);
 - no request left the local server (MathJax and fonts ship with the site);
 
 and writes a full-page screenshot plus close-ups of the first display equation and the first
@@ -31,7 +36,14 @@ import sys
 import threading
 from pathlib import Path
 
-DEFAULT_PAGES = ("ops/batchtopk.html", "tutorials/train-numpy.html")
+#: The pages the browser test of the build opens (tests/test_docs.py): they must show maths
+#: and a figure.
+KEY_PAGES = ("ops/batchtopk.html", "tutorials/train-numpy.html")
+#: Generated pages, not written by hand: left out of the default list.
+GENERATED = ("reference/api/", "reference/tests/", "_modules/", "_sources/", "jupyter_execute/")
+SPECIAL = ("genindex.html", "search.html", "py-modindex.html")
+#: A block may exceed its box by this many CSS pixels (sub-pixel rounding) before it counts.
+SLACK_PX = 2
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 
 # Runs in the page once MathJax has finished: counts and the TeX left outside code.
@@ -49,6 +61,26 @@ _INSPECT = r"""
     }
   }
   const imgs = Array.from(document.querySelectorAll('article img, main img'));
+  // blocks wider than the text column: display maths (the typeset formula against its box and
+  // the column) and code (its lines against its box: a horizontal scroll bar)
+  const column = body.getBoundingClientRect();
+  const wide = [];
+  const snippet = e => (e.textContent || '').replace(/\s+/g, ' ').trim().slice(0, 80);
+  for (const box of body.querySelectorAll('mjx-container[display="true"]')) {
+    const math = box.querySelector('mjx-math') || box;
+    const width = math.getBoundingClientRect().width;
+    const room = Math.min(box.clientWidth || column.width, column.width);
+    if (width > room + SLACK || box.scrollWidth > box.clientWidth + SLACK)
+      wide.push({kind: 'equation', section: (box.closest('section') || {}).id || '',
+                 width: Math.round(width), room: Math.round(room), text: snippet(box)});
+  }
+  for (const pre of body.querySelectorAll('pre')) {
+    if (pre.scrollWidth > pre.clientWidth + SLACK) {
+      const longest = (pre.textContent || '').split('\n').reduce((a, b) => b.length > a.length ? b : a, '');
+      wide.push({kind: 'code', section: (pre.closest('section') || {}).id || '',
+                 width: pre.scrollWidth, room: pre.clientWidth, text: longest.trim().slice(0, 80)});
+    }
+  }
   return {
     title: document.title,
     math_nodes: document.querySelectorAll('.math').length,
@@ -57,9 +89,11 @@ _INSPECT = r"""
     raw_tex: tex.slice(0, 10),
     images: imgs.length,
     broken_images: imgs.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.src),
+    column_width: Math.round(column.width),
+    too_wide: wide,
   };
 }
-"""
+""".replace("SLACK", str(SLACK_PX))
 
 _WAIT_MATHJAX = """
 async () => {
@@ -118,16 +152,23 @@ def check_page(browser, base: str, page_path: str, out: Path) -> dict:
             shots.append(path)
     page.close()
     failures = []
-    if not mathjax:
+    if report["math_nodes"] and not mathjax:
         failures.append("MathJax did not load")
-    if report["mathjax_rendered"] == 0:
+    if report["mathjax_rendered"] < report["math_nodes"]:
+        failures.append(f"{report['math_nodes'] - report['mathjax_rendered']} of "
+                        f"{report['math_nodes']} maths nodes not typeset")
+    if page_path in KEY_PAGES and report["mathjax_rendered"] == 0:
         failures.append("no maths rendered")
     if report["mathjax_errors"]:
         failures.append(f"{report['mathjax_errors']} MathJax errors")
     if report["raw_tex"]:
         failures.append(f"raw TeX in the text: {report['raw_tex']}")
-    if report["images"] == 0:
+    if report["images"] == 0 and (page_path in KEY_PAGES or page_path.startswith("ops/")) \
+            and not page_path.endswith("index.html"):
         failures.append("no figure on the page")
+    for block in report["too_wide"]:
+        failures.append(f"{block['kind']} wider than the {block['room']} px column "
+                        f"({block['width']} px) in #{block['section']}: {block['text']!r}")
     if report["broken_images"]:
         failures.append(f"images that did not load: {report['broken_images']}")
     if outside:
@@ -135,6 +176,17 @@ def check_page(browser, base: str, page_path: str, out: Path) -> dict:
     report.update(page=page_path, mathjax_loaded=mathjax, outside_requests=outside,
                   screenshots=[str(p) for p in shots], failures=failures)
     return report
+
+
+def site_pages(html: Path) -> list[str]:
+    """Every hand-written page of a built site, relative to ``html`` (the default PAGE list)."""
+    pages = []
+    for path in sorted(html.rglob("*.html")):
+        rel = path.relative_to(html).as_posix()
+        if rel.startswith(GENERATED) or rel in SPECIAL:
+            continue
+        pages.append(rel)
+    return pages
 
 
 def run(html: Path, out: Path, pages, chromium: str) -> list[dict]:
@@ -157,7 +209,8 @@ def run(html: Path, out: Path, pages, chromium: str) -> list[dict]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("pages", nargs="*", default=list(DEFAULT_PAGES))
+    ap.add_argument("pages", nargs="*", help="pages relative to --html (default: every "
+                    "hand-written page)")
     ap.add_argument("--html", type=Path, default=Path("docs/_build/html"))
     ap.add_argument("--out", type=Path, default=Path("docs/_build/screenshots"))
     ap.add_argument("--chromium", default=None)
@@ -166,13 +219,21 @@ def main(argv=None) -> int:
     if chromium is None:
         print("no Chromium found: apt-get install chromium, or pass --chromium", file=sys.stderr)
         return 2
+    args.pages = args.pages or site_pages(args.html)
     missing = [p for p in args.pages if not (args.html / p).is_file()]
+    if not args.pages:
+        missing = [str(args.html / "index.html")]
     if missing:
         print(f"not in {args.html}: {missing} (build the site first)", file=sys.stderr)
         return 2
     reports = run(args.html, args.out, args.pages, chromium)
     print(json.dumps(reports, indent=2))
-    return 1 if any(r["failures"] for r in reports) else 0
+    failed = [r for r in reports if r["failures"]]
+    for r in failed:
+        for f in r["failures"]:
+            print(f"FAIL {r['page']}: {f}", file=sys.stderr)
+    print(f"{len(reports) - len(failed)} of {len(reports)} pages pass", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
