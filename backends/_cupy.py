@@ -13,6 +13,8 @@ import cupy as cp
 
 from ._standard import CHUNK, StandardBackend, _below
 
+_COPY_STREAMS: dict = {}
+
 #: out[r, c] = sum over e in [start[r], start[r + 1]) of values[e] * dense[index[e], c]
 _SEGMENT_SPMM = cp.ElementwiseKernel(
     "raw int64 start, raw int64 index, raw T values, raw T dense, int64 d",
@@ -112,6 +114,25 @@ class CupyBackend(StandardBackend):
         out = cp.zeros(shape, dtype=values.dtype)
         out[rows, cols] = values
         return out
+
+    def from_host_async(self, xp, a, *, dtype, device):
+        # page-locked host memory, copied on a side stream that overlaps the step
+        import cupyx
+
+        with cp.cuda.Device(device):
+            host = cupyx.empty_pinned(a.shape, dtype=dtype)
+            host[...] = a
+            side = _COPY_STREAMS.setdefault(cp.cuda.Device().id, cp.cuda.Stream(non_blocking=True))
+            out = cp.empty(a.shape, dtype=dtype)
+            out.set(host, stream=side)
+            done = side.record()
+        return out, (done, host)  # the pinned buffer lives until the copy is done
+
+    def wait_ready(self, array, ready):
+        if ready is not None:
+            # the copy was queued a batch ago: waiting for it alone (not for the step) lets
+            # the page-locked buffer go safely
+            ready[0].synchronize()
 
     def uniform(self, xp, seed, shape, *, low, high, dtype, device):
         with cp.cuda.Device(device):

@@ -273,6 +273,17 @@ class StandardBackend:
         device's queued work has run (CUDA) copies asynchronously instead."""
         return xp.asarray(a, dtype=dtype, device=device)
 
+    def from_host_async(self, xp, a, *, dtype, device):
+        """``(array, ready)``: :meth:`from_host`, callable from a background thread while the
+        device runs a step. A GPU backend copies on a side stream and returns a ``ready``
+        token that :meth:`wait_ready` turns into a wait of the compute stream (so the copy
+        overlaps the step); here the array is ready at once (``ready`` None)."""
+        return self.from_host(xp, a, dtype=dtype, device=device), None
+
+    def wait_ready(self, array, ready) -> None:
+        """Make the current stream wait for ``array``'s copy (:meth:`from_host_async`): no
+        host wait. Nothing to do here."""
+
     # -- random numbers ---------------------------------------------------------------------
     def uniform(self, xp, seed: int, shape, *, low, high, dtype, device):
         """Uniform numbers on ``[low, high)`` from a generator seeded with ``seed``, on ``device``.

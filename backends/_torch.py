@@ -96,6 +96,17 @@ def _sampled_dots(a, b, a_index, b_index):
     return torch.empty_like(dots).index_copy_(0, order, dots)
 
 
+_COPY_STREAMS: dict = {}
+
+
+def _copy_stream(device):
+    """The side stream of a CUDA device on which batches are copied in (one per device)."""
+    key = torch.device(device).index if torch.device(device).index is not None else torch.cuda.current_device()
+    if key not in _COPY_STREAMS:
+        _COPY_STREAMS[key] = torch.cuda.Stream(device=key)
+    return _COPY_STREAMS[key]
+
+
 def _numpy():
     from . import get_backend
 
@@ -305,6 +316,26 @@ class TorchBackend(StandardBackend):
             host = torch.from_numpy(np.ascontiguousarray(a)).to(dtype)
             return host.pin_memory().to(device, non_blocking=True)
         return super().from_host(xp, a, dtype=dtype, device=device)
+
+    def from_host_async(self, xp, a, *, dtype, device):
+        if getattr(device, "type", None) != "cuda":
+            return self.from_host(xp, a, dtype=dtype, device=device), None
+        # page-locked host memory, copied on a side stream: the copy overlaps the step that
+        # the compute stream is running (a thread may call this)
+        host = torch.from_numpy(np.ascontiguousarray(a)).to(dtype).pin_memory()
+        side = _copy_stream(device)
+        with torch.cuda.stream(side):
+            out = host.to(device, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(side)
+        return out, done
+
+    def wait_ready(self, array, ready):
+        if ready is None:
+            return
+        current = torch.cuda.current_stream(array.device)
+        current.wait_event(ready)
+        array.record_stream(current)  # its memory is not reused before the step has read it
 
     def uniform(self, xp, seed, shape, *, low, high, dtype, device):
         g = torch.Generator(device=device).manual_seed(seed)

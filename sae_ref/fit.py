@@ -32,6 +32,7 @@ and count with ``nonfinite="skip"``), so the steps themselves never sync.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -257,7 +258,7 @@ def fit(config: TrainConfig, source, *, backend: str = "numpy", device=None,
         checkpoint_every: int | None = None, keep: int | None = 3, resume: bool = False,
         overwrite: bool = False, log_every: int = 50, holdout_batches: int = 4,
         data_seed: int = 0, progress: bool = True, saelens_metadata: dict | None = None,
-        comm=None) -> FitResult:
+        comm=None, prefetch: int = 2) -> FitResult:
     """Train ``config`` on ``source`` for ``config.steps`` steps (see the module docstring).
 
     ``resume``: continue the run in ``run_dir`` from its newest checkpoint (one must exist;
@@ -266,6 +267,12 @@ def fit(config: TrainConfig, source, *, backend: str = "numpy", device=None,
     without it a ``run_dir`` holding a run raises :class:`RunDirError`. Everything is
     checked before the old run is deleted. ``checkpoint_every`` None or 0: one checkpoint,
     at the end.
+
+    ``prefetch``: how many batches a background thread prepares ahead of the step (reading,
+    shuffling, checking, converting and, on a GPU, copying on a side stream;
+    :meth:`~sae_ref.data.stream.BatchStream.prefetch`); 0 makes each batch when it is due.
+    The batches are the same either way. The log's ``tokens_per_s`` and ``data_wait`` (the
+    share of the loop's time spent waiting for a batch) show whether the data keeps up.
 
     ``comm`` (a :class:`sae_ref.dist.Comm` of R > 1 ranks, e.g. from
     :func:`sae_ref.dist.comm_from_env` under ``torchrun``): data-parallel training. Every rank
@@ -281,6 +288,7 @@ def fit(config: TrainConfig, source, *, backend: str = "numpy", device=None,
     if checkpoint_every is not None:
         checkpoint_every = C.integer_in("fit", "checkpoint_every", checkpoint_every, 0, 2**62)
     holdout_batches = C.integer_in("fit", "holdout_batches", holdout_batches, 0, 2**40)
+    prefetch = C.integer_in("fit", "prefetch", prefetch, 0, 2**20)
     rank, size = (0, 1) if comm is None else (comm.rank, comm.size)
     if batch_size % size:
         raise ValueError(f"fit: argument 'batch_size' ({batch_size}) must be a multiple of the number of ranks ({size})")
@@ -328,31 +336,40 @@ def fit(config: TrainConfig, source, *, backend: str = "numpy", device=None,
     bar = tqdm(total=config.steps, initial=state.t, disable=not progress, unit="step",
                dynamic_ncols=True)
     t0, tokens0 = time.perf_counter(), state.tokens
-    last = {}
-    with C.no_checks(), (open(log_path, "a") if log_path is not None else _nullfile()) as log:
+    last, waited = {}, [0.0]
+    if prefetch and state.t < config.steps and hasattr(stream, "prefetch"):
+        stream.prefetch(prefetch)
+    with C.no_checks(), (open(log_path, "a") if log_path is not None else _nullfile()) as log, \
+            _closing(stream):
         while state.t < config.steps:
+            w0 = time.perf_counter()
             x = next(stream)
+            waited[0] += time.perf_counter() - w0
             state, metrics = step(state, x if size == 1 else x[rows], check=False, donate=True, comm=comm)
             bar.update(1)
             if state.t % log_every == 0 or state.t == config.steps:
                 last = _read_metrics(metrics)
-                rate = (state.tokens - tokens0) / max(time.perf_counter() - t0, 1e-9)
-                last.update(tokens_per_s=rate, skipped=skipped + stream.skipped,
-                            mse_unit=config.loss_unit)
+                elapsed = max(time.perf_counter() - t0, 1e-9)
+                rate = (state.tokens - tokens0) / elapsed
+                last.update(tokens_per_s=rate, data_wait=waited[0] / elapsed,
+                            skipped=skipped + stream.skipped, mse_unit=config.loss_unit)
                 try:
                     log.write(json.dumps(last) + "\n")
                     log.flush()
                 except OSError as e:
                     raise _write_error(e, log_path) from e
                 bar.set_postfix(L0=f"{last['l0']:.2f}", NMSE=f"{last['nmse']:.4f}",
-                                dead=f"{last['dead_fraction']:.3f}", tok_s=f"{rate:,.0f}")
+                                dead=f"{last['dead_fraction']:.3f}", tok_s=f"{rate:,.0f}",
+                                data_wait=f"{last['data_wait']:.0%}")
             if ckpt_dir is not None and checkpoint_every and state.t % checkpoint_every == 0:
                 checkpoint()
                 saved_t = state.t
     bar.close()
     if ckpt_dir is not None and saved_t != state.t:  # a resumed finished run: already saved
         checkpoint()
+    elapsed = max(time.perf_counter() - t0, 1e-9)
     summary = {"steps": state.t, "tokens": state.tokens, "skipped": skipped + stream.skipped,
+               "tokens_per_s": (state.tokens - tokens0) / elapsed, "data_wait": waited[0] / elapsed,
                "config": config.to_dict(), "backend": backend, "dtype": dtype,
                "final_metrics": last, "k": config.k, "data": identity["data"],
                "batch_size": batch_size, "data_seed": data_seed,
@@ -433,6 +450,17 @@ def _export_config(state, inf_cfg):
     if state.config.arch != "batchtopk":
         return inf_cfg
     return replace(state.config.sae_config(), theta=inf_cfg.theta)
+
+
+@contextlib.contextmanager
+def _closing(stream):
+    """Stop the stream's prefetching thread when the loop ends, by error or Ctrl-C too."""
+    try:
+        yield stream
+    finally:
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()
 
 
 def _heldout(source, batch_size, holdout_batches, held_rows, xp, dev, dt):

@@ -8,6 +8,11 @@ so a training run resumes, bit for bit, from the one integer ``stream.position``
 Each batch is built in NumPy on the host, checked for NaN/inf there (cheap, no device
 synchronisation), and only then moved to the backend with ``xp.asarray``.
 
+:meth:`BatchStream.prefetch` moves that host work (reading, shuffling, checking, converting,
+and on a GPU the copy on a side stream) onto a background thread that runs a bounded number
+of batches ahead while the device trains on the current one. The batches, the errors and
+``position`` are the same as without it: batch ``i`` is still a pure function of ``i``.
+
 >>> import numpy as np
 >>> from sae_ref.data.stream import BatchStream
 >>> s = BatchStream("Counter", lambda i: (np.full((2, 3), float(i)), None), lambda b, info: "")
@@ -18,6 +23,9 @@ synchronisation), and only then moved to the backend with ``xp.asarray``.
 from __future__ import annotations
 
 import numbers
+import queue
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -126,25 +134,122 @@ class BatchStream:
         self._describe = describe
         self._max_skips = max_skips
 
+        self._ahead = None  # the prefetching thread's (thread, queue, stop event), when on
+        self.wait_seconds = 0.0  # time __next__ spent waiting for a batch (data waits)
+
     def __iter__(self):
         return self
+
+    def _host(self, i: int):
+        """Batch ``i`` made and checked on the host: ``(i, array, ready, where)`` with ``where``
+        None for a finite batch (the array then on the backend), else the bad row's place."""
+        batch, info = self._make(i)
+        if np.isfinite(batch).all():
+            from sae_ref.backends import get_backend
+
+            a, ready = get_backend(self.xp).from_host_async(self.xp, batch, dtype=self.dtype,
+                                                            device=self.device)
+            return i, a, ready, None
+        return i, None, None, self._describe(batch, info)
+
+    def prefetch(self, depth: int = 2) -> BatchStream:
+        """Make the next ``depth`` batches on a background thread (returns this stream).
+
+        The thread reads, shuffles, checks and converts batch ``position``, ``position + 1``,
+        ... into a queue of ``depth`` batches (bounded memory) while the caller trains; an
+        error it meets (a corrupt shard, an unreadable file) is raised by ``__next__`` when
+        that batch is due, as without prefetching. :meth:`close` (or leaving a ``with``
+        block) stops the thread; it is a daemon, so an interrupted process never waits for it.
+        """
+        depth = check_int(f"{self.name}.prefetch", "depth", depth, 1)
+        self.close()
+        q, stop = queue.Queue(maxsize=depth), threading.Event()
+
+        def run(start):
+            i = start
+            while not stop.is_set():
+                try:
+                    item = self._host(i)
+                except BaseException as e:  # handed to the consumer, raised where it is due
+                    item = (i, e, None, None)
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if isinstance(item[1], BaseException):
+                    return
+                i += 1
+
+        thread = threading.Thread(target=run, args=(self.position,), daemon=True,
+                                  name=f"sae-ref prefetch: {self.name}")
+        self._ahead = (thread, q, stop)
+        thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop the prefetching thread, if any, and wait for it (batches it made are dropped;
+        ``position`` is the next batch this stream delivers)."""
+        if self._ahead is None:
+            return
+        thread, q, stop = self._ahead
+        self._ahead = None
+        stop.set()
+        while thread.is_alive():
+            try:
+                q.get(timeout=0.05)  # unblock a put
+            except queue.Empty:
+                pass
+            thread.join(timeout=0.05)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def _take(self, i: int):
+        """Batch ``i``: from the prefetching thread (checking it is the one due), or made here."""
+        if self._ahead is None:
+            return self._host(i)
+        t0 = time.perf_counter()
+        got = self._ahead[1].get()
+        self.wait_seconds += time.perf_counter() - t0
+        if got[0] != i:  # cannot happen: the thread runs in order from this stream's position
+            raise RuntimeError(f"{self.name}: prefetched batch {got[0]} where {i} was due")
+        if isinstance(got[1], BaseException):
+            self.close()
+            raise got[1]
+        return got
 
     def __next__(self):
         run = 0
         while True:
             i = self.position
-            batch, info = self._make(i)
-            if np.isfinite(batch).all():
+            _, a, ready, where = self._take(i)
+            if where is None:
                 self.position = i + 1
-                return from_host(self.xp, batch, dtype=self.dtype, device=self.device)
-            where = self._describe(batch, info)
+                if ready is not None:
+                    from sae_ref.backends import get_backend
+
+                    get_backend(self.xp).wait_ready(a, ready)
+                return a
             if self.nonfinite == "raise":
+                self.close()
                 raise NonFiniteBatch(f"{self.name}: the batch at position {i} contains NaN or "
                                      f"infinity{where}")
             self.position = i + 1
             self.skipped += 1
             run += 1
             if self._max_skips is not None and run >= self._max_skips:
+                self.close()
                 raise ValueError(f"{self.name}: {run} consecutive batches (positions "
                                  f"{i - run + 1} to {i}) contain NaN or infinity{where}; "
                                  f"skipping cannot find a finite batch")
