@@ -1,7 +1,8 @@
 """The ``sae-ref`` command line.
 
 ``sae-ref demo`` runs the main job on its embedded default; ``sae-ref train`` trains one SAE
-on an activation store (or on synthetic data with known features) on any backend.
+on an activation store (or on synthetic data with known features) on any backend;
+``sae-ref calibrate`` estimates BatchTopK's theta on a trained SAE's final weights.
 Moving a run to a GPU is one flag: ``--backend torch --device cuda`` or ``--backend cupy``.
 """
 
@@ -349,6 +350,57 @@ def _report(args, parser) -> int:
     return 0
 
 
+def _calibrate_parser(sub):
+    p = sub.add_parser("calibrate", help="BatchTopK: estimate theta on the final weights of a run "
+                       "or SAELens directory and record it (and export it)",
+                       description="Estimate BatchTopK's inference threshold theta on the SAE's "
+                       "final weights: the mean over calibration batches (of the training batch "
+                       "size) of the smallest kept value, with its standard error, and the held-out "
+                       "L0 it gives next to the running estimate's. Recorded in the run's "
+                       "summary.json, newest checkpoint and sae/cfg.json (or the SAELens cfg.json).")
+    p.add_argument("path", metavar="RUN_DIR", help="run directory or SAELens directory")
+    p.add_argument("--data", required=True, help="activation store directory")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="calibration batch rows (default: the run's training batch size)")
+    p.add_argument("--batches", type=int, default=4,
+                   help="calibration batches when the run's held-out rows are unknown (default 4)")
+    p.add_argument("--rows", default=None, metavar="START:END",
+                   help="rows to use: the first half of their batches calibrates, the rest measures L0 "
+                   "(default: the run's held-out tail)")
+    p.add_argument("--k", type=int, default=None, help="k of a SAELens directory that does not record it")
+    p.add_argument("--export-theta", default="calibrated", choices=["calibrated", "running"],
+                   help="which theta the SAELens threshold holds (default: calibrated, the final model's)")
+    p.add_argument("--dry-run", action="store_true", help="print the estimate, write nothing")
+    p.add_argument("--backend", default="numpy", choices=BACKENDS)
+    p.add_argument("--device", default=None)
+    return p
+
+
+def _calibrate(args, parser) -> int:
+    from sae_ref.calibrate import calibrate_path
+
+    rows = None
+    if args.rows is not None:
+        try:
+            a, b = (int(v) for v in args.rows.split(":"))
+        except ValueError:
+            parser.error(f"--rows expects START:END, got {args.rows!r}")
+        rows = (a, b)
+    for flag in ("--batch-size", "--batches", "--k"):
+        _at_least(parser, args, flag, 1)
+    rec = calibrate_path(args.path, args.data, batch_size=args.batch_size, batches=args.batches,
+                         rows=rows, k=args.k, export=args.export_theta, write=not args.dry_run,
+                         backend=args.backend, device=args.device)
+    run = rec["theta_running"]
+    print(f"theta (final weights) {rec['theta']:.6g} ± {rec['stderr']:.2g} from {rec['batches']} batches "
+          f"of {rec['batch_size']} (rows {rec['calibration_rows'][0]}–{rec['calibration_rows'][1]}); "
+          f"held-out L0 {rec['l0_calibrated']:.2f} for k = {rec['k']}"
+          + (f"; running estimate {run:.6g}: L0 {rec['l0_running']:.2f}" if run is not None else "")
+          + ("" if args.dry_run else f"; exported: {args.export_theta}")
+          + ("  (rows not checked to be unseen by training)" if rec.get("unchecked") else ""))
+    return 0
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "validate":  # its own parser: sae_ref.validation.cli
@@ -372,13 +424,14 @@ def main(argv=None) -> int:
     demo.add_argument("--seed", type=int, default=0)
     _train_parser(sub)
     _report_parser(sub)
+    _calibrate_parser(sub)
     sub.add_parser("validate", add_help=False, help="check an SAE implementation (a module's "
                    "object, or SAELens files) against sae-ref's invariants; sae-ref validate --help")
     args = parser.parse_args(argv)
     args.argv = argv
     if args.command == "demo":
         return _demo(args, parser)
-    run = _train if args.command == "train" else _report
+    run = {"train": _train, "report": _report, "calibrate": _calibrate}[args.command]
     try:
         return run(args, parser)
     except Exception as e:  # noqa: BLE001 (the known ones become one line; others propagate)

@@ -389,6 +389,10 @@ def fit(config: TrainConfig, source, *, backend: str = "numpy", device=None,
         save_saelens(run / "sae", state.params, _export_config(state, sae_cfg), metadata=meta,
                      overwrite=True)
         _atomic.atomic_write_bytes(run / "summary.json", json.dumps(summary, indent=2).encode())
+    if writer:  # BatchTopK: theta of the final weights, beside the running estimate (sae_ref.calibrate)
+        from sae_ref.calibrate import calibrate_fit
+
+        summary = calibrate_fit(state, source, summary, run)
     return FitResult(state, summary)
 
 

@@ -155,13 +155,15 @@ def evaluate_run(path, store, cfg: ReportConfig, ds=None, *, prune: bool = False
     ``_zf`` for the figures.
     """
     from sae_ref.arrays import resolve
+    from sae_ref.calibrate import inference_config, read_record
     from sae_ref.fit import load_run
     from sae_ref.metrics import evaluate_store
     from sae_ref.zf import zf_points, zf_summary
 
     xp, dev = resolve(cfg.backend, cfg.device)
     loaded = load_run(path, xp=xp, device=dev)
-    params, config = loaded.params, loaded.config
+    record = read_record(path)
+    params, (config, used) = loaded.params, inference_config(loaded, record)
     if params.d != store.d:
         raise ValueError(f"report: run '{path}' has d={params.d} but the store '{store.directory}' "
                          f"has d={store.d}: evaluate it on activations of the model and layer it "
@@ -177,13 +179,46 @@ def evaluate_run(path, store, cfg: ReportConfig, ds=None, *, prune: bool = False
            "source": loaded.source, "activation": config.activation, "theta": config.theta,
            "k": config.k, "metrics": {**m.summary(), **l0_quantiles(m.l0_histogram)},
            "zf": zf_summary(zf), "_metrics": m, "_zf": zf,
-           "downstream": None, "pruning": None}
+           "downstream": None, "pruning": None,
+           "thetas": _thetas(loaded, record, used, m.l0_mean, rows, lambda: _batches(store, cfg, rows, xp, dev, dt))}
     if ds is not None:
         from sae_ref.downstream import sae_replace
 
         out["downstream"] = _recovered(ds, sae_replace(params, config))
     if prune:
         out["pruning"] = _prune(params, config, store, cfg, rows, ds, xp, dev, dt)
+    return out
+
+
+def _thetas(loaded, record, used, l0_used, rows, batches) -> dict | None:
+    """BatchTopK's two thetas and the L0 each gives on the evaluated rows (None for other SAEs):
+    ``used`` ("calibrated", or "running" when the run has no calibration record), ``running``,
+    ``calibrated`` ± ``stderr``, ``l0_running``, ``l0_calibrated``, ``k``, and how many of the
+    evaluated rows calibrated theta (``calibration_overlap``: then its L0 is in-sample)."""
+    from sae_ref.calibrate import mean_l0, threshold_config
+
+    tc = loaded.train_config
+    if record is None and not (tc is not None and tc.arch == "batchtopk"):
+        return None
+    if record is not None and "theta" not in record:  # calibration skipped: the reason
+        record = None
+    running = loaded.config.theta if record is None else record.get("theta_running")
+    out = {"used": used or "running", "running": running,
+           "estimator": tc.theta_estimator if tc is not None else (record or {}).get("theta_estimator"),
+           "k": tc.k if tc is not None else (record or {}).get("k"),
+           "calibrated": None, "stderr": None, "l0_calibrated": None, "l0_running": None,
+           "calibration_rows": None, "calibration_overlap": None}
+    if record is None:
+        out["l0_running"] = l0_used
+        return out
+    out.update(calibrated=record["theta"], stderr=record["stderr"], l0_calibrated=l0_used,
+               calibration_rows=record.get("calibration_rows"))
+    if running is not None:
+        with C.no_checks():
+            out["l0_running"] = mean_l0(loaded.params, threshold_config(loaded.config, running), batches())[0]
+    cal = record.get("calibration_rows")
+    if cal is not None:
+        out["calibration_overlap"] = max(0, min(cal[1], rows[1]) - max(cal[0], rows[0]))
     return out
 
 

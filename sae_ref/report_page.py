@@ -52,6 +52,38 @@ def _metrics(results) -> list[str]:
     return out
 
 
+def _theta(results) -> list[str]:
+    runs = [r for r in results["runs"] if r.get("thetas")]
+    if not runs:
+        return []
+    rows, notes = [], []
+    for r in runs:
+        t = r["thetas"]
+        k = t["k"]
+
+        def off(l0):
+            return "–" if l0 is None or not k else f"{100 * (l0 / k - 1):+.1f}%"
+        cal = "–" if t["calibrated"] is None else f"{t['calibrated']:.4g} ± {_f(t['stderr'], '.1g')}"
+        rows.append([r["label"], str(k), f"{_f(t['running'], '.4g')} ({t['estimator'] or '?'})",
+                     _f(t["l0_running"], ".2f"), off(t["l0_running"]), cal,
+                     _f(t["l0_calibrated"], ".2f"), off(t["l0_calibrated"]), t["used"]])
+        if t["calibrated"] is None:
+            notes.append(f"- {r['label']}: no θ of the final weights recorded (a run of an older "
+                         f"sae-ref, or no held-out rows); `sae-ref calibrate {r['label']} --data STORE` adds it.")
+        elif t["calibration_overlap"]:
+            notes.append(f"- {r['label']}: θ was calibrated on {t['calibration_overlap']:,} of the "
+                         "evaluated rows: its L0 here is partly in-sample.")
+    out = ["## BatchTopK's θ: running estimate and final model", "",
+           ("θ = E_X[min kept activation] of a batch of the training size. The running estimate "
+            "averages the minima of past training steps (earlier weights); the final model's θ is "
+            "the mean over calibration batches the training did not use, of the final weights' "
+            "minima (± its standard error). L0 on the evaluated rows with each; the metrics below "
+            "use the θ in the last column."), ""]
+    out += _table(["SAE", "k", "θ running (estimator)", "L0", "vs k", "θ final model", "L0", "vs k",
+                   "used below"], rows)
+    return out + ([""] + notes if notes else [])
+
+
 def _zf(results) -> list[str]:
     rows = []
     for r in results["runs"]:
@@ -128,5 +160,5 @@ def markdown(results: dict) -> str:
              (f"Store `{results['store']}`: held-out rows {lo:,}–{hi:,} ({hi - lo:,} tokens). "
              f"{len(results['runs'])} SAE(s); {results['seconds']:.0f} s."), "",
              _heldout_note(results), ""]
-    lines += _metrics(results) + [""] + _zf(results) + [""] + _pruning(results) + [""] + _frontier(results)
+    lines += _theta(results) + [""] + _metrics(results) + [""] + _zf(results) + [""] + _pruning(results) + [""] + _frontier(results)
     return "\n".join(lines) + "\n"

@@ -142,6 +142,19 @@ def save_checkpoint(directory, step: int, arrays: dict[str, Any], meta: dict | N
     return record_path
 
 
+def update_meta(record_path, **entries) -> Path:
+    """Add ``entries`` to a committed checkpoint's ``meta`` (the record is rewritten
+    atomically; the tensors and their digest are untouched), e.g. the theta calibrated on
+    the final weights (:mod:`sae_ref.calibrate`). Returns the record's path."""
+    op = "update_meta"
+    path = _resolve(Path(record_path))
+    record = _read_record(path)
+    _check_record_fields(path, record)
+    record["meta"] = {**record["meta"], **entries}
+    atomic_write_bytes(path, _record_text(op, record))
+    return path
+
+
 def _numpy_arrays(op: str, arrays) -> dict[str, np.ndarray]:
     if not isinstance(arrays, dict):
         raise TypeError(f"{op}: argument 'arrays' must be a dict of name -> array, got {type(arrays).__name__}")

@@ -73,6 +73,7 @@ import safetensors.numpy
 from array_api_compat import array_namespace
 from safetensors import SafetensorError, deserialize
 
+from sae_ref import _checks as C
 from sae_ref.arrays import to_numpy
 from sae_ref.io._atomic import atomic_write_bytes, fsync_directory
 from sae_ref.sae import SAEConfig, SAEParams, _check_params
@@ -198,6 +199,39 @@ def _metadata(config, metadata) -> dict:
             "trained_with": f"sae-ref {__version__}"}
     out.update(metadata or {})
     return out
+
+
+def set_threshold(directory, theta: float, *, metadata: dict | None = None) -> Path:
+    """Set every latent's threshold of a SAELens JumpReLU directory holding one global
+    :math:`\theta` (a BatchTopK export) to ``theta`` and add ``metadata`` to
+    ``cfg["metadata"]``; the other tensors and keys are kept as written. Both files are
+    replaced together (as :func:`save_saelens` writes them). Returns ``directory``."""
+    op = "set_threshold"
+    directory = Path(directory)
+    theta = C.finite_number(op, "theta", theta)
+    cfg = read_saelens_cfg(directory)
+    if cfg.get("architecture") != "jumprelu":
+        raise ValueError(f"{op}: argument 'directory' {os.fspath(directory)!r} is a "
+                         f"{cfg.get('architecture')!r} SAE; only a JumpReLU has a threshold")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise TypeError(f"{op}: argument 'metadata' must be a dict, got {type(metadata).__name__}")
+    tensors = read_saelens_weights(directory)
+    t = tensors["threshold"]
+    if t.size and not np.all(t == t.flat[0]):
+        raise ValueError(f"{op}: argument 'directory' {os.fspath(directory)!r} has per-latent "
+                         "thresholds (a trained JumpReLU), not one global theta")
+    tensors["threshold"] = np.full(t.shape, theta, dtype=t.dtype)
+    cfg["metadata"] = {**(cfg.get("metadata") or {}), **(metadata or {})}
+    det = cfg["metadata"].get("training_architecture_details")
+    if isinstance(det, dict) and det.get("architecture") == "batchtopk":
+        cfg["metadata"]["training_architecture_details"] = {**det, "theta": theta}
+    try:
+        text = json.dumps(cfg, indent=2) + "\n"
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{op}: argument 'metadata' must be JSON-serialisable: {e}") from None
+    _write_directory(directory, {WEIGHTS_FILENAME: safetensors.numpy.save(tensors),
+                                 CFG_FILENAME: text.encode("utf-8")})
+    return directory
 
 
 def _check_target(op, directory: Path, overwrite: bool) -> None:
