@@ -187,7 +187,9 @@ def test_a_table_of_documented_tests_passes_the_docstring_check(tmp_path):
 def test_maths_and_figures_render_in_headless_chromium(site, tmp_path):
     """The BatchTopK page and the first tutorial, opened in Chromium from a local server: MathJax
     (shipped with the site) typesets every formula without errors, no TeX is left in the text,
-    every image loads, and nothing is fetched from outside the site."""
+    every image loads, no display equation or code block is wider than the text column, and
+    nothing is fetched from outside the site. A copy of the BatchTopK page given an equation
+    and a code line far wider than the column fails the width check."""
     pytest.importorskip("playwright")
     sys.path.insert(0, str(ROOT / "scripts"))
     try:
@@ -199,9 +201,22 @@ def test_maths_and_figures_render_in_headless_chromium(site, tmp_path):
         pytest.skip("no Chromium on this machine (apt-get install chromium)")
     rc, _, html = site
     assert rc == 0
-    reports = shots.run(html, tmp_path, list(shots.DEFAULT_PAGES), chromium)
+    reports = shots.run(html, tmp_path, list(shots.KEY_PAGES), chromium)
     for r in reports:
         assert not r["failures"], f"{r['page']}: {r['failures']}"
         assert r["mathjax_rendered"] >= 10 and r["images"] >= 1
         full_page, *close_ups = (Path(p).stat().st_size for p in r["screenshots"])
         assert full_page > 50_000 and all(size > 500 for size in close_ups)
+    page = (html / "ops" / "batchtopk.html").read_text()
+    wide_tex = "+".join(f"x_{{{i}}}" for i in range(120))
+    wide_code = "y = " + " + ".join(f"x{i}" for i in range(60))
+    extra = (f'<div class="math notranslate nohighlight">\\[{wide_tex}\\]</div>'
+             f'<div class="cell_input"><div class="highlight-ipython3"><div class="highlight">'
+             f"<pre>{wide_code}</pre></div></div></div>")
+    marker = '<section id="the-equation">'
+    assert marker in page
+    (html / "ops" / "too-wide.html").write_text(page.replace(marker, marker + extra, 1))
+    (wide,) = shots.run(html, tmp_path, ["ops/too-wide.html"], chromium)
+    kinds = {b["kind"] for b in wide["too_wide"]}
+    assert kinds == {"equation", "code"}, wide["too_wide"]
+    assert any("wider than the" in f for f in wide["failures"])
