@@ -15,7 +15,12 @@ activation store (the tail :func:`sae_ref.fit.fit` holds out):
 5. frontier fits (:mod:`sae_ref.frontier`) per family (the training architecture):
    :math:`x = 1/L_0` against the performance hit :math:`1 -` recovered (or NMSE when there is
    no downstream metric), Hill with coefficient 1 (and free, linear and power law when the
-   family has enough points), and the ratio of the families' :math:`x_{1/2}`.
+   family has enough points), and the ratio of the families' :math:`x_{1/2}`;
+6. the papers' claims checked on these numbers (:mod:`sae_ref.findings`), each with its
+   measurement, its rule and a verdict.
+
+BatchTopK SAEs are evaluated at the :math:`\theta` of their final weights when their run
+records one (:mod:`sae_ref.calibrate`), and the L0 of the running estimate is shown beside it.
 
 The evaluated rows are held out: a run whose record (:func:`sae_ref.fit.trained_rows`) says
 it trained on some of them on this store (the same shards, wherever the store lies) is
@@ -42,6 +47,9 @@ import numpy as np
 from sae_ref import _checks as C
 from sae_ref.io import _atomic
 
+#: Below this relative spread of ||z|| ((q95 - q05) / median) the ZF figure shows
+#: ||f~|| / ||z|| per SAE instead of the scatter (:func:`sae_ref.zf_plots.plot_zf_ratio`).
+ZF_CONSTANT_SPREAD = 0.05
 #: Parameter grids of the pruning sweeps; ``global_threshold`` is given as quantiles of the
 #: reference activations (turned into values once, from the frozen reference).
 PRUNE_GRID = {
@@ -372,6 +380,9 @@ def build_report(runs, store, out, *, config: ReportConfig = ReportConfig(), ech
              + (f"  pruned ({row['pruning']['best']['nmse']['best']} best by NMSE)" if row["pruning"] else "")
              + f"  [{time.perf_counter() - t:.0f} s]")
     front = frontier(rows)
+    from sae_ref.findings import findings
+
+    checks = findings(rows, front)
     out = Path(out)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     figures = _figures(out / "figures", rows, front)
@@ -383,7 +394,7 @@ def build_report(runs, store, out, *, config: ReportConfig = ReportConfig(), ech
                "frontier": {**{k: v for k, v in front.items() if k != "fits"},
                             "fits": {f: {m: fit.as_dict() for m, fit in fs.items()}
                                      for f, fs in front["fits"].items()}},
-               "figures": figures, "seconds": time.perf_counter() - t0}
+               "figures": figures, "zf_view": zf_view(rows), "findings": checks, "seconds": time.perf_counter() - t0}
     _atomic.atomic_write_bytes(out / "results.json", json.dumps(results, indent=2, default=_json).encode())
     from sae_ref.report_page import markdown
 
@@ -399,6 +410,17 @@ def _json(v):
     raise TypeError(f"not JSON-serialisable: {type(v).__name__}")
 
 
+def zf_view(rows) -> dict:
+    """Which ZF figure the report draws: ``{"view": "ratio" | "scatter", "z_spread": s, "space"}``,
+    the ratio view when the relative spread of ||z|| over all tokens is below
+    :data:`ZF_CONSTANT_SPREAD`."""
+    from sae_ref.zf_plots import z_norm_spread
+
+    spread = z_norm_spread({r["label"]: r["_zf"] for r in rows})
+    return {"view": "ratio" if spread < ZF_CONSTANT_SPREAD else "scatter", "z_spread": spread,
+            "space": sorted({r["_zf"].space for r in rows}), "d": int(rows[0]["_metrics"].d)}
+
+
 def _figures(d: Path, rows, front) -> dict:
     """Draw every figure into ``d`` (nothing without matplotlib); names relative to the page."""
     from sae_ref.zf_plots import have_matplotlib
@@ -407,11 +429,17 @@ def _figures(d: Path, rows, front) -> dict:
         return {}
     from sae_ref import frontier_plots as FP
     from sae_ref.metrics import plot_log_density
-    from sae_ref.zf_plots import plot_zf, plot_zf_violins
+    from sae_ref.zf_plots import plot_zf, plot_zf_ratio, plot_zf_violins
 
     figs = {}
     zf = {r["label"]: r["_zf"] for r in rows}
-    plot_zf(zf, path=d / "zf.png", title="||z|| against ||f~|| (held-out tokens)")
+    if zf_view(rows)["view"] == "ratio":  # ||z|| one value (standardised inputs): show what varies
+        plot_zf_ratio(zf, groups={r["label"]: r["family"] for r in rows}, path=d / "zf.png",
+                      title=r"$\|\tilde f\| / \|z\|$ per held-out token (" + zf[rows[0]["label"]].space + " space)")
+        plot_zf(zf, path=d / "zf_scatter.png", title="||z|| against ||f~|| (held-out tokens)")
+        figs["zf_scatter"] = "figures/zf_scatter.png"
+    else:
+        plot_zf(zf, path=d / "zf.png", title="||z|| against ||f~|| (held-out tokens)")
     plot_zf_violins({r["label"]: r["_zf"] for r in rows}, xlabel="SAE", path=d / "zf_violins.png")
     figs["zf"], figs["zf_violins"] = "figures/zf.png", "figures/zf_violins.png"
     fams: dict[str, tuple[list, list]] = {}

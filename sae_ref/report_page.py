@@ -98,7 +98,27 @@ def _zf(results) -> list[str]:
            f"times h − 1. Space: {results['runs'][0]['zf']['space']}."), ""]
     out += _table(["SAE", "ε(h−1)", "εLBO median", "εLBO q95", "under", "over", "outside c=0.5",
                    "outside c=1", "NMSE per token (mean)", "L0"], rows)
-    return out + _fig(results, "zf", "ZF plot") + _fig(results, "zf_violins", "ZF violins")
+    return out + _zf_caption(results) + _fig(results, "zf", "ZF plot") + _fig(results, "zf_violins", "ZF violins")
+
+
+def _zf_caption(results) -> list[str]:
+    v = results.get("zf_view")
+    if not v:
+        return []
+    space = "/".join(v["space"])
+    if v["view"] == "ratio":
+        d = v.get("d")
+        return ["", (f"The figure: ‖f̃‖/‖z‖ per token, one violin per SAE (median, 5–95% bar), "
+                f"against 1 and the band limits 1/√(1 ± c). Why not ‖z‖ against ‖f̃‖: z lives in "
+                f"the {space} space, where each token is centred and scaled to unit std, so every "
+                f"‖z‖ is √(d − 1)" + (f" = {math.sqrt(d - 1):.2f} (d = {d})" if d else "")
+                + f" up to the 1e-5 in the std (relative spread {v['z_spread']:.1e}); the scatter "
+                "is one column there and its points overlap. Dividing by ‖z‖ keeps everything "
+                "that varies: a token is inside band c exactly when its ratio is between the "
+                "limits, and under-activated when it is below 1 (the share written at the top)."
+                + (" The scatter itself: `figures/zf_scatter.png`." if "zf_scatter" in results["figures"] else ""))]
+    return ["", f"The figure: ‖z‖ against ‖f̃‖ per token in the {space} space, with y = x and the bands."]
+
 
 
 def _pruning(results) -> list[str]:
@@ -143,6 +163,50 @@ def _frontier(results) -> list[str]:
     return out + _fig(results, "hit_plane", "hit plane") + _fig(results, "l0_frontier", "L0 frontier")
 
 
+def _value_text(f) -> str:
+    """One line of a finding's numbers."""
+    def pct(v):
+        return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:+.1f}%"
+    parts = []
+    for v in f["values"]:
+        if "ratio" in v and "label" in v:
+            parts.append(f"{v['label']}: L0 {v['l0']:.2f}, {v['value']:.4g} vs {_f(v['reference'], '.4g')} "
+                         f"(ratio {_f(v['ratio'], '.3f')})")
+        elif "ratio" in v:
+            parts.append(f"x½ ratio {v['ratio']:.3f} ± {_f(v['stderr'], '.2g')} (y = {v['y']})")
+        elif "off" in v:
+            parts.append(f"{v['label']}: L0 {v['l0']:.2f} for k = {v['k']} ({pct(v['off'])}, θ {v['used']}; "
+                         f"running θ {pct(v['off_running'])})")
+        elif "l0_std" in v:
+            parts.append(f"{v['label']}: std {_f(v['l0_std'], '.2f')}, q05–q95 {v['q05']}–{v['q95']}")
+        elif "best" in v:
+            parts.append(f"{v['label']}: {v['best']} (L0 {v['l0_range'][0]:.1f}–{v['l0_range'][1]:.1f})")
+        elif "inside_0.5" in v:
+            parts.append(f"{v['label']}: inside {100 * v['inside_0.5']:.0f}%, under {100 * v['under']:.0f}%, "
+                         f"median ratio {_f(v['ratio_q50'], '.3f')}")
+    return "; ".join(parts)
+
+
+def _findings(results) -> list[str]:
+    fs = results.get("findings")
+    if not fs:
+        return []
+    out = ["## The papers' claims, checked", "",
+           ("Each claim measured on the evaluated rows, with the rule that gives its verdict. Few, "
+            "short-trained SAEs on a small store decide little: read the numbers, not only the "
+            "verdicts."), ""]
+    out += _table(["claim", "source", "verdict"],
+                  [[f["claim"], f["source"], f"**{f['verdict']}**"] for f in fs])
+    out += [""]
+    for f in fs:
+        line = f"- *{f['claim']}* — {f['measure']}; {f['rule']}."
+        if f["reason"]:
+            line += f" {f['verdict'].capitalize()}: {f['reason']}."
+        vals = _value_text(f)
+        out += [line + (f" Measured: {vals}." if vals else "")]
+    return out
+
+
 def _heldout_note(results) -> str:
     unchecked = results.get("heldout_unchecked", [])
     if not unchecked:
@@ -160,5 +224,5 @@ def markdown(results: dict) -> str:
              (f"Store `{results['store']}`: held-out rows {lo:,}–{hi:,} ({hi - lo:,} tokens). "
              f"{len(results['runs'])} SAE(s); {results['seconds']:.0f} s."), "",
              _heldout_note(results), ""]
-    lines += _theta(results) + [""] + _metrics(results) + [""] + _zf(results) + [""] + _pruning(results) + [""] + _frontier(results)
+    lines += _findings(results) + [""] + _theta(results) + [""] + _metrics(results) + [""] + _zf(results) + [""] + _pruning(results) + [""] + _frontier(results)
     return "\n".join(lines) + "\n"

@@ -377,7 +377,8 @@ def zf_summary(points: ZFPoints, *, bands: Sequence[float] = BANDS,
     ``l0_mean``, ``frac_under`` (:math:`\|\tilde f\| < \|z\|`, below :math:`y = x`),
     ``frac_over`` (above) and ``frac_outside[str(c)]``, the fraction of tokens outside the
     band :math:`\|z\|/\sqrt{1+c} \le \|\tilde f\| \le \|z\|/\sqrt{1-c}` (no upper line when
-    :math:`c \ge 1`).
+    :math:`c \ge 1`), and ``ratio``, the distribution of :math:`\|\tilde f\|/\|z\|` (tokens
+    with :math:`z \ne 0`; below 1: under-activated).
     """
     op = "zf_summary"
     if not isinstance(points, ZFPoints):
@@ -397,6 +398,7 @@ def zf_summary(points: ZFPoints, *, bands: Sequence[float] = BANDS,
         "l0_mean": float(np.mean(points.l0)),
         "frac_under": float(np.mean(f < z)), "frac_over": float(np.mean(f > z)),
         "frac_outside": {str(c): float(np.mean(outside_band(z, f, c))) for c in bands},
+        "ratio": _describe(np.divide(f, z, out=np.full_like(f, np.nan), where=z > 0), quantiles),
     }
 
 

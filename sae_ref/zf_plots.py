@@ -166,6 +166,106 @@ def _band_lines(ax, bands, top, low, log):
             ax.plot(xs, xs / np.sqrt(1.0 - c), **style)
 
 
+# --- the ratio view ------------------------------------------------------------------------------
+def z_norm_spread(points) -> float:
+    r"""The relative spread of :math:`\|z\|` over every token of ``points`` (ZFPoints or a
+    mapping of them): :math:`(q_{95} - q_{05}) / q_{50}`. Near 0 (standardised inputs:
+    :math:`\|z\| = \sqrt{d-1}\,s/(s+10^{-5})` for every token) the ZF scatter is one column
+    and :func:`plot_zf_ratio` shows what varies."""
+    groups = _groups("z_norm_spread", points)
+    z = np.concatenate([p.z_norm for p in groups.values()])
+    z = z[np.isfinite(z)]
+    if z.size == 0:
+        return float("nan")
+    q05, q50, q95 = np.quantile(z, (0.05, 0.5, 0.95))
+    return float((q95 - q05) / q50) if q50 > 0 else float("nan")
+
+
+def zf_ratio(points: ZFPoints) -> np.ndarray:
+    r""":math:`\|\tilde f\| / \|z\|` per token (tokens with :math:`z = 0` left out); below 1:
+    under-activated; inside band c exactly when between :math:`1/\sqrt{1+c}` and
+    :math:`1/\sqrt{1-c}`."""
+    ok = (points.z_norm > 0) & np.isfinite(points.f_norm)
+    return points.f_norm[ok] / points.z_norm[ok]
+
+
+def plot_zf_ratio(points, *, bands: Sequence[float] = BANDS, groups: Mapping[str, str] | None = None,
+                  title: str | None = None, path=None, dpi: int = 150):
+    r"""The ZF plot's vertical axis relative to the horizontal one: per SAE, the distribution of
+    :math:`\|\tilde f\|/\|z\|` over its tokens (a violin with its median and 5–95% range),
+    against :math:`y = 1` and the band limits :math:`1/\sqrt{1 \pm c}`.
+
+    A token lies inside band c of the ZF plot exactly when its ratio lies between the two
+    limits, so this is the ZF plot with :math:`\|z\|` divided out: the view to use when
+    :math:`\|z\|` is (nearly) one value (:func:`z_norm_spread`). Each SAE's share of tokens
+    below 1 (under-activated) is written above its violin.
+
+    Parameters
+    ----------
+    points : ZFPoints or mapping {label: ZFPoints}
+        SAEs in the order drawn, left to right.
+    bands : levels :math:`c = \varepsilon(h-1)` of the limit lines.
+    groups : mapping {label: group}, optional
+        A colour per group (e.g. the training architecture); default one per SAE.
+    title, path, dpi : a title; where to save (format from the suffix) and its resolution.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    op = "plot_zf_ratio"
+    sets = _groups(op, points)
+    bands = [C.positive_number(op, f"bands[{i}]", c) for i, c in enumerate(bands)]
+    if groups is not None and not isinstance(groups, Mapping):
+        raise TypeError(f"{op}: argument 'groups' must be a mapping {{label: group}}, got {type(groups).__name__}")
+    names = list(sets)
+    fams = [str((groups or {}).get(n, n)) for n in names]
+    colour = {f: f"C{i}" for i, f in enumerate(dict.fromkeys(fams))}
+    fig, (ax,) = _figure(op, 1, (max(6.0, 0.8 * len(names) + 4.2), 4.6))
+    lo, hi = 1.0, 1.0
+    for i, (name, fam) in enumerate(zip(names, fams)):
+        r = zf_ratio(sets[name])
+        if r.size == 0:
+            continue
+        q = np.quantile(r, (0.005, 0.05, 0.5, 0.95, 0.995))
+        lo, hi = min(lo, q[0]), max(hi, q[-1])
+        parts = ax.violinplot([np.clip(r, q[0], q[-1])], positions=[i], widths=0.8, showextrema=False)
+        for body in parts["bodies"]:
+            body.set_facecolor(colour[fam])
+            body.set_edgecolor(colour[fam])
+            body.set_alpha(0.55)
+        ax.vlines(i, q[1], q[3], color="k", lw=1.0)
+        ax.hlines(q[2], i - 0.25, i + 0.25, color="k", lw=1.5)
+        ax.text(i, 0.985, f"{100 * float(np.mean(r < 1)):.0f}% < 1", transform=ax.get_xaxis_transform(),
+                ha="center", va="top", fontsize="x-small", color="0.2")
+    limits = [(c, 1 / np.sqrt(1 + c), 1 / np.sqrt(1 - c) if c < 1 else None) for c in bands]
+    span_lo = min([lo] + [a for _, a, _ in limits])
+    span_hi = max([hi] + [b for _, _, b in limits if b is not None and b < 2 * hi])
+    pad = 0.04 * (span_hi - span_lo)
+    ax.set_ylim(span_lo - pad, span_hi + 4 * pad)  # room for the shares at the top
+    ax.axhline(1.0, color="k", lw=1.0, label=r"$\|\tilde f\| = \|z\|$")
+    for j, (c, a, b) in enumerate(limits):
+        style = {"color": "0.35", "lw": 0.9, "ls": _BAND_STYLES[j % len(_BAND_STYLES)]}
+        ax.axhline(a, label=rf"$1/\sqrt{{1 \pm c}}$, $c = \varepsilon(h-1) = {c:g}$", **style)
+        if b is not None:
+            ax.axhline(b, **style)
+    ax.set_xticks(range(len(names)), names, rotation=30 if len(names) > 4 else 0, ha="right" if len(names) > 4 else "center")
+    ax.set_xlim(-0.6, len(names) - 0.4)
+    ax.set_ylabel(r"$\|\tilde f\| \,/\, \|z\|$ per token")
+    handles, labels = ax.get_legend_handles_labels()
+    if len(colour) < len(names):
+        from matplotlib.patches import Patch
+
+        handles += [Patch(color=c, alpha=0.55) for c in colour.values()]
+        labels += list(colour)
+    ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="x-small")
+    if title:
+        ax.set_title(title)
+    if path is not None:
+        save_figure(fig, path, dpi=dpi)
+    return fig
+
+
 # --- per-layer violins -----------------------------------------------------------------------------
 def _layers(op: str, groups) -> tuple[list[str], list[str], dict]:
     if not isinstance(groups, Mapping) or not groups:
@@ -266,5 +366,5 @@ def _violin(ax, values: np.ndarray, x: float, half: int | None):
     ax.hlines(float(np.median(values)), lo, hi, color="k", lw=1.2)
 
 
-__all__ = ["VIOLIN_METRICS", "have_matplotlib", "plot_zf", "plot_zf_violins", "save_figure",
-           "violin_values"]
+__all__ = ["VIOLIN_METRICS", "have_matplotlib", "plot_zf", "plot_zf_ratio", "plot_zf_violins",
+           "save_figure", "violin_values", "z_norm_spread", "zf_ratio"]
