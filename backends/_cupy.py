@@ -120,11 +120,13 @@ class CupyBackend(StandardBackend):
         import cupyx
 
         with cp.cuda.Device(device):
-            host = cupyx.empty_pinned(a.shape, dtype=dtype)
+            host = cupyx.empty_pinned(a.shape, dtype=a.dtype)  # the store's dtype
             host[...] = a
             side = _COPY_STREAMS.setdefault(cp.cuda.Device().id, cp.cuda.Stream(non_blocking=True))
-            out = cp.empty(a.shape, dtype=dtype)
-            out.set(host, stream=side)
+            raw = cp.empty(a.shape, dtype=a.dtype)
+            raw.set(host, stream=side)
+            with side:
+                out = raw.astype(dtype, copy=False)  # converted on the device
             done = side.record()
         return out, (done, host)  # the pinned buffer lives until the copy is done
 

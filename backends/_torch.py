@@ -313,8 +313,8 @@ class TorchBackend(StandardBackend):
         if getattr(device, "type", None) == "cuda":
             # through page-locked memory, queued after the step like a kernel: a copy from
             # pageable memory would hold the host until the step had run
-            host = torch.from_numpy(np.ascontiguousarray(a)).to(dtype)
-            return host.pin_memory().to(device, non_blocking=True)
+            host = torch.from_numpy(np.ascontiguousarray(a)).pin_memory()
+            return host.to(device, non_blocking=True).to(dtype)  # converted on the device
         return super().from_host(xp, a, dtype=dtype, device=device)
 
     def from_host_async(self, xp, a, *, dtype, device):
@@ -322,10 +322,10 @@ class TorchBackend(StandardBackend):
             return self.from_host(xp, a, dtype=dtype, device=device), None
         # page-locked host memory, copied on a side stream: the copy overlaps the step that
         # the compute stream is running (a thread may call this)
-        host = torch.from_numpy(np.ascontiguousarray(a)).to(dtype).pin_memory()
+        host = torch.from_numpy(np.ascontiguousarray(a)).pin_memory()  # the store's dtype
         side = _copy_stream(device)
         with torch.cuda.stream(side):
-            out = host.to(device, non_blocking=True)
+            out = host.to(device, non_blocking=True).to(dtype)  # converted on the device
             done = torch.cuda.Event()
             done.record(side)
         return out, done
