@@ -102,7 +102,9 @@ class BatchStream:
         The source as named in error messages, e.g. ``"ActivationStore('acts')"``.
     make : callable
         ``make(i) -> (batch, info)``: batch ``i`` as a 2-D NumPy array (a fresh array, never a
-        view of a file) and anything ``describe`` needs to locate a bad row.
+        view of a file) and anything ``describe`` needs to locate a bad row. A source that
+        draws its batches on the device returns them as arrays of ``xp`` on ``device``, in
+        ``dtype``: those are delivered as they are (finite by construction, not checked).
     describe : callable
         ``describe(batch, info) -> str``: where the first non-finite value of a batch came
         from (file, row), appended to the error message.
@@ -157,6 +159,8 @@ class BatchStream:
         """Batch ``i`` made and checked on the host: ``(i, array, ready, where)`` with ``where``
         None for a finite batch (the array then on the backend), else the bad row's place."""
         batch, info = self._make(i)
+        if not isinstance(batch, np.ndarray):  # made on the device, finite by construction
+            return i, batch, None, None
         if finite(batch):
             from sae_ref.backends import get_backend
 

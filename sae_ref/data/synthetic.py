@@ -18,6 +18,7 @@ should find decoder rows close to the atoms; :func:`mean_max_cosine` measures ho
 from __future__ import annotations
 
 import numpy as np
+from array_api_compat import array_namespace, is_cupy_namespace, is_torch_namespace
 
 from sae_ref.arrays import to_numpy
 from sae_ref.data.stream import BatchStream, check_int
@@ -25,7 +26,9 @@ from sae_ref.data.stream import BatchStream, check_int
 #: Distributions of an active feature's magnitude: Exp(1), U(0, 1], or always 1.
 MAGNITUDES = ("exponential", "uniform", "constant")
 
-_STREAM, _SAMPLE = 1, 2  # the streams' and sample()'s draws never share a seed sequence
+_STREAM, _SAMPLE, _DEVICE = 1, 2, 3  # the streams' and sample()'s draws never share a seed sequence
+#: Where a stream draws its batches: NumPy on the host, or the backend's generator.
+RNGS = ("host", "device")
 
 
 class SyntheticSource:
@@ -112,6 +115,39 @@ class SyntheticSource:
             term *= mags[sel, None]
             x[rows[sel]] += term
 
+    def _device_batch(self, xp, atoms, n: int, key, dtype, device):
+        """A batch of ``n`` rows drawn on ``device`` with the backend's generator, with shapes
+        known in advance (no host read): uniforms ``u`` of shape [n, n_features] choose the
+        active features (``u < k / n_features``, independent Bernoulli draws as on the host);
+        up to ``cap`` of them are listed in index order (``cap`` = the expected number plus
+        ten standard deviations and 16: the chance of more is below 1e-20), their magnitudes
+        come from a second draw, and the batch is their sparse product with the atoms (the
+        backend's ``spmm``), plus the noise from a third draw."""
+        from sae_ref.backends import get_backend
+
+        be = get_backend(xp)
+        nf = self.n_features
+        s1, s2, s3 = (int(v) for v in np.random.SeedSequence(key).generate_state(3))
+        u = be.uniform(xp, s1, (n, nf), low=0.0, high=1.0, dtype=xp.float32, device=device)
+        mean = n * self.k
+        cap = min(n * nf, int(mean + 10 * np.sqrt(mean) + 16))
+        idx = be.compact(u < self.k / nf, cap)  # padded with n * nf past the actives
+        del u
+        valid = idx < n * nf
+        idx = xp.where(valid, idx, xp.zeros_like(idx))
+        m = be.uniform(xp, s2, (cap,), low=0.0, high=1.0, dtype=dtype, device=device)
+        if self.magnitude == "exponential":
+            m = -xp.log1p(-m)
+        elif self.magnitude == "uniform":
+            m = 1.0 - m  # in (0, 1]
+        else:
+            m = xp.ones_like(m)
+        m = xp.where(valid, m, xp.zeros_like(m))
+        x = be.spmm(idx // nf, idx % nf, m, atoms, n)
+        if self.noise:
+            x = x + self.noise * be.normal(xp, s3, (n, self.d), dtype=dtype, device=device)
+        return x
+
     def sample(self, n: int, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """``n`` samples and their codes: ``(x [n, d], codes [n, n_features])``, NumPy float64.
 
@@ -125,12 +161,19 @@ class SyntheticSource:
         return x, codes.reshape(n, self.n_features)
 
     def stream(self, batch_size: int, *, seed: int = 0, position: int = 0, xp=None, device=None,
-               dtype=None, nonfinite: str = "raise", rows=None) -> BatchStream:
+               dtype=None, nonfinite: str = "raise", rows=None, rng: str | None = None) -> BatchStream:
         """Endless batches; batch ``i`` is drawn from ``default_rng([source seed, 1, seed, i])``.
 
         Any position is reproducible without replaying earlier batches; a stream with another
         ``seed`` is independent (held-out data). ``rows`` must be None: a synthetic source
         has no finite row range. See :class:`~sae_ref.data.stream.BatchStream` for the rest.
+
+        ``rng``: ``"host"`` draws each batch with NumPy on the host (the same numbers on every
+        backend); ``"device"`` draws it on the backend's device with its own generator
+        (:meth:`_device_batch`), so a GPU trains at the speed of its step. The device stream is
+        another sequence of batches (the same distribution), still a pure function of
+        ``(seed, position)`` on one backend and device. Default: ``"device"`` on a GPU (torch
+        CUDA, CuPy), ``"host"`` elsewhere.
         """
         op = "SyntheticSource.stream"
         B = check_int(op, "batch_size", batch_size, 1)
@@ -139,14 +182,37 @@ class SyntheticSource:
             raise ValueError(f"{op}: argument 'rows' must be None, got {rows!r} (a synthetic "
                              f"source has no finite row range; use another seed for held-out "
                              f"data)")
+        if rng is None:
+            rng = "device" if _on_gpu(xp, device) else "host"
+        if rng not in RNGS:
+            raise ValueError(f"{op}: argument 'rng' must be one of {list(RNGS)}, got {rng!r}")
 
         def make(i):
             return self._draw(np.random.default_rng([self.seed, _STREAM, seed, i]), B)[0], None
+
+        if rng == "device":
+            from sae_ref.data.stream import resolve_dtype
+
+            xp = array_namespace(np.zeros(0)) if xp is None else xp
+            dt = resolve_dtype(op, xp, dtype)
+            atoms = xp.asarray(self.atoms, dtype=dt, device=device)
+
+            def make(i):  # noqa: F811
+                return self._device_batch(xp, atoms, B, [self.seed, _DEVICE, seed, i], dt, device), None
 
         s = BatchStream(repr(self), make, lambda batch, info: "", position=position, xp=xp,
                         device=device, dtype=dtype, nonfinite=nonfinite)
         s.batch_size, s.seed = B, seed
         return s
+
+
+def _on_gpu(xp, device) -> bool:
+    """Whether a stream to ``xp`` on ``device`` delivers GPU arrays (torch CUDA, CuPy)."""
+    if xp is None:
+        return False
+    if is_cupy_namespace(xp):
+        return True
+    return is_torch_namespace(xp) and getattr(device, "type", str(device or "cpu")).startswith("cuda")
 
 
 def mean_max_cosine(W_dec, atoms) -> float:
