@@ -181,3 +181,39 @@ def test_synthetic_streams_draw_on_the_device_by_default_only_on_a_gpu(backend):
     np.testing.assert_array_equal(got, on_device if backend.name in ("torch-cuda", "cupy") else host)
     with pytest.raises(ValueError, match="'rng'"):
         src.stream(8, rng="gpu")
+
+
+# --- shuffling on the device -----------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_batches_gathered_on_the_device_equal_the_host_gathered_batches(tmp_path, backend, dtype):
+    """Invariant: with each shuffling buffer moved once and every batch gathered on the
+    device (``gather="device"``), the stream delivers the host-gathered batches bit for bit,
+    in the training dtype, across buffers and epochs, and from any position."""
+    x = np.random.default_rng(2).standard_normal((300, 5)).astype(dtype)
+    store = write_store(tmp_path / "s", x, shard_rows=70)
+    kw = dict(seed=4, xp=backend.xp, device=backend.device, chunk_rows=16, buffer_chunks=3)
+    host = store.stream(24, gather="host", **kw)
+    dev = store.stream(24, gather="device", **kw)
+    for _ in range(30):  # 720 rows: several buffers and epochs, batches straddling them
+        a, b = next(dev), next(host)
+        assert a.dtype == backend.xp.float32
+        np.testing.assert_array_equal(to_numpy(a), to_numpy(b))
+    late = store.stream(24, gather="device", position=17, **kw)
+    again = store.stream(24, gather="host", position=17, **kw)
+    np.testing.assert_array_equal(to_numpy(next(late)), to_numpy(next(again)))
+
+
+@pytest.mark.parametrize("nonfinite", ["raise", "skip"])
+def test_device_gathered_stream_finds_nan_rows_like_the_host_gathered_one(tmp_path, backend, nonfinite):
+    """Invariant: a NaN row is found from the buffer's rows (checked once on the host) and
+    raises the same message naming the shard and row, or is skipped at the same positions,
+    as with host gathering."""
+    store = _nan_store(tmp_path)
+    kw = dict(seed=3, xp=backend.xp, device=backend.device, nonfinite=nonfinite)
+    want = _batches(store.stream(32, gather="host", **kw), 8)
+    got = _batches(store.stream(32, gather="device", **kw), 8)
+    for w, g in zip(want, got):
+        if isinstance(w, str):
+            assert g == w
+        else:
+            np.testing.assert_array_equal(g, w)

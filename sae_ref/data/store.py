@@ -43,8 +43,9 @@ import os
 from collections import OrderedDict
 
 import numpy as np
+from array_api_compat import array_namespace
 
-from sae_ref.data.stream import BatchStream, check_int
+from sae_ref.data.stream import BatchStream, check_int, finite_rows, on_gpu, resolve_dtype
 from sae_ref.io import _atomic
 
 #: The manifest's file name inside a store directory.
@@ -547,7 +548,8 @@ class ActivationStore:
 
     def stream(self, batch_size: int, *, seed: int = 0, position: int = 0, xp=None, device=None,
                dtype=None, nonfinite: str = "raise", rows: tuple[int, int] | None = None,
-               chunk_rows: int = 1024, buffer_chunks: int = 64) -> BatchStream:
+               chunk_rows: int = 1024, buffer_chunks: int = 64,
+               gather: str | None = None) -> BatchStream:
         """Shuffled batches of ``batch_size`` rows, endlessly, a pure function of (seed, position).
 
         The rows (all, or ``rows=(start, stop)``) are cut into chunks of ``chunk_rows``
@@ -564,6 +566,13 @@ class ActivationStore:
         uninterrupted stream. See :class:`~sae_ref.data.stream.BatchStream` for ``xp``,
         ``device``, ``dtype`` and ``nonfinite``; a non-finite batch's error names the shard
         file and row.
+
+        ``gather``: where a batch's rows are gathered from its buffer. ``"host"`` gathers them
+        in NumPy and moves the batch; ``"device"`` moves each buffer to the device once
+        (converted there to ``dtype``) and gathers every batch on the device with the
+        buffer's permutation indices, so only the indices cross per batch. The batches are the
+        same; NaN/inf is found from the buffer's rows, checked once on the host. Default:
+        ``"device"`` on a GPU (torch CUDA, CuPy), ``"host"`` elsewhere.
         """
         op = f"{self._op}.stream"
         B = check_int(op, "batch_size", batch_size, 1)
@@ -572,7 +581,16 @@ class ActivationStore:
         buffer_chunks = check_int(op, "buffer_chunks", buffer_chunks, 1)
         start, stop = self._row_range(op, rows)
         order = _ShuffleOrder(self, start, stop, seed, chunk_rows, buffer_chunks)
-        s = BatchStream(self._op, lambda i: order.batch(i, B), self._where, position=position,
+        if gather is None:
+            gather = "device" if on_gpu(xp, device) else "host"
+        if gather not in ("host", "device"):
+            raise ValueError(f"{op}: argument 'gather' must be 'host' or 'device', got {gather!r}")
+        make = lambda i: order.batch(i, B)  # noqa: E731
+        if gather == "device":
+            xp_ = array_namespace(np.zeros(0)) if xp is None else xp
+            target = (xp_, resolve_dtype(op, xp_, dtype), device)
+            make = lambda i: order.batch_on_device(i, B, target)  # noqa: E731
+        s = BatchStream(self._op, make, self._where, position=position,
                         xp=xp, device=device, dtype=dtype, nonfinite=nonfinite,
                         max_skips=-(-(stop - start) // B) + 1)
         s.batch_size, s.seed, s.rows = B, seed, (start, stop)
@@ -613,6 +631,7 @@ class _ShuffleOrder:
         self.n_chunks = -(-self.n // chunk_rows)
         self._epoch = None  # (e, chunk order, buffer start offsets)
         self._buffer = None  # (e, j, rows in file order, their store rows, permutation)
+        self._device = None  # (e, j, the buffer on the device, its rows' finite flags)
 
     def _layout(self, e: int):
         if self._epoch is None or self._epoch[0] != e:
@@ -641,6 +660,51 @@ class _ShuffleOrder:
             perm = np.random.default_rng([self.seed, e, j]).permutation(size)
             self._buffer = (e, j, data, gidx, perm)
         return self._buffer
+
+    def _segments(self, i: int, B: int):
+        """Batch ``i`` as pieces ``(e, j, sel)``: rows ``sel`` of buffer ``j`` of epoch ``e``."""
+        g, filled = i * B, 0
+        while filled < B:
+            e, o = divmod(g, self.n)
+            starts = self._layout(e)[2]
+            j = int(np.searchsorted(starts, o, side="right")) - 1
+            perm = self._load(e, j)[4]
+            a = o - int(starts[j])
+            take = min(B - filled, len(perm) - a)
+            yield e, j, perm[a:a + take]
+            filled, g = filled + take, g + take
+
+    def _on_device(self, e: int, j: int, target):
+        """Buffer ``j`` of epoch ``e`` on the device, converted there, and its rows' finite
+        flags (host): moved once, gathered by every batch that reads it."""
+        if self._device is None or self._device[:2] != (e, j):
+            from sae_ref.backends import get_backend
+
+            xp, dtype, device = target
+            data = self._load(e, j)[2]
+            be = get_backend(xp)
+            buf, ready = be.from_host_async(xp, data, dtype=dtype, device=device)
+            be.wait_ready(buf, ready)
+            self._device = (e, j, buf, finite_rows(data))
+        return self._device
+
+    def batch_on_device(self, i: int, B: int, target):
+        """Batch ``i`` gathered on the device from its buffers (see ``gather`` of
+        :meth:`ActivationStore.stream`); a batch with a NaN/inf row is made on the host
+        instead, for the stream's check to find and name it."""
+        from sae_ref.backends import get_backend
+
+        xp, _, device = target
+        be = get_backend(xp)
+        parts = []
+        for e, j, sel in self._segments(i, B):
+            _, _, buf, ok = self._on_device(e, j, target)
+            if not ok[sel].all():
+                return self.batch(i, B)
+            idx, ready = be.from_host_async(xp, sel, dtype=xp.int64, device=device)
+            be.wait_ready(idx, ready)
+            parts.append(xp.take(buf, idx, axis=0))
+        return (parts[0] if len(parts) == 1 else xp.concat(parts)), None
 
     def batch(self, i: int, B: int) -> tuple[np.ndarray, np.ndarray]:
         out = np.empty((B, self.store.d), dtype=self.store.dtype)

@@ -66,6 +66,25 @@ def finite(batch: np.ndarray) -> bool:
     return bool(np.isfinite(batch.min()) and np.isfinite(batch.max()))
 
 
+def finite_rows(data: np.ndarray) -> np.ndarray:
+    """Per row of the 2-D host array, whether all its values are finite (float16 by its
+    exponent bits, as :func:`finite`)."""
+    if data.dtype == np.float16:
+        return (np.bitwise_and(data.view(np.uint16), 0x7C00) != 0x7C00).all(axis=1)
+    return np.isfinite(data).all(axis=1)
+
+
+def on_gpu(xp, device) -> bool:
+    """Whether a stream to ``xp`` on ``device`` delivers GPU arrays (torch CUDA, CuPy)."""
+    from array_api_compat import is_cupy_namespace, is_torch_namespace
+
+    if xp is None:
+        return False
+    if is_cupy_namespace(xp):
+        return True
+    return is_torch_namespace(xp) and getattr(device, "type", str(device or "cpu")).startswith("cuda")
+
+
 def check_int(op: str, name: str, value, low: int) -> int:
     """``value`` as a Python int, checked to be an integer ``>= low``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):

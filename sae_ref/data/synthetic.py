@@ -18,10 +18,10 @@ should find decoder rows close to the atoms; :func:`mean_max_cosine` measures ho
 from __future__ import annotations
 
 import numpy as np
-from array_api_compat import array_namespace, is_cupy_namespace, is_torch_namespace
+from array_api_compat import array_namespace
 
 from sae_ref.arrays import to_numpy
-from sae_ref.data.stream import BatchStream, check_int
+from sae_ref.data.stream import BatchStream, check_int, on_gpu
 
 #: Distributions of an active feature's magnitude: Exp(1), U(0, 1], or always 1.
 MAGNITUDES = ("exponential", "uniform", "constant")
@@ -183,7 +183,7 @@ class SyntheticSource:
                              f"source has no finite row range; use another seed for held-out "
                              f"data)")
         if rng is None:
-            rng = "device" if _on_gpu(xp, device) else "host"
+            rng = "device" if on_gpu(xp, device) else "host"
         if rng not in RNGS:
             raise ValueError(f"{op}: argument 'rng' must be one of {list(RNGS)}, got {rng!r}")
 
@@ -204,15 +204,6 @@ class SyntheticSource:
                         device=device, dtype=dtype, nonfinite=nonfinite)
         s.batch_size, s.seed = B, seed
         return s
-
-
-def _on_gpu(xp, device) -> bool:
-    """Whether a stream to ``xp`` on ``device`` delivers GPU arrays (torch CUDA, CuPy)."""
-    if xp is None:
-        return False
-    if is_cupy_namespace(xp):
-        return True
-    return is_torch_namespace(xp) and getattr(device, "type", str(device or "cpu")).startswith("cuda")
 
 
 def mean_max_cosine(W_dec, atoms) -> float:
