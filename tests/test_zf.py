@@ -538,3 +538,39 @@ def test_plot_errors_name_the_argument(backend, tmp_path):
     with pytest.raises(ValueError, match="'path'"):
         save_figure(fig, tmp_path / "zf.xyz")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_zf_ratio_view_draws_each_sae_at_its_own_position_against_the_band_limits(tmp_path):
+    """The ratio view: one violin per SAE at positions 0..n-1, its median line at the median of
+    ||f~||/||z||, horizontal lines at 1 and 1/sqrt(1 +- c) (no upper one for c >= 1), each SAE's
+    share below 1 written above it, one colour per group; z_norm_spread is ~0 for standardised
+    inputs and not for raw ones."""
+    pytest.importorskip("matplotlib")
+    from sae_ref.zf_plots import plot_zf_ratio, z_norm_spread, zf_ratio
+
+    rng = np.random.default_rng(2)
+    p = _params_np(rng, 8, 24)
+    x = rng.standard_normal((200, 8)) * rng.uniform(0.5, 3.0, size=(200, 1))
+    params = SAEParams(**{k: v for k, v in p.items() if k != "theta"})
+    pts = {f"s{i}": zf_points(params, SAEConfig("topk", k=k, standardize=True), x) for i, k in enumerate((1, 3, 6))}
+    raw = zf_points(params, SAEConfig("topk", k=3), x)
+    assert z_norm_spread(pts) < 1e-3 < 0.2 < z_norm_spread(raw)
+    fig = plot_zf_ratio(pts, groups={"s0": "a", "s1": "a", "s2": "b"}, path=tmp_path / "r.png")
+    ax = fig.axes[0]
+    levels = sorted(round(float(line.get_ydata()[0]), 12) for line in ax.get_lines()
+                    if len(set(line.get_ydata())) == 1 and line.get_xdata()[0] == 0 and line.get_xdata()[1] == 1)
+    want = sorted(round(v, 12) for v in [1.0] + [1 / np.sqrt(1 + c) for c in BANDS] + [1 / np.sqrt(1 - c) for c in BANDS if c < 1])
+    assert levels == want
+    bodies = [c for c in ax.collections if c.get_paths() and len(c.get_paths()[0].vertices) > 10]
+    assert len(bodies) == 3
+    for i, body in enumerate(bodies):
+        xs = body.get_paths()[0].vertices[:, 0]
+        assert abs(xs.mean() - i) < 0.2
+    assert bodies[0].get_facecolor()[0].tolist() == bodies[1].get_facecolor()[0].tolist() != bodies[2].get_facecolor()[0].tolist()
+    medians = sorted(float(np.median(zf_ratio(v))) for v in pts.values())
+    drawn = sorted(float(seg[0][1]) for c in ax.collections if c not in bodies for seg in c.get_segments()
+                   if abs(seg[0][1] - seg[1][1]) < 1e-15 and abs(seg[1][0] - seg[0][0] - 0.5) < 1e-9)
+    assert_close(drawn, medians, rtol=1e-12)
+    shares = [t.get_text() for t in ax.texts]
+    assert shares == [f"{100 * float(np.mean(zf_ratio(v) < 1)):.0f}% < 1" for v in pts.values()]
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
