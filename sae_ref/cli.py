@@ -248,6 +248,10 @@ def _train(args, parser) -> int:
         if "theta" in h:
             line += f" with theta {h['theta']:.4g} ({h['theta_estimator']}) vs k = {config.k}"
         print(line)
+    cal = s.get("theta_calibration") or {}
+    if "theta" in cal:
+        print(f"theta of the final weights {cal['theta']:.4g}: held-out L0 {cal['l0_calibrated']:.2f} "
+              f"vs k = {config.k} on rows calibration did not use (the threshold in sae/: {cal['export']})")
     if hasattr(source, "atoms"):
         from sae_ref.arrays import to_numpy
         from sae_ref.data.synthetic import mean_max_cosine
@@ -392,7 +396,8 @@ def _calibrate(args, parser) -> int:
                          rows=rows, k=args.k, export=args.export_theta, write=not args.dry_run,
                          backend=args.backend, device=args.device)
     run = rec["theta_running"]
-    print(f"theta (final weights) {rec['theta']:.6g} ± {rec['stderr']:.2g} from {rec['batches']} batches "
+    se = "–" if rec["stderr"] is None else f"{rec['stderr']:.2g}"
+    print(f"theta (final weights) {rec['theta']:.6g} ± {se} from {rec['batches']} batches "
           f"of {rec['batch_size']} (rows {rec['calibration_rows'][0]}–{rec['calibration_rows'][1]}); "
           f"held-out L0 {rec['l0_calibrated']:.2f} for k = {rec['k']}"
           + (f"; running estimate {run:.6g}: L0 {rec['l0_running']:.2f}" if run is not None else "")
