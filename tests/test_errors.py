@@ -92,7 +92,7 @@ def other_device(backend, a: np.ndarray):
     if backend.name.startswith("torch"):
         import torch
 
-        dev = "meta" if backend.name == "torch" else "cpu"
+        dev = "meta" if backend.name in ("torch", "torch-gpu-path") else "cpu"
         return torch.asarray(a, device=dev)
     pytest.skip(f"{backend.name} has a single device here")
 
@@ -780,7 +780,7 @@ def test_two_libraries_message(backend):
 
 @pytest.mark.parametrize("i", range(len(CASE_IDS)), ids=CASE_IDS)
 def test_arrays_on_two_devices(backend, i):
-    if backend.name not in ("strict", "torch"):
+    if backend.name not in ("strict", "torch", "torch-gpu-path"):
         pytest.skip(f"{backend.name}: one device")
     op, arg, call = _mixed_cases(backend, lambda a: other_device(backend, a))[i]
     with pytest.raises(ValueError, match=rf"^{op}\b.*one device.*'{arg}'"):
