@@ -246,7 +246,8 @@ def plot_zf_ratio(points, *, bands: Sequence[float] = BANDS, groups: Mapping[str
     ax.axhline(1.0, color="k", lw=1.0, label=r"$\|\tilde f\| = \|z\|$")
     for j, (c, a, b) in enumerate(limits):
         style = {"color": "0.35", "lw": 0.9, "ls": _BAND_STYLES[j % len(_BAND_STYLES)]}
-        ax.axhline(a, label=rf"$1/\sqrt{{1 \pm c}}$, $c = \varepsilon(h-1) = {c:g}$", **style)
+        sign = r"\pm" if c < 1 else "+"  # no upper limit for c >= 1
+        ax.axhline(a, label=rf"$1/\sqrt{{1 {sign} c}}$, $c = \varepsilon(h-1) = {c:g}$", **style)
         if b is not None:
             ax.axhline(b, **style)
     ax.set_xticks(range(len(names)), names, rotation=30 if len(names) > 4 else 0, ha="right" if len(names) > 4 else "center")
