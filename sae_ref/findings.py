@@ -1,8 +1,9 @@
 r"""The papers' claims, checked on a report's SAEs.
 
 Each check turns one published claim into a measurement on the evaluated rows and a verdict
-by a stated rule: ``"supported"``, ``"contradicted"``, ``"mixed"`` (some SAEs one way, some the
-other) or ``"not checked"`` (the report lacks what the check needs, with the reason). Small
+by a stated rule: ``"reproduced"``, ``"not reproduced"`` or ``"not decidable"`` (some SAEs one
+way and some the other, a difference within its error, or the report lacks what the check
+needs: the reason says which). Small
 runs on small data decide little: the page prints the numbers beside each verdict.
 
 Comparisons at matched sparsity interpolate the reference family's metric at the other
@@ -25,7 +26,7 @@ import math
 import numpy as np
 
 #: Verdicts a check can give.
-VERDICTS = ("supported", "contradicted", "mixed", "not checked")
+VERDICTS = ("reproduced", "not reproduced", "not decidable")
 #: BatchTopK's inference L0 counts as "k" within this relative tolerance.
 L0_TOLERANCE = 0.03
 #: AFA: a SAE's tokens are "near y = x" when at least this share lies inside band c = 0.5.
@@ -53,12 +54,12 @@ def interpolate_at_l0(l0, y, at):
 
 def _verdict(flags: list[bool], empty_reason: str) -> tuple[str, str | None]:
     if not flags:
-        return "not checked", empty_reason
+        return "not decidable", empty_reason
     if all(flags):
-        return "supported", None
+        return "reproduced", None
     if not any(flags):
-        return "contradicted", None
-    return "mixed", None
+        return "not reproduced", None
+    return "not decidable", "some SAEs agree with the claim and some do not"
 
 
 def _families(rows) -> dict[str, list[dict]]:
@@ -107,7 +108,7 @@ def check_matched(rows, metric: str) -> dict:
     return _finding(f"BatchTopK has a lower {what} than TopK at the same mean L0",
                     "Bussmann et al. 2024 (BatchTopK)",
                     f"{what} of each BatchTopK SAE / TopK's {what} interpolated (log–log) at its L0",
-                    verdict, reason, pts, "supported if every ratio < 1, contradicted if every ratio > 1")
+                    verdict, reason, pts, "reproduced if every ratio < 1, not reproduced if every ratio > 1")
 
 
 def check_theta_l0(rows) -> dict:
@@ -126,7 +127,7 @@ def check_theta_l0(rows) -> dict:
     return _finding("BatchTopK's average L0 at inference is k (the threshold θ replaces the batch selection)",
                     "Bussmann et al. 2024 (BatchTopK)",
                     "held-out mean L0 / k − 1 with the θ the metrics use (and with the running estimate)",
-                    verdict, reason, pts, f"supported if every |L0/k − 1| ≤ {L0_TOLERANCE:.0%}")
+                    verdict, reason, pts, f"reproduced if every |L0/k − 1| ≤ {L0_TOLERANCE:.0%}")
 
 
 def check_variable_l0(rows) -> dict:
@@ -139,7 +140,27 @@ def check_variable_l0(rows) -> dict:
     verdict, reason = _verdict([p["l0_std"] > 0 and p["q95"] > p["q05"] for p in bt], "no BatchTopK SAE")
     return _finding("BatchTopK gives each sample its own number of latents (TopK: k for every sample)",
                     "Bussmann et al. 2024 (BatchTopK)", "per-token L0: std and q05–q95",
-                    verdict, reason, pts, "supported if every BatchTopK SAE's q05 < q95")
+                    verdict, reason, pts, "reproduced if every BatchTopK SAE's q05 < q95")
+
+
+def check_top_afa_l0(rows) -> dict:
+    """Lee et al.: top-AFA chooses each sample's number of latents (no k), while TopK keeps
+    exactly k for every sample."""
+    pts = [{"label": r["label"], "family": r["family"], "l0": r["metrics"]["l0_mean"],
+            "q05": r["metrics"].get("l0_q05"), "q95": r["metrics"].get("l0_q95")}
+           for r in rows if r["family"] in ("topk", "top-afa")]
+    afa = [p for p in pts if p["family"] == "top-afa" and p["q05"] is not None]
+    tk = [p for p in pts if p["family"] == "topk" and p["q05"] is not None]
+    if not afa or not tk:
+        return _finding("top-AFA's L0 varies per sample while TopK's does not",
+                        "Lee et al. 2025 (AFA)", "per-token L0: q05–q95", "not decidable",
+                        "needs a top-AFA and a TopK SAE in the report", pts,
+                        "reproduced if every top-AFA SAE has q05 < q95 and every TopK SAE q05 = q95")
+    flags = [p["q95"] > p["q05"] for p in afa] + [p["q95"] == p["q05"] for p in tk]
+    verdict, reason = _verdict(flags, "")
+    return _finding("top-AFA's L0 varies per sample while TopK's does not", "Lee et al. 2025 (AFA)",
+                    "per-token L0: q05–q95", verdict, reason, pts,
+                    "reproduced if every top-AFA SAE has q05 < q95 and every TopK SAE q05 = q95")
 
 
 def check_pruning(rows) -> list[dict]:
@@ -158,7 +179,7 @@ def check_pruning(rows) -> list[dict]:
         out.append(_finding(f"Removing lowest activations: one global threshold gives the lowest {what} "
                             "of the four methods at matched L0", "Riggs Smith 2024",
                             f"mean log10 {what} over the L0 range all four sweeps cover",
-                            verdict, reason, pts, "supported if global_threshold is lowest for every pruned SAE"))
+                            verdict, reason, pts, "reproduced if global_threshold is lowest for every pruned SAE"))
     return out
 
 
@@ -175,8 +196,8 @@ def check_afa(rows) -> dict:
     verdict, reason = _verdict([p["inside_0.5"] >= AFA_INSIDE for p in pts], "no ZF points")
     return _finding("‖f̃‖ ≈ ‖z‖: a trained SAE's tokens lie near y = x, inside the band ε(h−1) = 0.5",
                     "Lee et al. 2025 (AFA)", "share of tokens inside band c = 0.5; median ‖f̃‖/‖z‖; share under-activated",
-                    verdict, reason, pts, f"supported if every SAE has ≥ {AFA_INSIDE:.0%} of its tokens inside, "
-                    f"contradicted if none has")
+                    verdict, reason, pts, f"reproduced if every SAE has ≥ {AFA_INSIDE:.0%} of its tokens inside, "
+                    f"not reproduced if none has")
 
 
 def check_hill(front) -> dict:
@@ -189,25 +210,26 @@ def check_hill(front) -> dict:
     flags = [v["ratio"] - 2 * v["stderr"] > 1 for v in vals if math.isfinite(v["stderr"])]
     against = [v["ratio"] + 2 * v["stderr"] < 1 for v in vals if math.isfinite(v["stderr"])]
     if not vals:
-        verdict, reason = "not checked", "needs Hill fits of both TopK and BatchTopK"
+        verdict, reason = "not decidable", "needs Hill fits of both TopK and BatchTopK"
     elif flags and all(flags):
-        verdict, reason = "supported", None
+        verdict, reason = "reproduced", None
     elif against and all(against):
-        verdict, reason = "contradicted", None
+        verdict, reason = "not reproduced", None
     else:
-        verdict, reason = "mixed", "the ratio is within two standard errors of 1 (or has none)"
+        verdict, reason = "not decidable", "the ratio is within two standard errors of 1 (or has none)"
     return _finding("On the (1/L0, hit) plane BatchTopK's Hill x½ exceeds TopK's (more sparsity for half the hit)",
                     "Bussmann et al. 2024, measured the way Bostock 2024 proposes (Hill, n = 1)",
                     "x½(BatchTopK) / x½(TopK) ± standard error", verdict, reason, vals,
-                    "supported if ratio − 2 se > 1, contradicted if ratio + 2 se < 1, else mixed")
+                    "reproduced if ratio − 2 se > 1, not reproduced if ratio + 2 se < 1, else not decidable")
 
 
 def findings(rows, front) -> list[dict]:
     """Every check on a report's rows (:func:`sae_ref.report.evaluate_run` dicts) and frontier."""
     return [check_matched(rows, "nmse"), check_matched(rows, "downstream"), check_hill(front),
-            check_theta_l0(rows), check_variable_l0(rows), *check_pruning(rows), check_afa(rows)]
+            check_theta_l0(rows), check_variable_l0(rows), check_top_afa_l0(rows),
+            *check_pruning(rows), check_afa(rows)]
 
 
 __all__ = ["AFA_INSIDE", "L0_TOLERANCE", "VERDICTS", "check_afa", "check_hill", "check_matched",
-           "check_pruning", "check_theta_l0", "check_variable_l0", "findings", "interpolate_at_l0",
+           "check_pruning", "check_theta_l0", "check_top_afa_l0", "check_variable_l0", "findings", "interpolate_at_l0",
            "matched_l0"]

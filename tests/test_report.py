@@ -182,6 +182,6 @@ def test_report_draws_the_ratio_view_when_z_norm_is_one_value_and_checks_the_pap
     page = (tmp_path / "rep" / "report.md").read_text()
     assert "‖f̃‖/‖z‖ per token" in page and f"√(d − 1) = {np.sqrt(D - 1):.2f} (d = {D})" in page
     saved = json.loads((tmp_path / "rep" / "results.json").read_text())
-    assert len(saved["findings"]) == 8 and all(f["verdict"] in VERDICTS for f in saved["findings"])
+    assert len(saved["findings"]) == 9 and all(f["verdict"] in VERDICTS for f in saved["findings"])
     assert "## The papers' claims, checked" in page
     assert all(f["claim"] in page for f in saved["findings"])
