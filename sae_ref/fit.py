@@ -299,7 +299,6 @@ def fit(config: TrainConfig, source, *, backend: str = "numpy", device=None,
         writer = True
     train_rows, held_rows = _split(source, batch_size, holdout_batches)
     run = Path(run_dir) if run_dir is not None else None
-    ckpt_dir = run / "checkpoints" if run is not None else None
     if (resume or overwrite) and run is None:
         raise ValueError("fit: resume=True or overwrite=True needs a run_dir")
     if run is not None and (writer or resume):  # other ranks: rank 0 may be writing already
@@ -307,93 +306,205 @@ def fit(config: TrainConfig, source, *, backend: str = "numpy", device=None,
     identity = {"data": data_identity(source), "batch_size": batch_size, "data_seed": data_seed,
                 "holdout_batches": holdout_batches, "dtype": dtype,
                 "train_rows": None if train_rows is None else list(train_rows)}
-    state, position, skipped, saved_t = None, 0, 0, None
-    if resume:
-        arrays, meta, saved_t = load_checkpoint(ckpt_dir)
-        _check_same_run(run, meta, identity, config)
-        state = state_from_arrays(arrays, meta, xp=xp, device=dev)
-        if state.config != config:  # only nonfinite may differ: what to do with a NaN batch
-            state = replace(state, config=config)
-        position, skipped = meta["data_position"], meta["data_skipped"]
+    member = _Member(config, run, backend=backend, identity=identity, keep=keep, writer=writer)
+    position = member.load(xp, dev) if resume else 0
     stream_kw = dict(seed=data_seed, xp=xp, device=dev, dtype=dt, nonfinite=config.nonfinite, rows=train_rows)
-    if state is None:
-        state = init_state(config, next(source.stream(batch_size, position=0, **stream_kw)))
+    member.start(lambda: next(source.stream(batch_size, position=0, **stream_kw)), overwrite)
     stream = source.stream(batch_size, position=position, **stream_kw)
-    if not writer:
-        run = ckpt_dir = None
-    log_path = run / "metrics.jsonl" if run is not None else None
-    if run is not None:
-        _clear(run, overwrite)  # nothing failed so far: the old run may go
-        run.mkdir(parents=True, exist_ok=True)
-        _trim_log(log_path, state.t)
+    loop = _Loop([member], stream, log_every=log_every, checkpoint_every=checkpoint_every,
+                 prefetch=prefetch, progress=progress, batch_rows=rows if size > 1 else None,
+                 comm=comm)
+    loop.run()
+    member.checkpoint_if_due(stream, final=True)
+    return member.finish(source, stream, loop, held_rows,
+                         _heldout(source, batch_size, holdout_batches, held_rows, xp, dev, dt)
+                         if writer else None, saelens_metadata)
 
-    def checkpoint():
-        arrays, meta = state_arrays(state)
-        meta.update(data_position=stream.position, data_skipped=skipped + stream.skipped,
-                    backend=backend, **identity)
-        save_checkpoint(ckpt_dir, state.t, arrays, meta, keep=keep)
 
-    bar = tqdm(total=config.steps, initial=state.t, disable=not progress, unit="step",
-               dynamic_ncols=True)
-    t0, tokens0 = time.perf_counter(), state.tokens
-    last, waited = {}, [0.0]
-    if prefetch and state.t < config.steps and hasattr(stream, "prefetch"):
-        stream.prefetch(prefetch)
-    with C.no_checks(), (open(log_path, "a") if log_path is not None else _nullfile()) as log, \
-            _closing(stream):
-        while state.t < config.steps:
-            w0 = time.perf_counter()
-            x = next(stream)
-            waited[0] += time.perf_counter() - w0
-            state, metrics = step(state, x if size == 1 else x[rows], check=False, donate=True, comm=comm)
-            bar.update(1)
-            if state.t % log_every == 0 or state.t == config.steps:
-                last = _read_metrics(metrics)
-                elapsed = max(time.perf_counter() - t0, 1e-9)
-                rate = (state.tokens - tokens0) / elapsed
-                last.update(tokens_per_s=rate, data_wait=waited[0] / elapsed,
-                            skipped=skipped + stream.skipped, mse_unit=config.loss_unit)
-                try:
-                    log.write(json.dumps(last) + "\n")
-                    log.flush()
-                except OSError as e:
-                    raise _write_error(e, log_path) from e
-                bar.set_postfix(L0=f"{last['l0']:.2f}", NMSE=f"{last['nmse']:.4f}",
-                                dead=f"{last['dead_fraction']:.3f}", tok_s=f"{rate:,.0f}",
-                                data_wait=f"{last['data_wait']:.0%}")
-            if ckpt_dir is not None and checkpoint_every and state.t % checkpoint_every == 0:
-                checkpoint()
-                saved_t = state.t
-    bar.close()
-    if ckpt_dir is not None and saved_t != state.t:  # a resumed finished run: already saved
-        checkpoint()
-    elapsed = max(time.perf_counter() - t0, 1e-9)
-    summary = {"steps": state.t, "tokens": state.tokens, "skipped": skipped + stream.skipped,
-               "tokens_per_s": (state.tokens - tokens0) / elapsed, "data_wait": waited[0] / elapsed,
-               "config": config.to_dict(), "backend": backend, "dtype": dtype,
-               "final_metrics": last, "k": config.k, "data": identity["data"],
-               "batch_size": batch_size, "data_seed": data_seed,
-               "holdout_batches": holdout_batches, "train_rows": identity["train_rows"],
-               "heldout_rows": None if held_rows is None else list(held_rows)}
-    held = _heldout(source, batch_size, holdout_batches, held_rows, xp, dev, dt) if writer else None
-    if held is not None:
-        summary["heldout"] = heldout_l0(state, held)
-    if run is not None and config.arch == "top-afa":
-        summary["sae_export"] = "none: SAELens has no top-AFA architecture; load_run reads the checkpoint"
-        _atomic.atomic_write_bytes(run / "summary.json", json.dumps(summary, indent=2).encode())
-    elif run is not None:
-        sae_cfg = inference_config(state)
-        meta = dict(saelens_metadata or {})
-        meta.setdefault("training_architecture_details", {"architecture": config.arch, "k": config.k,
-                        "preset": config.preset, "theta_estimator": config.theta_estimator})
-        save_saelens(run / "sae", state.params, _export_config(state, sae_cfg), metadata=meta,
-                     overwrite=True)
-        _atomic.atomic_write_bytes(run / "summary.json", json.dumps(summary, indent=2).encode())
-    if writer:  # BatchTopK: theta of the final weights, beside the running estimate (sae_ref.calibrate)
-        from sae_ref.calibrate import calibrate_fit
+class _Member:
+    """One SAE of a training loop: its state, its run directory (log, checkpoints, summary,
+    export) and what it has logged. :func:`fit` trains one; :func:`sae_ref.sweep.fit_sweep`
+    trains several on one batch stream."""
 
-        summary = calibrate_fit(state, source, summary, run)
-    return FitResult(state, summary)
+    def __init__(self, config: TrainConfig, run: Path | None, *, backend: str, identity: dict,
+                 keep: int | None, writer: bool = True):
+        self.config, self.backend, self.identity, self.keep = config, backend, identity, keep
+        self.run = run if writer else None
+        self.resume_dir = run  # every rank reads the checkpoint it resumes from
+        self.state, self.skipped, self.saved_t = None, 0, None
+        self.last, self.log, self.stopped = {}, None, None
+
+    @property
+    def ckpt_dir(self) -> Path | None:
+        return None if self.run is None else self.run / "checkpoints"
+
+    def load(self, xp, dev, step: int | None = None) -> int:
+        """Resume from the newest checkpoint (or that of ``step``); returns its data position."""
+        from sae_ref.io.checkpoint import checkpoint_at
+
+        where = self.resume_dir / "checkpoints"
+        if step is not None:
+            where = checkpoint_at(where, step)
+            if where is None:
+                raise RunDirError(f"'{self.resume_dir}' has no checkpoint of step {step}, the "
+                                  f"sweep's last common step", kind="sweep", run=self.resume_dir,
+                                  contents=_contents(self.resume_dir))
+        arrays, meta, self.saved_t = load_checkpoint(where)
+        _check_same_run(self.resume_dir, meta, self.identity, self.config)
+        state = state_from_arrays(arrays, meta, xp=xp, device=dev)
+        if state.config != self.config:  # only nonfinite may differ: what to do with a NaN batch
+            state = replace(state, config=self.config)
+        self.state, self.skipped = state, meta["data_skipped"]
+        return meta["data_position"]
+
+    def start(self, first_batch, overwrite: bool) -> None:
+        """Initialise a new state from ``first_batch()`` (unless resumed) and open the run
+        directory (the old run removed first with ``overwrite``)."""
+        if self.state is None:
+            self.state = init_state(self.config, first_batch())
+        self.tokens0 = self.state.tokens
+        if self.run is not None:
+            _clear(self.run, overwrite)  # nothing failed so far: the old run may go
+            self.run.mkdir(parents=True, exist_ok=True)
+            _trim_log(self.run / "metrics.jsonl", self.state.t)
+
+    @property
+    def active(self) -> bool:
+        return self.stopped is None and self.state.t < self.config.steps
+
+    def step(self, x, comm=None):
+        self.state, metrics = step(self.state, x, check=False, donate=True, comm=comm)
+        return metrics
+
+    def record(self, metrics, stream, loop) -> None:
+        """Log this step when due; stop a member whose loss is no longer finite."""
+        t = self.state.t
+        if not (t % loop.log_every == 0 or t == self.config.steps):
+            return
+        last = _read_metrics(metrics)
+        elapsed = max(time.perf_counter() - loop.t0, 1e-9)
+        last.update(tokens_per_s=(self.state.tokens - self.tokens0) / elapsed,
+                    data_wait=loop.waited / elapsed, skipped=self.skipped + stream.skipped,
+                    mse_unit=self.config.loss_unit)
+        self.last = last
+        if self.log is not None:
+            path = self.run / "metrics.jsonl"
+            try:
+                self.log.write(json.dumps(last) + "\n")
+                self.log.flush()
+            except OSError as e:
+                raise _write_error(e, path) from e
+        if loop.many and not math.isfinite(last.get("loss", 0.0)):
+            self.stopped = f"the loss is {last.get('loss')} at step {t}: stopped, the others go on"
+
+    def checkpoint_if_due(self, stream, every=None, final: bool = False) -> None:
+        if self.ckpt_dir is None or self.stopped is not None:
+            return
+        t = self.state.t
+        if final and self.saved_t == t:  # a resumed finished run: already saved
+            return
+        if final or (every and t % every == 0):
+            arrays, meta = state_arrays(self.state)
+            meta.update(data_position=stream.position, data_skipped=self.skipped + stream.skipped,
+                        backend=self.backend, **self.identity)
+            save_checkpoint(self.ckpt_dir, t, arrays, meta, keep=self.keep)
+            self.saved_t = t
+
+    def finish(self, source, stream, loop, held_rows, held, saelens_metadata) -> FitResult:
+        """The summary, the held-out L0, the export and theta's calibration of a finished run."""
+        state, config, identity = self.state, self.config, self.identity
+        elapsed = max(time.perf_counter() - loop.t0, 1e-9)
+        summary = {"steps": state.t, "tokens": state.tokens, "skipped": self.skipped + stream.skipped,
+                   "tokens_per_s": (state.tokens - self.tokens0) / elapsed,
+                   "data_wait": loop.waited / elapsed,
+                   "config": config.to_dict(), "backend": self.backend, "dtype": identity["dtype"],
+                   "final_metrics": self.last, "k": config.k, "data": identity["data"],
+                   "batch_size": identity["batch_size"], "data_seed": identity["data_seed"],
+                   "holdout_batches": identity["holdout_batches"], "train_rows": identity["train_rows"],
+                   "heldout_rows": None if held_rows is None else list(held_rows)}
+        if self.stopped is not None:
+            summary["stopped"] = self.stopped
+        if held is not None:
+            summary["heldout"] = heldout_l0(state, held)
+        run = self.run
+        if run is not None and config.arch == "top-afa":
+            summary["sae_export"] = "none: SAELens has no top-AFA architecture; load_run reads the checkpoint"
+            _atomic.atomic_write_bytes(run / "summary.json", json.dumps(summary, indent=2).encode())
+        elif run is not None:
+            sae_cfg = inference_config(state)
+            meta = dict(saelens_metadata or {})
+            meta.setdefault("training_architecture_details", {"architecture": config.arch, "k": config.k,
+                            "preset": config.preset, "theta_estimator": config.theta_estimator})
+            save_saelens(run / "sae", state.params, _export_config(state, sae_cfg), metadata=meta,
+                         overwrite=True)
+            _atomic.atomic_write_bytes(run / "summary.json", json.dumps(summary, indent=2).encode())
+        if held is not None:  # BatchTopK: theta of the final weights, beside the running estimate (sae_ref.calibrate)
+            from sae_ref.calibrate import calibrate_fit
+
+            summary = calibrate_fit(state, source, summary, run)
+        return FitResult(state, summary)
+
+
+class _Loop:
+    """The training loop shared by one run and a sweep: every active member steps on each
+    batch of one stream (made ahead on a thread with ``prefetch``), logs and checkpoints."""
+
+    def __init__(self, members, stream, *, log_every, checkpoint_every, prefetch, progress,
+                 batch_rows=None, comm=None, on_checkpoint=None):
+        self.members, self.stream = members, stream
+        self.log_every, self.checkpoint_every = log_every, checkpoint_every
+        self.prefetch, self.progress = prefetch, progress
+        self.batch_rows, self.comm, self.on_checkpoint = batch_rows, comm, on_checkpoint
+        self.many = len(members) > 1
+        self.waited, self.t0 = 0.0, time.perf_counter()
+
+    def run(self) -> None:
+        members, stream = self.members, self.stream
+        total = max(m.config.steps for m in members)
+        done = min(m.state.t for m in members)
+        bar = tqdm(total=total, initial=done, disable=not self.progress, unit="step",
+                   dynamic_ncols=True)
+        self.t0 = time.perf_counter()
+        if self.prefetch and any(m.active for m in members) and hasattr(stream, "prefetch"):
+            stream.prefetch(self.prefetch)
+        with C.no_checks(), contextlib.ExitStack() as files, _closing(stream):
+            for m in members:
+                path = None if m.run is None else m.run / "metrics.jsonl"
+                m.log = None if path is None else files.enter_context(open(path, "a"))
+            while any(m.active for m in members):
+                w0 = time.perf_counter()
+                x = next(stream)
+                self.waited += time.perf_counter() - w0
+                if self.batch_rows is not None:
+                    x = x[self.batch_rows]
+                for m in members:
+                    if m.active:
+                        m.record(m.step(x, self.comm), stream, self)
+                bar.update(1)
+                self._postfix(bar)
+                for m in members:
+                    m.checkpoint_if_due(stream, self.checkpoint_every)
+                if self.on_checkpoint is not None and self.checkpoint_every and any(
+                        m.saved_t == m.state.t and m.state.t % self.checkpoint_every == 0 for m in members):
+                    self.on_checkpoint()
+            for m in members:
+                m.log = None
+        bar.close()
+
+    def _postfix(self, bar) -> None:
+        m = self.members[0]
+        last = m.last
+        if not last or m.state.t % self.log_every:
+            return
+        tokens = sum(k.state.tokens - k.tokens0 for k in self.members)
+        rate = tokens / max(time.perf_counter() - self.t0, 1e-9)
+        if self.many:
+            bar.set_postfix(members=sum(k.active for k in self.members), tok_s=f"{rate:,.0f}",
+                            data_wait=f"{last['data_wait']:.0%}")
+        else:
+            bar.set_postfix(L0=f"{last['l0']:.2f}", NMSE=f"{last['nmse']:.4f}",
+                            dead=f"{last['dead_fraction']:.3f}", tok_s=f"{rate:,.0f}",
+                            data_wait=f"{last['data_wait']:.0%}")
 
 
 def trained_rows(path) -> dict | None:

@@ -91,6 +91,11 @@ def latest_checkpoint(directory) -> Path | None:
     return steps[max(steps)] if steps else None
 
 
+def checkpoint_at(directory, step: int) -> Path | None:
+    """The record (``.json``) of the committed checkpoint of ``step`` in ``directory``, or None."""
+    return _steps(Path(directory), _RECORD_RE).get(int(step))
+
+
 # --- saving -------------------------------------------------------------------------------------
 def save_checkpoint(directory, step: int, arrays: dict[str, Any], meta: dict | None = None, *,
                     keep: int | None = None) -> Path:
