@@ -2,6 +2,7 @@
 
 ``sae-ref demo`` runs the main job on its embedded default; ``sae-ref train`` trains one SAE
 on an activation store (or on synthetic data with known features) on any backend;
+``sae-ref sweep`` trains several in lockstep on one pass over the data;
 ``sae-ref calibrate`` estimates BatchTopK's theta on a trained SAE's final weights.
 Moving a run to a GPU is one flag: ``--backend torch --device cuda`` or ``--backend cupy``.
 """
@@ -33,12 +34,21 @@ def _value(text: str):
         return text
 
 
-def _train_parser(sub):
-    p = sub.add_parser("train", help="train one SAE (checkpoints, resume, SAELens export)",
-                       description="Train one SAE. Every run writes OUT/metrics.jsonl, "
-                       "OUT/checkpoints/, OUT/sae/ (SAELens format) and OUT/summary.json. An OUT "
-                       "that holds a run is continued with --resume or replaced with --overwrite, "
-                       "never written over otherwise.")
+def _train_parser(sub, name: str = "train"):
+    sweep = name == "sweep"
+    if sweep:
+        p = sub.add_parser("sweep", help="train several SAEs in lockstep on one pass over the data",
+                           description="Train one SAE per --arch (and per --k for topk and "
+                           "batchtopk) on one batch stream: each batch is read once and every "
+                           "member steps on it, each ending bit for bit as its own 'sae-ref "
+                           "train'. OUT/<member>/ holds each run's files, OUT/sweep.json the "
+                           "members; --resume continues the whole sweep.")
+    else:
+        p = sub.add_parser("train", help="train one SAE (checkpoints, resume, SAELens export)",
+                           description="Train one SAE. Every run writes OUT/metrics.jsonl, "
+                           "OUT/checkpoints/, OUT/sae/ (SAELens format) and OUT/summary.json. An OUT "
+                           "that holds a run is continued with --resume or replaced with --overwrite, "
+                           "never written over otherwise.")
     p.add_argument("--data", default="synthetic",
                    help="activation store directory (with manifest.json), or 'synthetic' (default)")
     p.add_argument("--synthetic", default="64,512,4", metavar="D,N,K",
@@ -50,9 +60,14 @@ def _train_parser(sub):
                    help="the encoder product's precision: tf32 (CUDA TensorFloat-32 units) or bf16 "
                    "(bfloat16 inputs, float32 sums; torch only); default highest")
     p.add_argument("--preset", default="sae-ref", help="named configuration (see sae_ref.train.PRESETS)")
-    p.add_argument("--arch", default=None, help="batchtopk, topk, jumprelu, relu-l1, sqrt-l1, top-afa")
+    if sweep:
+        p.add_argument("--arch", default=None, help="comma-separated: batchtopk, topk, jumprelu, "
+                       "relu-l1, sqrt-l1, top-afa (default: the preset's)")
+        p.add_argument("--k", default=None, help="comma-separated k values for topk and batchtopk")
+    else:
+        p.add_argument("--arch", default=None, help="batchtopk, topk, jumprelu, relu-l1, sqrt-l1, top-afa")
+        p.add_argument("--k", type=int, default=None, help="active latents per sample (TopK, BatchTopK)")
     p.add_argument("--h", type=int, default=None, help="latents (default 16384; synthetic: 8 x D)")
-    p.add_argument("--k", type=int, default=None, help="active latents per sample (TopK, BatchTopK)")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--lr", type=float, default=None)
@@ -81,6 +96,10 @@ def _train_parser(sub):
     p.add_argument("--nonfinite", default=None, choices=["raise", "skip"],
                    help="what to do with a batch holding NaN/inf (default: raise)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--prefetch", type=int, default=2,
+                   help="batches prepared ahead on a background thread (0: each when it is due)")
+    if sweep:
+        return p
     p.add_argument("--nproc", type=int, default=1,
                    help="data-parallel ranks started here (torch.distributed: Gloo on the CPU, NCCL "
                    "with --device cuda, one GPU per rank); --batch-size is the global batch. Under "
@@ -197,7 +216,6 @@ def _write_failed(e: OSError, out) -> str:
 def _train(args, parser) -> int:
     from sae_ref.dist.launch import comm_from_env, is_torchrun
     from sae_ref.fit import fit
-    from sae_ref.train import preset
 
     _check_train_flags(args, parser)
     if args.nproc > 1 and not is_torchrun():
@@ -210,33 +228,51 @@ def _train(args, parser) -> int:
     rank = 0 if comm is None else comm.rank
 
     source = _source(args, parser)
+    config = _config(args, parser, source, args.arch, args.k)
+    result = fit(config, source, backend=args.backend, device=args.device, dtype=args.dtype,
+                 batch_size=args.batch_size, run_dir=args.out, checkpoint_every=args.checkpoint_every,
+                 keep=args.keep, resume=args.resume, overwrite=args.overwrite, log_every=args.log_every,
+                 holdout_batches=args.holdout_batches, data_seed=args.data_seed,
+                 progress=not args.no_progress, comm=comm, prefetch=args.prefetch)
+    if rank != 0:
+        return 0
+    _print_run(args, config, source, result)
+    print(f"run directory: {args.out}")
+    return 0
+
+
+def _config(args, parser, source, arch, k):
+    """The TrainConfig of the flags (the preset, then the flags and --set), for one --arch / --k."""
+    from sae_ref.train import preset
+
     overrides = {}
     for item in args.set:
         if "=" not in item:
             parser.error(f"--set expects FIELD=VALUE, got {item!r}")
         key, val = item.split("=", 1)
         overrides[key.strip()] = _value(val)
-    for flag, field in (("arch", "arch"), ("h", "h"), ("k", "k"), ("steps", "steps"), ("lr", "lr"),
+    for flag, field in (("h", "h"), ("steps", "steps"), ("lr", "lr"),
                         ("sparsity_coeff", "sparsity_coeff"), ("seed", "seed"), ("nonfinite", "nonfinite"),
                         ("afa_coeff", "afa_coeff"), ("afa_target", "afa_target"),
                         ("matmul_precision", "matmul_precision")):
         if getattr(args, flag) is not None:
             overrides[field] = getattr(args, flag)
+    if arch is not None:
+        overrides["arch"] = arch
+    if k is not None:
+        overrides["k"] = k
     if "h" not in overrides and args.data == "synthetic":
         overrides["h"] = 8 * source.d
     if overrides.get("arch") in ("jumprelu", "relu-l1", "sqrt-l1", "top-afa") and "k" not in overrides:
         overrides["k"] = None
     try:
-        config = preset(args.preset, **overrides)
+        return preset(args.preset, **overrides)
     except TypeError as e:
         parser.error(f"--set: {e}")
-    result = fit(config, source, backend=args.backend, device=args.device, dtype=args.dtype,
-                 batch_size=args.batch_size, run_dir=args.out, checkpoint_every=args.checkpoint_every,
-                 keep=args.keep, resume=args.resume, overwrite=args.overwrite, log_every=args.log_every,
-                 holdout_batches=args.holdout_batches, data_seed=args.data_seed,
-                 progress=not args.no_progress, comm=comm)
-    if rank != 0:
-        return 0
+
+
+def _print_run(args, config, source, result) -> None:
+    """The lines a finished run prints: its metrics, held-out L0 and theta."""
     s = result.summary
     fm = s.get("final_metrics", {})
     print(f"trained {s['steps']} steps, {s['tokens']:,} tokens on {args.backend}: "
@@ -258,7 +294,55 @@ def _train(args, parser) -> int:
 
         print(f"mean max cosine to the true features: "
               f"{mean_max_cosine(to_numpy(result.state.params.W_dec), source.atoms):.3f}")
-    print(f"run directory: {args.out}")
+
+
+def _sweep_members(args, parser) -> list[tuple[str, int | None]]:
+    """(arch, k) of every member: each --arch, and each --k for the architectures that keep k."""
+    from sae_ref.train import ARCHS, PRESETS
+
+    _at_least(parser, args, "--batch-size", 1)
+    _at_least(parser, args, "--steps", 1)
+    _at_least(parser, args, "--log-every", 1)
+    _at_least(parser, args, "--checkpoint-every", 0, " (0: a checkpoint at the end only)")
+    _at_least(parser, args, "--keep", 1)
+    _at_least(parser, args, "--holdout-batches", 0)
+    _at_least(parser, args, "--prefetch", 0)
+    if args.resume and args.overwrite:
+        parser.error("--resume and --overwrite exclude each other")
+    if args.preset not in PRESETS:
+        parser.error(f"--preset must be one of {sorted(PRESETS)}, got {args.preset!r}")
+    archs = [a.strip() for a in (args.arch or PRESETS[args.preset].get("arch", "batchtopk")).split(",")]
+    for a in archs:
+        if a not in ARCHS:
+            parser.error(f"--arch must list architectures of {list(ARCHS)}, got {a!r}")
+    try:
+        ks = [int(v) for v in args.k.split(",")] if args.k else [None]
+    except ValueError:
+        parser.error(f"--k expects comma-separated integers, got {args.k!r}")
+    if args.k and not any(a in K_ARCHS for a in archs):
+        parser.error(f"--k does not apply to --arch {args.arch}: only {' and '.join(K_ARCHS)} keep k")
+    return [(a, k) for a in archs for k in (ks if a in K_ARCHS else [None])]
+
+
+def _sweep(args, parser) -> int:
+    from sae_ref.sweep import fit_sweep
+
+    members = _sweep_members(args, parser)
+    source = _source(args, parser)
+    configs = [_config(args, parser, source, a, k) for a, k in members]
+    results = fit_sweep(configs, source, out=args.out, backend=args.backend, device=args.device,
+                        dtype=args.dtype, batch_size=args.batch_size,
+                        checkpoint_every=args.checkpoint_every, keep=args.keep, resume=args.resume,
+                        overwrite=args.overwrite, log_every=args.log_every,
+                        holdout_batches=args.holdout_batches, data_seed=args.data_seed,
+                        progress=not args.no_progress, prefetch=args.prefetch)
+    for config, result in zip(configs, results):
+        print(f"--- {config.arch}" + (f" k={config.k}" if config.k is not None and config.arch in K_ARCHS else ""))
+        if "stopped" in result.summary:
+            print(f"stopped: {result.summary['stopped']}")
+            continue
+        _print_run(args, config, source, result)
+    print(f"sweep directory: {args.out} (members in sweep.json)")
     return 0
 
 
@@ -428,6 +512,7 @@ def main(argv=None) -> int:
     demo.add_argument("--steps", type=int, default=None, help="training steps per SAE")
     demo.add_argument("--seed", type=int, default=0)
     _train_parser(sub)
+    _train_parser(sub, "sweep")
     _report_parser(sub)
     _calibrate_parser(sub)
     sub.add_parser("validate", add_help=False, help="check an SAE implementation (a module's "
@@ -436,7 +521,7 @@ def main(argv=None) -> int:
     args.argv = argv
     if args.command == "demo":
         return _demo(args, parser)
-    run = {"train": _train, "report": _report, "calibrate": _calibrate}[args.command]
+    run = {"train": _train, "sweep": _sweep, "report": _report, "calibrate": _calibrate}[args.command]
     try:
         return run(args, parser)
     except Exception as e:  # noqa: BLE001 (the known ones become one line; others propagate)

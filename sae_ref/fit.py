@@ -422,11 +422,14 @@ class _Member:
                    "batch_size": identity["batch_size"], "data_seed": identity["data_seed"],
                    "holdout_batches": identity["holdout_batches"], "train_rows": identity["train_rows"],
                    "heldout_rows": None if held_rows is None else list(held_rows)}
-        if self.stopped is not None:
+        run = self.run
+        if self.stopped is not None:  # no export or evaluation of a diverged model
             summary["stopped"] = self.stopped
+            if run is not None:
+                _atomic.atomic_write_bytes(run / "summary.json", json.dumps(summary, indent=2).encode())
+            return FitResult(state, summary)
         if held is not None:
             summary["heldout"] = heldout_l0(state, held)
-        run = self.run
         if run is not None and config.arch == "top-afa":
             summary["sae_export"] = "none: SAELens has no top-AFA architecture; load_run reads the checkpoint"
             _atomic.atomic_write_bytes(run / "summary.json", json.dumps(summary, indent=2).encode())
@@ -482,10 +485,9 @@ class _Loop:
                         m.record(m.step(x, self.comm), stream, self)
                 bar.update(1)
                 self._postfix(bar)
-                for m in members:
-                    m.checkpoint_if_due(stream, self.checkpoint_every)
-                if self.on_checkpoint is not None and self.checkpoint_every and any(
-                        m.saved_t == m.state.t and m.state.t % self.checkpoint_every == 0 for m in members):
+                for m in members:  # a member that is done commits its last step at once
+                    m.checkpoint_if_due(stream, self.checkpoint_every, final=m.state.t == m.config.steps)
+                if self.on_checkpoint is not None and any(m.saved_t == m.state.t for m in members):
                     self.on_checkpoint()
             for m in members:
                 m.log = None

@@ -1,0 +1,224 @@
+"""A sweep: several SAEs trained in lockstep on one pass over the data.
+
+Sparsity-performance frontiers need several SAEs (k, architectures) trained on the same data.
+:func:`fit_sweep` reads, checks, shuffles and moves each batch once, and every member steps on
+it; each member's run is bit for bit its own :func:`sae_ref.fit.fit` with the same source,
+data seed and batch size (on NumPy; tested), so a sweep is a speed-up and never a different
+experiment.
+
+Layout of ``out``: one run directory per member (``out/<name>/``, the files of a single run:
+``metrics.jsonl``, ``checkpoints/``, ``sae/``, ``summary.json``) and ``out/sweep.json``, the
+manifest: the members (name, directory, config), the shared data settings, the last step at
+which every member running had committed a checkpoint (where ``resume=True`` continues the
+whole sweep) and each member's state (running, finished, or stopped with the reason). A member
+whose loss stops being finite (read at each log line) is stopped and reported; the others go
+on.
+
+Members must share the stream: the batch size, data seed, held-out batches and dtype are the
+sweep's arguments, and their configs must agree on ``nonfinite`` (what to do with a NaN batch,
+which decides the batches); a sweep that mixes them is refused naming the field. Their
+``steps`` may differ: a member that is done stops stepping.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from sae_ref.arrays import resolve
+from sae_ref.fit import (FitResult, RunDirError, _dtype, _heldout, _Loop, _Member, _split,
+                         check_run_dir, data_identity)
+from sae_ref.io import _atomic
+from sae_ref.train import TrainConfig
+
+MANIFEST = "sweep.json"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def member_name(config: TrainConfig) -> str:
+    """The default directory name of a member: its architecture, and k where it applies."""
+    return config.arch if config.k is None or config.arch not in ("topk", "batchtopk") else f"{config.arch}-k{config.k}"
+
+
+def _names(configs, names) -> list[str]:
+    if names is None:
+        names = [member_name(c) for c in configs]
+    names = [str(n) for n in names]
+    if len(names) != len(configs):
+        raise ValueError(f"fit_sweep: argument 'names' has {len(names)} names for {len(configs)} configs")
+    bad = [n for n in names if not _NAME.match(n)]
+    if bad:
+        raise ValueError(f"fit_sweep: member names must be plain directory names (letters, digits, "
+                         f"'.', '_', '-'), got {bad}")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"fit_sweep: two members would share the directory {twice}: give "
+                         f"argument 'names'")
+    return names
+
+
+def _check_configs(configs) -> list[TrainConfig]:
+    configs = list(configs)
+    if not configs:
+        raise ValueError("fit_sweep: argument 'configs' is empty: a sweep needs at least one TrainConfig")
+    for i, c in enumerate(configs):
+        if not isinstance(c, TrainConfig):
+            raise TypeError(f"fit_sweep: argument 'configs[{i}]' must be a TrainConfig, got {type(c).__name__}")
+    first = configs[0].nonfinite
+    for i, c in enumerate(configs):
+        if c.nonfinite != first:
+            raise ValueError(f"fit_sweep: the members cannot share one batch stream: field "
+                             f"'nonfinite' is {first!r} in configs[0] and {c.nonfinite!r} in "
+                             f"configs[{i}] (it decides which batches are skipped)")
+    return configs
+
+
+def _write_manifest(out: Path, manifest: dict) -> None:
+    _atomic.atomic_write_bytes(out / MANIFEST, json.dumps(manifest, indent=2).encode())
+
+
+def _member_states(members, names) -> list[dict]:
+    out = []
+    for m, n in zip(members, names):
+        state = "stopped" if m.stopped else ("finished" if m.state.t >= m.config.steps else "running")
+        entry = {"name": n, "dir": n, "step": m.state.t, "state": state, "config": m.config.to_dict()}
+        if m.stopped:
+            entry["stopped"] = m.stopped
+        out.append(entry)
+    return out
+
+
+def fit_sweep(configs, source, *, out, names=None, backend: str = "numpy", device=None,
+              dtype: str = "float32", batch_size: int = 4096, checkpoint_every: int | None = None,
+              keep: int | None = 3, resume: bool = False, overwrite: bool = False,
+              log_every: int = 50, holdout_batches: int = 4, data_seed: int = 0,
+              progress: bool = True, prefetch: int = 2,
+              saelens_metadata: dict | None = None) -> list[FitResult]:
+    """Train every config of ``configs`` on one batch stream of ``source`` (module docstring).
+
+    Arguments as :func:`sae_ref.fit.fit`, for every member; ``out`` is the sweep directory and
+    ``names`` the members' directory names (default :func:`member_name`). ``resume``
+    continues every member from the sweep's last common checkpoint (``checkpoint_every``
+    sets when those are written); ``overwrite`` replaces the runs the member directories
+    hold. Returns one :class:`~sae_ref.fit.FitResult` per member, in order; a stopped
+    member's summary says why (``"stopped"``).
+    """
+    from sae_ref import _checks as C
+
+    configs = _check_configs(configs)
+    names = _names(configs, names)
+    xp, dev = resolve(backend, device)
+    dt = _dtype(xp, dtype)
+    batch_size = C.integer_in("fit_sweep", "batch_size", batch_size, 1, 2**40)
+    log_every = C.integer_in("fit_sweep", "log_every", log_every, 1, 2**62)
+    if checkpoint_every is not None:
+        checkpoint_every = C.integer_in("fit_sweep", "checkpoint_every", checkpoint_every, 0, 2**62)
+    holdout_batches = C.integer_in("fit_sweep", "holdout_batches", holdout_batches, 0, 2**40)
+    prefetch = C.integer_in("fit_sweep", "prefetch", prefetch, 0, 2**20)
+    if resume and overwrite:
+        raise ValueError("fit_sweep: resume=True and overwrite=True exclude each other")
+    out = Path(out)
+    manifest = _read_manifest(out) if resume else None
+    if not resume and (out / MANIFEST).exists() and not overwrite:
+        raise RunDirError(f"fit_sweep: '{out}' already holds a sweep ({MANIFEST}); resume it "
+                          f"or overwrite it", kind="exists", run=out, contents=MANIFEST)
+    if manifest is not None and [m["name"] for m in manifest["members"]] != names:
+        raise ValueError(f"fit_sweep: '{out}' holds a sweep of {[m['name'] for m in manifest['members']]}, "
+                         f"not of {names}")
+    for n in names:
+        check_run_dir(out / n, resume=resume, overwrite=overwrite)
+    train_rows, held_rows = _split(source, batch_size, holdout_batches)
+    identity = {"data": data_identity(source), "batch_size": batch_size, "data_seed": data_seed,
+                "holdout_batches": holdout_batches, "dtype": dtype,
+                "train_rows": None if train_rows is None else list(train_rows)}
+    members = [_Member(c, out / n, backend=backend, identity=identity, keep=keep)
+               for c, n in zip(configs, names)]
+    position = 0
+    if resume:
+        position = _resume(members, manifest, xp, dev)
+    stream_kw = dict(seed=data_seed, xp=xp, device=dev, dtype=dt, nonfinite=configs[0].nonfinite,
+                     rows=train_rows)
+    first = []
+
+    def first_batch():  # one read of batch 0 for every new member
+        if not first:
+            first.append(next(source.stream(batch_size, position=0, **stream_kw)))
+        return first[0]
+
+    out.mkdir(parents=True, exist_ok=True)
+    for m in members:
+        m.start(first_batch, overwrite)
+    del first[:]
+    base = {"members": None, "data": identity["data"], "batch_size": batch_size,
+            "data_seed": data_seed, "holdout_batches": holdout_batches, "dtype": dtype,
+            "backend": backend, "committed_step": None if manifest is None else manifest.get("committed_step")}
+
+    def commit():
+        """Record the step at which every member still stepping has committed a checkpoint
+        (members done before it hold their final one)."""
+        live = [m for m in members if m.stopped is None]
+        if live:
+            t = max(m.state.t for m in live)
+            going = [m for m in live if m.config.steps >= t]
+            if all(m.saved_t == t for m in going):
+                base["committed_step"] = t
+        base["members"] = _member_states(members, names)
+        _write_manifest(out, base)
+
+    commit()
+    stream = source.stream(batch_size, position=position, **stream_kw)
+    loop = _Loop(members, stream, log_every=log_every, checkpoint_every=checkpoint_every,
+                 prefetch=prefetch, progress=progress, on_checkpoint=commit)
+    loop.run()
+    for m in members:
+        m.checkpoint_if_due(stream, final=True)
+    held = _heldout(source, batch_size, holdout_batches, held_rows, xp, dev, dt)
+    results = [m.finish(source, stream, loop, held_rows, held, saelens_metadata) for m in members]
+    base["members"] = _member_states(members, names)
+    base["finished"] = True
+    _write_manifest(out, base)
+    return results
+
+
+def _read_manifest(out: Path) -> dict:
+    path = out / MANIFEST
+    if not path.is_file():
+        raise RunDirError(f"fit_sweep: '{out}' holds no sweep to resume ({MANIFEST} is missing)",
+                          kind="missing", run=out, contents="")
+    try:
+        manifest = json.loads(path.read_text())
+        manifest["members"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"fit_sweep: '{path}' is not a sweep manifest: {e}") from None
+    return manifest
+
+
+def _resume(members, manifest, xp, dev) -> int:
+    """Load every member at the sweep's last common step; returns the stream position there."""
+    step = manifest.get("committed_step")
+    if step is None:
+        raise RunDirError(f"fit_sweep: '{members[0].run.parent}' has no common checkpoint of its "
+                          f"members to resume from", kind="missing", run=members[0].run.parent, contents="")
+    positions = set()
+    for m, entry in zip(members, manifest["members"]):
+        if entry.get("stopped"):  # stopped for good: its newest state, not stepped again
+            m.load(xp, dev)
+            m.stopped = entry["stopped"]
+            continue
+        if m.config.steps < step:  # finished before the common step
+            m.load(xp, dev)
+            continue
+        positions.add(m.load(xp, dev, step=step))
+    if len(positions) > 1:
+        raise ValueError(f"fit_sweep: the members' checkpoints of step {step} record different "
+                         f"data positions {sorted(positions)}")
+    return positions.pop() if positions else 0
+
+
+def load_sweep(out) -> dict:
+    """The manifest of the sweep in ``out`` (members, their directories and states)."""
+    return _read_manifest(Path(out))
+
+
+__all__ = ["MANIFEST", "fit_sweep", "load_sweep", "member_name"]
