@@ -344,13 +344,32 @@ def frontier(rows: list[dict]) -> dict:
             "fits": fits, "comparisons": comparisons, "notes": notes}
 
 
+def _expand_sweeps(runs: list[Path], echo) -> list[Path]:
+    """Each sweep directory (one with ``sweep.json``, :mod:`sae_ref.sweep`) replaced by its
+    members' run directories; a member stopped during the sweep is left out, with a line."""
+    from sae_ref.sweep import MANIFEST, load_sweep
+
+    out = []
+    for r in runs:
+        if not (r / MANIFEST).is_file():
+            out.append(r)
+            continue
+        for m in load_sweep(r)["members"]:
+            if m.get("state") == "stopped":
+                echo(f"{r / m['dir']}: left out ({m.get('stopped')})")
+            else:
+                out.append(r / m["dir"])
+    return out
+
+
 def build_report(runs, store, out, *, config: ReportConfig = ReportConfig(), echo=print) -> dict:
-    """Evaluate ``runs`` (run or SAELens directories) on ``store`` and write the report into
-    ``out``; returns the JSON-ready results (also ``out/results.json``)."""
+    """Evaluate ``runs`` (run, sweep or SAELens directories; a sweep stands for its members) on
+    ``store`` and write the report into ``out``; returns the JSON-ready results (also
+    ``out/results.json``)."""
     from sae_ref.data.store import ActivationStore
 
     op = "build_report"
-    runs = [Path(r) for r in runs]
+    runs = _expand_sweeps([Path(r) for r in runs], echo)
     if not runs:
         raise ValueError(f"{op}: argument 'runs' is empty")
     C.choice(op, "config.downstream", config.downstream, ("auto", "none"))

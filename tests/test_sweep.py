@@ -148,3 +148,17 @@ def test_sigkill_mid_sweep_then_resume_equals_the_uninterrupted_sweep_bit_for_bi
             np.testing.assert_array_equal(a[k], b[k], err_msg=f"{n} {k}")
         steps = [json.loads(line)["step"] for line in (cut / n / "metrics.jsonl").read_text().splitlines()]
         assert steps == list(range(20, 301, 20))
+
+
+def test_report_on_a_sweep_directory_evaluates_its_members(tmp_path):
+    """Invariant: build_report given a sweep directory evaluates each member that finished
+    (the run directories sweep.json lists), as if they had been listed one by one."""
+    from sae_ref.report import ReportConfig, build_report
+
+    store = _store(tmp_path)
+    cfgs = [TrainConfig(arch=a, h=32, k=k, steps=6, lr=3e-3) for a in ("topk", "batchtopk") for k in (2, 3)]
+    fit_sweep(cfgs, store, out=tmp_path / "sweep", batch_size=32, holdout_batches=4, progress=False)
+    rep = ReportConfig(eval_rows=64, batch_size=32, downstream="none")
+    res = build_report([tmp_path / "sweep"], store, tmp_path / "rep", config=rep, echo=lambda *_: None)
+    labels = sorted(r["label"] for r in res["runs"])
+    assert labels == ["batchtopk-k2", "batchtopk-k3", "topk-k2", "topk-k3"]
