@@ -113,6 +113,25 @@ def test_api_reference_has_a_page_per_public_module(site):
         assert (html / "reference" / "api" / f"{mod}.html").is_file(), mod
 
 
+def test_source_pages_link_back_to_the_object_they_show(site):
+    """Every "[docs]" link of a source page (sphinx.ext.viewcode) names an anchor that its API
+    page has, so it lands on the object, not at the top of the page; objects re-exported by a
+    package (``sae_ref.resolve`` of ``sae_ref.arrays``) included."""
+    rc, _, html = site
+    assert rc == 0
+    links = 0
+    for page in sorted((html / "_modules").rglob("*.html")):
+        for href, anchor in re.findall(r'<a class="viewcode-back" href="([^"#]*)#([^"]*)"',
+                                       page.read_text()):
+            links += 1
+            target = (page.parent / href).resolve()
+            assert target.is_file(), f"{page.name}: {href} does not exist"
+            assert f'id="{anchor}"' in target.read_text(), f"{page.name}: {href}#{anchor}"
+    assert links > 100
+    arrays = (html / "_modules" / "sae_ref" / "arrays.html").read_text()
+    assert 'sae_ref.arrays.html#sae_ref.arrays.resolve"' in arrays
+
+
 UNDOCUMENTED = (
     'def test_documented():\n    """Says what it checks."""\n\n\n'
     "def test_bare():\n    assert True\n")

@@ -10,6 +10,13 @@
 - Class docstrings that list their fields as ``name : text`` lines without a section header
   (the project's dataclass style) get a numpydoc ``Attributes`` header, so the list renders
   as one instead of as run-on paragraphs.
+- The "[docs]" links of the source pages (``sphinx.ext.viewcode``) lead to the object on
+  its module's API page. viewcode keeps one anchor prefix per module, the module name under
+  which the first object of it was documented; an object re-exported by a package
+  (``sae_ref.resolve``, defined in ``sae_ref.arrays``) is documented twice, and the prefix
+  of one page was then paired with the other page, so the link landed at the top of a page
+  without that anchor. Every link is pointed at ``<module>.<name>`` on the page that
+  documents it, and a link whose anchor is still missing from its page is a build warning.
 - One API page per public module and one page per test file, written into
   ``reference/api/`` and ``reference/tests/`` when the build starts (both git-ignored), so a
   new module or test file appears without editing any page.
@@ -270,6 +277,51 @@ def _offline_mathjax(app) -> None:
     app.connect("build-finished", package.copy_mathjax_files)
 
 
+def _viewcode_backlinks(app):
+    """Before viewcode writes the source pages: each "[docs]" link of module ``M`` goes to
+    ``M.name`` on the page that documents it (see the module docstring)."""
+    modules = getattr(app.env, "_viewcode_modules", {})
+    objects = app.env.get_domain("py").objects
+    for modname, entry in list(modules.items()):
+        if not entry:
+            continue
+        code, tags, used, _refname = entry
+        for name in list(used):
+            obj = objects.get(f"{modname}.{name}")
+            if obj is None or obj.node_id != f"{modname}.{name}":
+                del used[name]  # documented only under another name: no link beats a wrong one
+            else:
+                used[name] = obj.docname
+        modules[modname] = (code, tags, used, modname)
+        # viewcode keeps a source page newer than its module; an old build's page may hold
+        # the old links, so it is written again
+        old = Path(app.outdir) / "_modules" / (modname.replace(".", "/") + ".html")
+        old.unlink(missing_ok=True)
+    return []
+
+
+_BACKLINK = re.compile(r'<a class="viewcode-back" href="([^"#]*)#([^"]*)"')
+
+
+def _check_viewcode_backlinks(app, exception) -> None:
+    """Warn for every "[docs]" link whose anchor its target page does not have."""
+    if exception is not None or app.builder.format != "html":
+        return
+    from sphinx.util import logging
+
+    out = Path(app.outdir)
+    ids: dict[Path, str] = {}
+    for page in sorted((out / "_modules").rglob("*.html")):
+        for href, anchor in _BACKLINK.findall(page.read_text(encoding="utf-8")):
+            target = (page.parent / href).resolve()
+            if target not in ids:
+                ids[target] = target.read_text(encoding="utf-8") if target.is_file() else ""
+            if f'id="{anchor}"' not in ids[target]:
+                logging.getLogger(__name__).warning(
+                    "%s: the [docs] link to %s#%s finds no such anchor",
+                    page.relative_to(out).as_posix(), href, anchor)
+
+
 def setup(app):
     _offline_mathjax(app)
     app.add_config_value("saeref_generate_pages", True, "env")
@@ -280,6 +332,9 @@ def setup(app):
     app.add_directive("sae-invariants", InvariantsDirective)
     app.add_directive("sae-test-sources", TestSourcesDirective)
     app.connect("builder-inited", generate_pages)
+    # before viewcode's own html-collect-pages handler (priority 500) writes the source pages
+    app.connect("html-collect-pages", _viewcode_backlinks, priority=400)
+    app.connect("build-finished", _check_viewcode_backlinks)
     # before numpydoc (priority 500) turns sections into reST
     app.connect("autodoc-process-docstring", field_list_as_attributes, priority=400)
     return {"version": "1", "parallel_read_safe": True, "parallel_write_safe": True}
