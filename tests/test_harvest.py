@@ -527,3 +527,21 @@ def test_a_failing_shard_write_stops_the_harvest_with_its_error(tmp_path, gpt2, 
     ref = harvest(gpt2, gpt2_tokenizer, texts, tmp_path / "r", layer=1, seq_len=16, shard_rows=64,
                   progress=False)
     np.testing.assert_array_equal(full.read(0, full.n_rows), ref.read(0, ref.n_rows))
+
+
+@pytest.mark.parametrize("layers", [[0, 2], [2, 1, 0]])
+def test_several_layers_from_one_pass_equal_separate_harvests(tmp_path, gpt2, gpt2_tokenizer, texts, layers):
+    """Invariant: harvesting several layers at once (one forward per batch, one store per
+    layer, the last layer included) gives each layer's store the rows and metadata of its own
+    harvest, bit for bit, and cutting it with max_tokens then continuing gives the same."""
+    kw = dict(seq_len=16, batch_size=8, shard_rows=80, progress=False)
+    dirs = [tmp_path / f"l{v}" for v in layers]
+    harvest(gpt2, gpt2_tokenizer, texts, dirs, layer=layers, max_tokens=150, **kw)
+    stores = harvest(gpt2, gpt2_tokenizer, texts, dirs, layer=layers, **kw)
+    assert len(stores) == len(layers)
+    for v, store in zip(layers, stores):
+        alone = harvest(gpt2, gpt2_tokenizer, texts, tmp_path / f"alone{v}", layer=v, **kw)
+        np.testing.assert_array_equal(store.read(0, store.n_rows), alone.read(0, alone.n_rows))
+        assert store.metadata["layer"] == v and store.metadata["harvest"] == alone.metadata["harvest"]
+    with pytest.raises(ValueError, match="one directory with each layer"):
+        harvest(gpt2, gpt2_tokenizer, texts, dirs[:1], layer=layers, **kw)

@@ -43,6 +43,7 @@ import contextlib
 import hashlib
 import inspect
 import json
+import numbers
 import os
 
 import numpy as np
@@ -186,39 +187,47 @@ class _Stop(Exception):
 
 
 class _LayerCapture:
-    """Computes ``hidden_states[layer]`` for a batch of input ids, running only what is needed."""
+    """Computes ``hidden_states[l]`` for each ``l`` of ``layers`` from one forward pass over a
+    batch of input ids, running only the blocks that are needed."""
 
-    def __init__(self, model, layer: int, n_layers: int):
-        self.model, self.layer = model, layer
-        self.blocks = _block_list(model, n_layers) if layer < n_layers else None
+    def __init__(self, model, layers, n_layers: int):
+        self.model, self.layers = model, tuple(layers)
+        last = max(self.layers)
+        self.blocks = _block_list(model, n_layers) if last < n_layers else None
         params = inspect.signature(model.forward).parameters
         self.extra = {"use_cache": False} if "use_cache" in params else {}
 
-    def __call__(self, input_ids, attention_mask):
+    def __call__(self, input_ids, attention_mask) -> list:
         import torch
 
         if self.blocks is None:
             out = self.model(input_ids=input_ids, attention_mask=attention_mask,
                              output_hidden_states=True, return_dict=True, **self.extra)
-            return out.hidden_states[self.layer]
-        captured = []
+            return [out.hidden_states[layer] for layer in self.layers]
+        captured, last = {}, max(self.layers)
 
-        def hook(module, args, kwargs):
-            captured.append(args[0] if args else kwargs["hidden_states"])
-            raise _Stop
+        def hook_for(layer):
+            def hook(module, args, kwargs):
+                captured[layer] = args[0] if args else kwargs["hidden_states"]
+                if layer == last:
+                    raise _Stop
+            return hook
 
-        handle = self.blocks[self.layer].register_forward_pre_hook(hook, with_kwargs=True)
+        handles = [self.blocks[layer].register_forward_pre_hook(hook_for(layer), with_kwargs=True)
+                   for layer in sorted(set(self.layers))]
         try:
             self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True,
                        **self.extra)
         except _Stop:
             pass
         finally:
-            handle.remove()
-        if not captured or not isinstance(captured[0], torch.Tensor):
-            raise RuntimeError(f"harvest: could not capture the input of block {self.layer} of "
-                               f"{type(self.model).__name__}")
-        return captured[0]
+            for h in handles:
+                h.remove()
+        for layer in self.layers:
+            if not isinstance(captured.get(layer), torch.Tensor):
+                raise RuntimeError(f"harvest: could not capture the input of block {layer} of "
+                                   f"{type(self.model).__name__}")
+        return [captured[layer] for layer in self.layers]
 
 
 @contextlib.contextmanager
@@ -296,10 +305,14 @@ def harvest(model, tokenizer, texts, directory, *, layer: int, seq_len: int = 12
         Tokenizes the texts (without special tokens) and tells the wrapping and separator.
     texts : sequence of str
         The corpus, one document per string (see :mod:`sae_ref.data.corpus`).
-    directory : str or path
-        The store directory: created, or continued if it holds an unfinished harvest.
-    layer : int
+    directory : str or path, or a sequence of them
+        The store directory: created, or continued if it holds an unfinished harvest. With
+        several layers, one directory per layer, in the same order.
+    layer : int or sequence of int
         Hidden-state index, ``0 <= layer <= model.config.num_hidden_layers`` (0 = embeddings).
+        Several layers are harvested from one forward pass per batch into one store each
+        (the rows of separate harvests, bit for bit); their stores must be new or at the
+        same point of an unfinished harvest.
     seq_len : int
         Corpus tokens per window; the model sees ``seq_len`` plus the wrapping tokens.
     batch_size : int
@@ -338,7 +351,7 @@ def harvest(model, tokenizer, texts, directory, *, layer: int, seq_len: int = 12
 
     Returns
     -------
-    ActivationStore
+    ActivationStore, or a list of them (one per layer) when ``layer`` is a sequence
         The store, opened for reading; ``store.metadata`` describes the harvest.
 
     Raises
@@ -356,11 +369,20 @@ def harvest(model, tokenizer, texts, directory, *, layer: int, seq_len: int = 12
         raise TypeError(f"{op}: argument 'model' must be a transformers torch model, got "
                         f"{type(model).__name__}")
     n_layers = _n_layers(op, model)
-    layer = check_int(op, "layer", layer, 0)
-    if layer > n_layers:
-        raise ValueError(f"{op}: argument 'layer' must be in [0, {n_layers}] "
-                         f"(model.config.num_hidden_layers={n_layers}; 0 = embeddings), "
-                         f"got {layer}")
+    several = not isinstance(layer, numbers.Integral)
+    layers = [check_int(op, "layer", v, 0) for v in (layer if several else [layer])]
+    for v in layers:
+        if v > n_layers:
+            raise ValueError(f"{op}: argument 'layer' must be in [0, {n_layers}] "
+                             f"(model.config.num_hidden_layers={n_layers}; 0 = embeddings), "
+                             f"got {v}")
+    directories = [os.fspath(x) for x in directory] if several else [os.fspath(directory)]
+    if len(directories) != len(layers) or not layers:
+        raise ValueError(f"{op}: arguments 'layer' and 'directory' must pair one directory with "
+                         f"each layer, got {len(layers)} layer(s) and {len(directories)} directories")
+    if len(set(layers)) != len(layers) or len(set(directories)) != len(directories):
+        raise ValueError(f"{op}: arguments 'layer' and 'directory' must not repeat, got "
+                         f"{layers} and {directories}")
     seq_len = check_int(op, "seq_len", seq_len, 1)
     batch_size = check_int(op, "batch_size", batch_size, 1)
     shard_rows = check_int(op, "shard_rows", shard_rows, 1)
@@ -438,8 +460,8 @@ def harvest(model, tokenizer, texts, directory, *, layer: int, seq_len: int = 12
             "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
             **({"autocast": autocast} if autocast else {}),  # absent: full precision
         },
-        "layer": layer,
-        "hook": f"hidden_states[{layer}]",
+        "layer": layers[0],
+        "hook": f"hidden_states[{layers[0]}]",
         "hook_convention": "output_hidden_states: 0 = embeddings, L = after block L",
         "d": d,
         "dtype": dtype,
@@ -469,17 +491,32 @@ def harvest(model, tokenizer, texts, directory, *, layer: int, seq_len: int = 12
         },
     }
 
-    directory = os.fspath(directory)
-    resume = _resume_point(op, directory, identity, d, dtype)
-    if resume is None:
-        meta = dict(identity, harvest={"next_window": 0, "n_rows": 0})
-        writer = StoreWriter(directory, d=d, dtype=dtype, format=format, metadata=meta)
-        start = 0
-    else:
-        start, identity = resume  # the stored description (names) stays
-        writer = StoreWriter(directory, d=d, dtype=dtype, format=format)
+    outs = []  # per layer: (directory, identity, writer)
+    starts = set()
+    for v, where in zip(layers, directories):
+        ident = dict(identity, layer=v, hook=f"hidden_states[{v}]")
+        resume = _resume_point(op, where, ident, d, dtype)
+        if resume is None:
+            meta = dict(ident, harvest={"next_window": 0, "n_rows": 0})
+            writer = StoreWriter(where, d=d, dtype=dtype, format=format, metadata=meta)
+            starts.add(0)
+        else:
+            start, ident = resume  # the stored description (names) stays
+            writer = StoreWriter(where, d=d, dtype=dtype, format=format)
+            starts.add(start)
+        outs.append((where, ident, writer))
+    if len(starts) > 1:
+        raise ValueError(f"{op}: the stores of layers {layers} stand at different points of the "
+                         f"harvest (windows {sorted(starts)}); harvest them separately, or start "
+                         f"them anew")
+    start = starts.pop()
+
+    def result():
+        stores = [ActivationStore(where) for where, _, _ in outs]
+        return stores if several else stores[0]
+
     if start >= n_target:
-        return ActivationStore(directory)
+        return result()
 
     from concurrent.futures import ThreadPoolExecutor
 
@@ -487,33 +524,37 @@ def harvest(model, tokenizer, texts, directory, *, layer: int, seq_len: int = 12
 
     if device != model_device:
         model.to(device)  # moved back in the finally below
-    capture = _LayerCapture(model, layer, n_layers)
+    capture = _LayerCapture(model, layers, n_layers)
     mask_t = torch.ones((1, model_len), dtype=torch.long, device=device)
-    cache: dict[int, np.ndarray] = {}
+    cache: dict[int, list] = {}
 
-    def batch_rows(k: int) -> np.ndarray:
+    def batch_rows(k: int) -> list:
+        """Batch ``k``'s hidden states, one [windows, model_len, d] array per layer."""
         if k not in cache:
             cache.clear()
             lo, hi = k * batch_size, min((k + 1) * batch_size, n_windows)
             ids = torch.from_numpy(np.ascontiguousarray(full[lo:hi])).to(device)
             with torch.autocast(device.type, dtype=getattr(torch, autocast or "bfloat16"),
                                 enabled=autocast is not None):
-                h = capture(ids, mask_t.expand(hi - lo, -1))
-            if tuple(h.shape) != (hi - lo, model_len, d):
-                raise RuntimeError(f"{op}: layer {layer} gave shape {tuple(h.shape)}, expected "
-                                   f"{(hi - lo, model_len, d)}")
-            cache[k] = h.detach().to(device="cpu", dtype=torch.float32).numpy()
+                hs = capture(ids, mask_t.expand(hi - lo, -1))
+            for v, h in zip(layers, hs):
+                if tuple(h.shape) != (hi - lo, model_len, d):
+                    raise RuntimeError(f"{op}: layer {v} gave shape {tuple(h.shape)}, expected "
+                                       f"{(hi - lo, model_len, d)}")
+            cache[k] = [h.detach().to(device="cpu", dtype=torch.float32).numpy() for h in hs]
         return cache[k]
 
+    label = ", ".join(str(v) for v in layers)
     bar = tqdm(total=int(cum_rows[n_target]), initial=int(cum_rows[start]), unit="tok",
-               unit_scale=True, disable=not progress, desc=f"harvest layer {layer}")
+               unit_scale=True, disable=not progress, desc=f"harvest layer {label}")
     writes, pending = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sae-ref harvest"), None
 
     def write(rows, end):
-        # the progress travels in the same atomic manifest write as the shard
-        writer.manifest = dict(writer.manifest, metadata=dict(
-            identity, harvest={"next_window": end, "n_rows": int(cum_rows[end])}))
-        writer.append(rows)
+        for (_, ident, writer), r in zip(outs, rows):
+            # the progress travels in the same atomic manifest write as the shard
+            writer.manifest = dict(writer.manifest, metadata=dict(
+                ident, harvest={"next_window": end, "n_rows": int(cum_rows[end])}))
+            writer.append(r)
 
     try:
         with _eval_mode(model), torch.no_grad():
@@ -522,12 +563,12 @@ def harvest(model, tokenizer, texts, directory, *, layer: int, seq_len: int = 12
                 end = w + 1  # whole windows, at most shard_rows rows (at least one window)
                 while end < n_target and cum_rows[end + 1] - cum_rows[w] <= shard_rows:
                     end += 1
-                parts = []
+                parts = [[] for _ in layers]
                 for v in range(w, end):
-                    h = batch_rows(v // batch_size)[v % batch_size]
-                    parts.append(h[keep[v]])
+                    for j, h in enumerate(batch_rows(v // batch_size)):
+                        parts[j].append(h[v % batch_size][keep[v]])
                     bar.update(int(rows_per_window[v]))
-                rows = np.concatenate(parts)
+                rows = [np.concatenate(p) for p in parts]
                 if pending is not None:
                     pending.result()  # one write in flight; its error surfaces here
                 pending = writes.submit(write, rows, end)
@@ -539,7 +580,7 @@ def harvest(model, tokenizer, texts, directory, *, layer: int, seq_len: int = 12
         bar.close()
         if device != model_device:
             model.to(model_device)
-    return ActivationStore(directory)
+    return result()
 
 
 def _resume_point(op: str, directory: str, identity: dict, d: int,
