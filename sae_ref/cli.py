@@ -544,7 +544,7 @@ def _error_line(args, e: Exception) -> str | None:
         return _mismatch_message(e)
     if isinstance(e, NonFiniteBatch):
         return f"{e.detail}; pass --nonfinite skip to leave such batches out"
-    if isinstance(e, (ValueError, FileNotFoundError, NotImplementedError, ImportError)):
+    if isinstance(e, (ValueError, FileNotFoundError, NotImplementedError, ImportError, MemoryError)):
         return str(e)
     if isinstance(e, OSError):
         return _write_failed(e, args.out) if args.command == "train" else str(e)

@@ -74,6 +74,51 @@ def _check_configs(configs) -> list[TrainConfig]:
     return configs
 
 
+def member_bytes(config: TrainConfig, d: int, batch_size: int, itemsize: int) -> int:
+    """An estimate of one member's memory in training: parameters, their gradients and Adam's
+    two moments (4 copies of 2 d h + h + d values), and the step's [B, h] arrays (the
+    pre-activations and, with AuxK, its block and gradient: 3 of them)."""
+    h = config.h
+    params = 2 * d * h + h + d
+    blocks = 3 if config.aux_convention else 1
+    return itemsize * (4 * params + blocks * batch_size * h)
+
+
+def available_bytes(xp, device) -> int | None:
+    """Free memory of the device: CUDA's free bytes for torch-CUDA and CuPy, the host's
+    available memory (``MemAvailable``) otherwise; None when it cannot be read."""
+    from array_api_compat import is_cupy_namespace, is_torch_namespace
+
+    try:
+        if is_torch_namespace(xp) and getattr(device, "type", "cpu") == "cuda":
+            import torch
+
+            return int(torch.cuda.mem_get_info(device)[0])
+        if is_cupy_namespace(xp):
+            import cupy
+
+            return int(cupy.cuda.runtime.memGetInfo()[0])
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, RuntimeError, ImportError):
+        return None
+    return None
+
+
+def _check_memory(configs, names, d, batch_size, itemsize, xp, dev) -> None:
+    """Refuse, naming the sizes, a sweep whose members cannot all fit the device."""
+    need = [member_bytes(c, d, batch_size, itemsize) for c in configs]
+    free = available_bytes(xp, dev)
+    if free is not None and sum(need) > free:
+        gib = 2 ** 30
+        each = ", ".join(f"{n} {b / gib:.2f}" for n, b in zip(names, need))
+        raise MemoryError(f"fit_sweep: the members need about {sum(need) / gib:.2f} GiB together "
+                          f"({each} GiB: parameters, gradients, Adam and the step's [B, h] arrays) "
+                          f"but the device has {free / gib:.2f} GiB free; train fewer members at once")
+
+
 def _write_manifest(out: Path, manifest: dict) -> None:
     _atomic.atomic_write_bytes(out / MANIFEST, json.dumps(manifest, indent=2).encode())
 
@@ -128,6 +173,7 @@ def fit_sweep(configs, source, *, out, names=None, backend: str = "numpy", devic
                          f"not of {names}")
     for n in names:
         check_run_dir(out / n, resume=resume, overwrite=overwrite)
+    _check_memory(configs, names, source.d, batch_size, 8 if dtype == "float64" else 4, xp, dev)
     train_rows, held_rows = _split(source, batch_size, holdout_batches)
     identity = {"data": data_identity(source), "batch_size": batch_size, "data_seed": data_seed,
                 "holdout_batches": holdout_batches, "dtype": dtype,
@@ -221,4 +267,4 @@ def load_sweep(out) -> dict:
     return _read_manifest(Path(out))
 
 
-__all__ = ["MANIFEST", "fit_sweep", "load_sweep", "member_name"]
+__all__ = ["MANIFEST", "available_bytes", "fit_sweep", "load_sweep", "member_bytes", "member_name"]

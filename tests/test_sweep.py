@@ -162,3 +162,21 @@ def test_report_on_a_sweep_directory_evaluates_its_members(tmp_path):
     res = build_report([tmp_path / "sweep"], store, tmp_path / "rep", config=rep, echo=lambda *_: None)
     labels = sorted(r["label"] for r in res["runs"])
     assert labels == ["batchtopk-k2", "batchtopk-k3", "topk-k2", "topk-k3"]
+
+
+def test_a_sweep_that_cannot_fit_the_device_is_refused_naming_the_sizes(tmp_path, monkeypatch):
+    """Invariant: before anything is written, a sweep whose members' estimated memory
+    (parameters, gradients, Adam, the step's [B, h] arrays) exceeds the device's free memory
+    is refused with the total, each member's share and the free size; the estimate grows
+    with h and B."""
+    from sae_ref import sweep as S
+
+    store = _store(tmp_path)
+    a = TrainConfig(arch="topk", h=64, k=2, steps=2)
+    small, wide = S.member_bytes(a, 8, 32, 4), S.member_bytes(TrainConfig(arch="topk", h=128, k=2), 8, 32, 4)
+    assert wide > small and S.member_bytes(a, 8, 64, 4) > small
+    monkeypatch.setattr(S, "available_bytes", lambda xp, dev: small)
+    with pytest.raises(MemoryError, match=r"GiB together \(topk-k2 .*topk-k3"):
+        fit_sweep([a, TrainConfig(arch="topk", h=64, k=3, steps=2)], store, out=tmp_path / "s",
+                  batch_size=32, progress=False)
+    assert not (tmp_path / "s").exists()
