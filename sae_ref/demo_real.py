@@ -91,7 +91,7 @@ def run(out="runs/demo", cfg: DemoConfig = DemoConfig(), echo=print) -> dict:
     rep = ReportConfig(eval_rows=eval_batches * cfg.batch_size, batch_size=cfg.batch_size,
                        prune=(f"batchtopk-k{max(cfg.ks)}",), eval_docs=cfg.eval_docs,
                        backend=cfg.backend)
-    results = build_report(runs, store, out, config=rep, echo=echo)
+    results = build_report([out], store, out, config=rep, echo=echo)  # the sweep: its members
     results["demo"] = {"model": name, "layer": cfg.layer, "config": asdict(cfg),
                        "wall_seconds": time.perf_counter() - t_start}
     _atomic.atomic_write_json(out / "results.json", results)
