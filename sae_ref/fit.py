@@ -449,12 +449,16 @@ class _Member:
 
 
 class _Loop:
-    """The training loop shared by one run and a sweep: every active member steps on each
-    batch of one stream (made ahead on a thread with ``prefetch``), logs and checkpoints."""
+    """The training loop shared by one run and a sweep: at each step every stream gives one
+    batch (made ahead on a thread with ``prefetch``) and every active member steps on its own
+    stream's batch (``streams[feeds[i]]`` for member ``i``; one stream unless a sweep pairs
+    members with several sources), logs and checkpoints."""
 
-    def __init__(self, members, stream, *, log_every, checkpoint_every, prefetch, progress,
-                 batch_rows=None, comm=None, on_checkpoint=None):
-        self.members, self.stream = members, stream
+    def __init__(self, members, streams, *, log_every, checkpoint_every, prefetch, progress,
+                 batch_rows=None, comm=None, on_checkpoint=None, feeds=None):
+        self.members = members
+        self.streams = list(streams) if isinstance(streams, (list, tuple)) else [streams]
+        self.feeds = list(feeds) if feeds is not None else [0] * len(members)
         self.log_every, self.checkpoint_every = log_every, checkpoint_every
         self.prefetch, self.progress = prefetch, progress
         self.batch_rows, self.comm, self.on_checkpoint = batch_rows, comm, on_checkpoint
@@ -462,31 +466,35 @@ class _Loop:
         self.waited, self.t0 = 0.0, time.perf_counter()
 
     def run(self) -> None:
-        members, stream = self.members, self.stream
+        members, streams, feeds = self.members, self.streams, self.feeds
         total = max(m.config.steps for m in members)
         done = min(m.state.t for m in members)
         bar = tqdm(total=total, initial=done, disable=not self.progress, unit="step",
                    dynamic_ncols=True)
         self.t0 = time.perf_counter()
-        if self.prefetch and any(m.active for m in members) and hasattr(stream, "prefetch"):
-            stream.prefetch(self.prefetch)
-        with C.no_checks(), contextlib.ExitStack() as files, _closing(stream):
+        with C.no_checks(), contextlib.ExitStack() as files:
+            for j, stream in enumerate(streams):
+                files.enter_context(_closing(stream))
+                if self.prefetch and hasattr(stream, "prefetch") and any(
+                        m.active for m, f in zip(members, feeds) if f == j):
+                    stream.prefetch(self.prefetch)
             for m in members:
                 path = None if m.run is None else m.run / "metrics.jsonl"
                 m.log = None if path is None else files.enter_context(open(path, "a"))
             while any(m.active for m in members):
                 w0 = time.perf_counter()
-                x = next(stream)
+                xs = [next(stream) if any(m.active for m, f in zip(members, feeds) if f == j) else None
+                      for j, stream in enumerate(streams)]
                 self.waited += time.perf_counter() - w0
                 if self.batch_rows is not None:
-                    x = x[self.batch_rows]
-                for m in members:
+                    xs = [x if x is None else x[self.batch_rows] for x in xs]
+                for m, f in zip(members, feeds):
                     if m.active:
-                        m.record(m.step(x, self.comm), stream, self)
+                        m.record(m.step(xs[f], self.comm), streams[f], self)
                 bar.update(1)
                 self._postfix(bar)
-                for m in members:  # a member that is done commits its last step at once
-                    m.checkpoint_if_due(stream, self.checkpoint_every, final=m.state.t == m.config.steps)
+                for m, f in zip(members, feeds):  # a member that is done commits its last step at once
+                    m.checkpoint_if_due(streams[f], self.checkpoint_every, final=m.state.t == m.config.steps)
                 if self.on_checkpoint is not None and any(m.saved_t == m.state.t for m in members):
                     self.on_checkpoint()
             for m in members:

@@ -107,9 +107,10 @@ def available_bytes(xp, device) -> int | None:
     return None
 
 
-def _check_memory(configs, names, d, batch_size, itemsize, xp, dev) -> None:
-    """Refuse, naming the sizes, a sweep whose members cannot all fit the device."""
-    need = [member_bytes(c, d, batch_size, itemsize) for c in configs]
+def _check_memory(configs, names, ds, batch_size, itemsize, xp, dev) -> None:
+    """Refuse, naming the sizes, a sweep whose members (of input widths ``ds``) cannot all fit
+    the device."""
+    need = [member_bytes(c, d, batch_size, itemsize) for c, d in zip(configs, ds)]
     free = available_bytes(xp, dev)
     if free is not None and sum(need) > free:
         gib = 2 ** 30
@@ -127,7 +128,8 @@ def _member_states(members, names) -> list[dict]:
     out = []
     for m, n in zip(members, names):
         state = "stopped" if m.stopped else ("finished" if m.state.t >= m.config.steps else "running")
-        entry = {"name": n, "dir": n, "step": m.state.t, "state": state, "config": m.config.to_dict()}
+        entry = {"name": n, "dir": n, "step": m.state.t, "state": state, "config": m.config.to_dict(),
+                 "data": m.identity["data"]}
         if m.stopped:
             entry["stopped"] = m.stopped
         out.append(entry)
@@ -143,7 +145,10 @@ def fit_sweep(configs, source, *, out, names=None, backend: str = "numpy", devic
     """Train every config of ``configs`` on one batch stream of ``source`` (module docstring).
 
     Arguments as :func:`sae_ref.fit.fit`, for every member; ``out`` is the sweep directory and
-    ``names`` the members' directory names (default :func:`member_name`). ``resume``
+    ``names`` the members' directory names (default :func:`member_name`). ``source`` is one
+    source for every member, or a sequence of one source per member (e.g. the stores of several
+    layers from one harvest, :func:`sae_ref.data.harvest.harvest`): each distinct source is
+    read once per step, in lockstep, and each member trains on its own. ``resume``
     continues every member from the sweep's last common checkpoint (``checkpoint_every``
     sets when those are written); ``overwrite`` replaces the runs the member directories
     hold. Returns one :class:`~sae_ref.fit.FitResult` per member, in order; a stopped
@@ -173,30 +178,37 @@ def fit_sweep(configs, source, *, out, names=None, backend: str = "numpy", devic
                          f"not of {names}")
     for n in names:
         check_run_dir(out / n, resume=resume, overwrite=overwrite)
-    _check_memory(configs, names, source.d, batch_size, 8 if dtype == "float64" else 4, xp, dev)
-    train_rows, held_rows = _split(source, batch_size, holdout_batches)
-    identity = {"data": data_identity(source), "batch_size": batch_size, "data_seed": data_seed,
-                "holdout_batches": holdout_batches, "dtype": dtype,
-                "train_rows": None if train_rows is None else list(train_rows)}
-    members = [_Member(c, out / n, backend=backend, identity=identity, keep=keep)
-               for c, n in zip(configs, names)]
-    position = 0
+    sources, feeds = _sources(source, len(configs))
+    _check_memory(configs, names, [sources[f].d for f in feeds], batch_size,
+                  8 if dtype == "float64" else 4, xp, dev)
+    groups = []  # per source: (train_rows, held_rows, identity, stream arguments)
+    for src in sources:
+        train_rows, held_rows = _split(src, batch_size, holdout_batches)
+        identity = {"data": data_identity(src), "batch_size": batch_size, "data_seed": data_seed,
+                    "holdout_batches": holdout_batches, "dtype": dtype,
+                    "train_rows": None if train_rows is None else list(train_rows)}
+        kw = dict(seed=data_seed, xp=xp, device=dev, dtype=dt, nonfinite=configs[0].nonfinite,
+                  rows=train_rows)
+        groups.append((train_rows, held_rows, identity, kw))
+    members = [_Member(c, out / n, backend=backend, identity=groups[f][2], keep=keep)
+               for c, n, f in zip(configs, names, feeds)]
+    positions = [0] * len(sources)
     if resume:
-        position = _resume(members, manifest, xp, dev)
-    stream_kw = dict(seed=data_seed, xp=xp, device=dev, dtype=dt, nonfinite=configs[0].nonfinite,
-                     rows=train_rows)
-    first = []
+        positions = _resume(members, feeds, len(sources), manifest, xp, dev)
+    firsts = {}
 
-    def first_batch():  # one read of batch 0 for every new member
-        if not first:
-            first.append(next(source.stream(batch_size, position=0, **stream_kw)))
-        return first[0]
+    def first_batch(f):  # one read of batch 0 of each source for every new member
+        if f not in firsts:
+            firsts[f] = next(sources[f].stream(batch_size, position=0, **groups[f][3]))
+        return firsts[f]
 
     out.mkdir(parents=True, exist_ok=True)
-    for m in members:
-        m.start(first_batch, overwrite)
-    del first[:]
-    base = {"members": None, "data": identity["data"], "batch_size": batch_size,
+    for m, f in zip(members, feeds):
+        m.start(lambda f=f: first_batch(f), overwrite)
+    firsts.clear()
+    identity = groups[0][2]
+    base = {"members": None, "data": identity["data"] if len(sources) == 1 else "per member",
+            "batch_size": batch_size,
             "data_seed": data_seed, "holdout_batches": holdout_batches, "dtype": dtype,
             "backend": backend, "committed_step": None if manifest is None else manifest.get("committed_step")}
 
@@ -213,14 +225,15 @@ def fit_sweep(configs, source, *, out, names=None, backend: str = "numpy", devic
         _write_manifest(out, base)
 
     commit()
-    stream = source.stream(batch_size, position=position, **stream_kw)
-    loop = _Loop(members, stream, log_every=log_every, checkpoint_every=checkpoint_every,
-                 prefetch=prefetch, progress=progress, on_checkpoint=commit)
+    streams = [src.stream(batch_size, position=p, **g[3]) for src, p, g in zip(sources, positions, groups)]
+    loop = _Loop(members, streams, log_every=log_every, checkpoint_every=checkpoint_every,
+                 prefetch=prefetch, progress=progress, on_checkpoint=commit, feeds=feeds)
     loop.run()
-    for m in members:
-        m.checkpoint_if_due(stream, final=True)
-    held = _heldout(source, batch_size, holdout_batches, held_rows, xp, dev, dt)
-    results = [m.finish(source, stream, loop, held_rows, held, saelens_metadata) for m in members]
+    for m, f in zip(members, feeds):
+        m.checkpoint_if_due(streams[f], final=True)
+    held = [_heldout(src, batch_size, holdout_batches, g[1], xp, dev, dt) for src, g in zip(sources, groups)]
+    results = [m.finish(sources[f], streams[f], loop, groups[f][1], held[f], saelens_metadata)
+               for m, f in zip(members, feeds)]
     base["members"] = _member_states(members, names)
     base["finished"] = True
     _write_manifest(out, base)
@@ -240,14 +253,31 @@ def _read_manifest(out: Path) -> dict:
     return manifest
 
 
-def _resume(members, manifest, xp, dev) -> int:
-    """Load every member at the sweep's last common step; returns the stream position there."""
+def _sources(source, n: int):
+    """(the distinct sources, each member's index among them): one source for every member,
+    or a sequence of one source per member (e.g. each layer's store of one harvest)."""
+    if not isinstance(source, (list, tuple)):
+        return [source], [0] * n
+    if len(source) != n:
+        raise ValueError(f"fit_sweep: argument 'source' lists {len(source)} sources for {n} configs")
+    distinct, feeds = [], []
+    for src in source:
+        at = next((i for i, d in enumerate(distinct) if d is src), None)
+        if at is None:
+            distinct.append(src)
+            at = len(distinct) - 1
+        feeds.append(at)
+    return distinct, feeds
+
+
+def _resume(members, feeds, n_sources, manifest, xp, dev) -> list[int]:
+    """Load every member at the sweep's last common step; returns each stream's position there."""
     step = manifest.get("committed_step")
     if step is None:
         raise RunDirError(f"fit_sweep: '{members[0].run.parent}' has no common checkpoint of its "
                           f"members to resume from", kind="missing", run=members[0].run.parent, contents="")
-    positions = set()
-    for m, entry in zip(members, manifest["members"]):
+    positions = [set() for _ in range(n_sources)]
+    for m, f, entry in zip(members, feeds, manifest["members"]):
         if entry.get("stopped"):  # stopped for good: its newest state, not stepped again
             m.load(xp, dev)
             m.stopped = entry["stopped"]
@@ -255,11 +285,12 @@ def _resume(members, manifest, xp, dev) -> int:
         if m.config.steps < step:  # finished before the common step
             m.load(xp, dev)
             continue
-        positions.add(m.load(xp, dev, step=step))
-    if len(positions) > 1:
-        raise ValueError(f"fit_sweep: the members' checkpoints of step {step} record different "
-                         f"data positions {sorted(positions)}")
-    return positions.pop() if positions else 0
+        positions[f].add(m.load(xp, dev, step=step))
+    for p in positions:
+        if len(p) > 1:
+            raise ValueError(f"fit_sweep: the members' checkpoints of step {step} record different "
+                             f"data positions {sorted(p)}")
+    return [p.pop() if p else 0 for p in positions]
 
 
 def load_sweep(out) -> dict:
