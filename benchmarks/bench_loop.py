@@ -14,7 +14,8 @@ rows) into a temporary directory, then prints, measured in one run:
 - ``bare step``: tokens per second of :func:`sae_ref.train.step` on two batches already on the
   device (default ``TrainConfig``, AuxK off), the rate the loop could reach;
 - ``fit``: tokens per second of :func:`sae_ref.fit.fit` on each store, with batches made ahead
-  on a background thread (``prefetch=2``, the default) and without (``prefetch=0``), its share
+  on a background thread (``prefetch=2``, the default on a GPU) and without (``prefetch=0``,
+  the default on the CPU), its share
   of the bare step's rate, and the share of the loop's time spent waiting for data
   (``summary["data_wait"]``);
 - ``--sweep``: :func:`sae_ref.sweep.fit_sweep` of 8 SAEs (TopK and BatchTopK at k = 8, 16,
@@ -131,9 +132,9 @@ def sweep_rows(backend: str, store, shape: dict, steps: int) -> None:
 
     configs = sweep_configs(shape, steps)
     bare = sum(bare_seconds(backend, c, shape, steps) for c in configs)
-    kw = dict(backend=backend, batch_size=shape["B"], holdout_batches=0, progress=False, log_every=steps)
-    with tempfile.TemporaryDirectory() as tmp:
-        res = fit_sweep(configs, store, out=tmp, **kw)
+    kw = dict(backend=backend, batch_size=shape["B"], holdout_batches=0, progress=False,
+              log_every=steps, prefetch=0)  # no files written: the loops alone
+    res = fit_sweep(configs, store, out=None, **kw)
     sweep = loop_seconds(res[0].summary)
     serial = sum(loop_seconds(fit(c, store, **kw).summary) for c in configs)
     print(f"  sweep of {len(configs)} SAEs (TopK, BatchTopK x k = 8, 16, 32, 64), {store.dtype} store: "

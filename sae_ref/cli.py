@@ -96,8 +96,9 @@ def _train_parser(sub, name: str = "train"):
     p.add_argument("--nonfinite", default=None, choices=["raise", "skip"],
                    help="what to do with a batch holding NaN/inf (default: raise)")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--prefetch", type=int, default=2,
-                   help="batches prepared ahead on a background thread (0: each when it is due)")
+    p.add_argument("--prefetch", type=int, default=None,
+                   help="batches prepared ahead on a background thread (0: each when it is due; "
+                   "default 2 on a GPU, 0 on the CPU)")
     if sweep:
         return p
     p.add_argument("--nproc", type=int, default=1,
@@ -148,6 +149,7 @@ def _check_train_flags(args, parser) -> None:
     _at_least(parser, args, "--checkpoint-every", 0, " (0: a checkpoint at the end only)")
     _at_least(parser, args, "--keep", 1)
     _at_least(parser, args, "--holdout-batches", 0)
+    _at_least(parser, args, "--prefetch", 0)
     if args.resume and args.overwrite:
         parser.error("--resume and --overwrite exclude each other: --resume continues the run "
                      "in --out, --overwrite deletes it")

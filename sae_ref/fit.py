@@ -258,7 +258,7 @@ def fit(config: TrainConfig, source, *, backend: str = "numpy", device=None,
         checkpoint_every: int | None = None, keep: int | None = 3, resume: bool = False,
         overwrite: bool = False, log_every: int = 50, holdout_batches: int = 4,
         data_seed: int = 0, progress: bool = True, saelens_metadata: dict | None = None,
-        comm=None, prefetch: int = 2) -> FitResult:
+        comm=None, prefetch: int | None = None) -> FitResult:
     """Train ``config`` on ``source`` for ``config.steps`` steps (see the module docstring).
 
     ``resume``: continue the run in ``run_dir`` from its newest checkpoint (one must exist;
@@ -271,7 +271,9 @@ def fit(config: TrainConfig, source, *, backend: str = "numpy", device=None,
     ``prefetch``: how many batches a background thread prepares ahead of the step (reading,
     shuffling, checking, converting and, on a GPU, copying on a side stream;
     :meth:`~sae_ref.data.stream.BatchStream.prefetch`); 0 makes each batch when it is due.
-    The batches are the same either way. The log's ``tokens_per_s`` and ``data_wait`` (the
+    Default: 2 on a GPU, 0 on the CPU (where the thread takes cores from the step: measured
+    0.90 of the bare step's rate with it, 0.97 without, on 2 cores). The batches are the
+    same either way. The log's ``tokens_per_s`` and ``data_wait`` (the
     share of the loop's time spent waiting for a batch) show whether the data keeps up.
 
     ``comm`` (a :class:`sae_ref.dist.Comm` of R > 1 ranks, e.g. from
@@ -288,7 +290,7 @@ def fit(config: TrainConfig, source, *, backend: str = "numpy", device=None,
     if checkpoint_every is not None:
         checkpoint_every = C.integer_in("fit", "checkpoint_every", checkpoint_every, 0, 2**62)
     holdout_batches = C.integer_in("fit", "holdout_batches", holdout_batches, 0, 2**40)
-    prefetch = C.integer_in("fit", "prefetch", prefetch, 0, 2**20)
+    prefetch = default_prefetch(xp, dev) if prefetch is None else C.integer_in("fit", "prefetch", prefetch, 0, 2**20)
     rank, size = (0, 1) if comm is None else (comm.rank, comm.size)
     if batch_size % size:
         raise ValueError(f"fit: argument 'batch_size' ({batch_size}) must be a multiple of the number of ranks ({size})")
@@ -319,6 +321,14 @@ def fit(config: TrainConfig, source, *, backend: str = "numpy", device=None,
     return member.finish(source, stream, loop, held_rows,
                          _heldout(source, batch_size, holdout_batches, held_rows, xp, dev, dt)
                          if writer else None, saelens_metadata)
+
+
+def default_prefetch(xp, device) -> int:
+    """Batches made ahead by default: 2 on a GPU, where the host is idle while the device
+    steps; 0 on the CPU, where a reading thread competes with the step for the cores."""
+    from sae_ref.data.stream import on_gpu
+
+    return 2 if on_gpu(xp, device) else 0
 
 
 class _Member:

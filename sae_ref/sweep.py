@@ -28,7 +28,7 @@ from pathlib import Path
 
 from sae_ref.arrays import resolve
 from sae_ref.fit import (FitResult, RunDirError, _dtype, _heldout, _Loop, _Member, _split,
-                         check_run_dir, data_identity)
+                         check_run_dir, data_identity, default_prefetch)
 from sae_ref.io import _atomic
 from sae_ref.train import TrainConfig
 
@@ -120,7 +120,9 @@ def _check_memory(configs, names, ds, batch_size, itemsize, xp, dev) -> None:
                           f"but the device has {free / gib:.2f} GiB free; train fewer members at once")
 
 
-def _write_manifest(out: Path, manifest: dict) -> None:
+def _write_manifest(out: Path | None, manifest: dict) -> None:
+    if out is None:  # a sweep without files
+        return
     _atomic.atomic_write_bytes(out / MANIFEST, json.dumps(manifest, indent=2).encode())
 
 
@@ -140,11 +142,12 @@ def fit_sweep(configs, source, *, out, names=None, backend: str = "numpy", devic
               dtype: str = "float32", batch_size: int = 4096, checkpoint_every: int | None = None,
               keep: int | None = 3, resume: bool = False, overwrite: bool = False,
               log_every: int = 50, holdout_batches: int = 4, data_seed: int = 0,
-              progress: bool = True, prefetch: int = 2,
+              progress: bool = True, prefetch: int | None = None,
               saelens_metadata: dict | None = None) -> list[FitResult]:
     """Train every config of ``configs`` on one batch stream of ``source`` (module docstring).
 
-    Arguments as :func:`sae_ref.fit.fit`, for every member; ``out`` is the sweep directory and
+    Arguments as :func:`sae_ref.fit.fit`, for every member; ``out`` is the sweep directory (None:
+    nothing is written, as ``fit(run_dir=None)``) and
     ``names`` the members' directory names (default :func:`member_name`). ``source`` is one
     source for every member, or a sequence of one source per member (e.g. the stores of several
     layers from one harvest, :func:`sae_ref.data.harvest.harvest`): each distinct source is
@@ -165,19 +168,23 @@ def fit_sweep(configs, source, *, out, names=None, backend: str = "numpy", devic
     if checkpoint_every is not None:
         checkpoint_every = C.integer_in("fit_sweep", "checkpoint_every", checkpoint_every, 0, 2**62)
     holdout_batches = C.integer_in("fit_sweep", "holdout_batches", holdout_batches, 0, 2**40)
-    prefetch = C.integer_in("fit_sweep", "prefetch", prefetch, 0, 2**20)
+    prefetch = (default_prefetch(xp, dev) if prefetch is None
+                else C.integer_in("fit_sweep", "prefetch", prefetch, 0, 2**20))
     if resume and overwrite:
         raise ValueError("fit_sweep: resume=True and overwrite=True exclude each other")
-    out = Path(out)
+    if out is None and (resume or overwrite):
+        raise ValueError("fit_sweep: resume=True or overwrite=True needs a sweep directory 'out'")
+    out = None if out is None else Path(out)
     manifest = _read_manifest(out) if resume else None
-    if not resume and (out / MANIFEST).exists() and not overwrite:
+    if out is not None and not resume and (out / MANIFEST).exists() and not overwrite:
         raise RunDirError(f"fit_sweep: '{out}' already holds a sweep ({MANIFEST}); resume it "
                           f"or overwrite it", kind="exists", run=out, contents=MANIFEST)
     if manifest is not None and [m["name"] for m in manifest["members"]] != names:
         raise ValueError(f"fit_sweep: '{out}' holds a sweep of {[m['name'] for m in manifest['members']]}, "
                          f"not of {names}")
     for n in names:
-        check_run_dir(out / n, resume=resume, overwrite=overwrite)
+        if out is not None:
+            check_run_dir(out / n, resume=resume, overwrite=overwrite)
     sources, feeds = _sources(source, len(configs))
     _check_memory(configs, names, [sources[f].d for f in feeds], batch_size,
                   8 if dtype == "float64" else 4, xp, dev)
@@ -190,7 +197,7 @@ def fit_sweep(configs, source, *, out, names=None, backend: str = "numpy", devic
         kw = dict(seed=data_seed, xp=xp, device=dev, dtype=dt, nonfinite=configs[0].nonfinite,
                   rows=train_rows)
         groups.append((train_rows, held_rows, identity, kw))
-    members = [_Member(c, out / n, backend=backend, identity=groups[f][2], keep=keep)
+    members = [_Member(c, None if out is None else out / n, backend=backend, identity=groups[f][2], keep=keep)
                for c, n, f in zip(configs, names, feeds)]
     positions = [0] * len(sources)
     if resume:
@@ -202,7 +209,8 @@ def fit_sweep(configs, source, *, out, names=None, backend: str = "numpy", devic
             firsts[f] = next(sources[f].stream(batch_size, position=0, **groups[f][3]))
         return firsts[f]
 
-    out.mkdir(parents=True, exist_ok=True)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
     for m, f in zip(members, feeds):
         m.start(lambda f=f: first_batch(f), overwrite)
     firsts.clear()
