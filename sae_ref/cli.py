@@ -138,11 +138,8 @@ def _at_least(parser, args, flag: str, low: int, what: str = "") -> None:
         parser.error(f"{flag} must be >= {low}{what}, got {value}")
 
 
-def _check_train_flags(args, parser) -> None:
-    """The flags' ranges and combinations, before anything is read or written."""
-    from sae_ref.train import ARCHS, PRESETS
-
-    _at_least(parser, args, "--nproc", 1)
+def _check_loop_flags(args, parser) -> None:
+    """The ranges of the flags train and sweep share, and --resume against --overwrite."""
     _at_least(parser, args, "--batch-size", 1)
     _at_least(parser, args, "--steps", 1)
     _at_least(parser, args, "--log-every", 1)
@@ -153,6 +150,14 @@ def _check_train_flags(args, parser) -> None:
     if args.resume and args.overwrite:
         parser.error("--resume and --overwrite exclude each other: --resume continues the run "
                      "in --out, --overwrite deletes it")
+
+
+def _check_train_flags(args, parser) -> None:
+    """The flags' ranges and combinations, before anything is read or written."""
+    from sae_ref.train import ARCHS, PRESETS
+
+    _at_least(parser, args, "--nproc", 1)
+    _check_loop_flags(args, parser)
     if args.preset not in PRESETS:
         parser.error(f"--preset must be one of {sorted(PRESETS)}, got {args.preset!r}")
     arch = args.arch or PRESETS[args.preset].get("arch", "batchtopk")
@@ -302,15 +307,7 @@ def _sweep_members(args, parser) -> list[tuple[str, int | None]]:
     """(arch, k) of every member: each --arch, and each --k for the architectures that keep k."""
     from sae_ref.train import ARCHS, PRESETS
 
-    _at_least(parser, args, "--batch-size", 1)
-    _at_least(parser, args, "--steps", 1)
-    _at_least(parser, args, "--log-every", 1)
-    _at_least(parser, args, "--checkpoint-every", 0, " (0: a checkpoint at the end only)")
-    _at_least(parser, args, "--keep", 1)
-    _at_least(parser, args, "--holdout-batches", 0)
-    _at_least(parser, args, "--prefetch", 0)
-    if args.resume and args.overwrite:
-        parser.error("--resume and --overwrite exclude each other")
+    _check_loop_flags(args, parser)
     if args.preset not in PRESETS:
         parser.error(f"--preset must be one of {sorted(PRESETS)}, got {args.preset!r}")
     archs = [a.strip() for a in (args.arch or PRESETS[args.preset].get("arch", "batchtopk")).split(",")]

@@ -283,14 +283,8 @@ def fit(config: TrainConfig, source, *, backend: str = "numpy", device=None,
     equal one process's step on the global batch (:mod:`sae_ref.dist.data_parallel`). Rank 0
     alone writes the log, checkpoints and exports; a run resumes with any number of ranks.
     """
-    xp, dev = resolve(backend, device)
-    dt = _dtype(xp, dtype)
-    batch_size = C.integer_in("fit", "batch_size", batch_size, 1, 2**40)
-    log_every = C.integer_in("fit", "log_every", log_every, 1, 2**62)
-    if checkpoint_every is not None:
-        checkpoint_every = C.integer_in("fit", "checkpoint_every", checkpoint_every, 0, 2**62)
-    holdout_batches = C.integer_in("fit", "holdout_batches", holdout_batches, 0, 2**40)
-    prefetch = default_prefetch(xp, dev) if prefetch is None else C.integer_in("fit", "prefetch", prefetch, 0, 2**20)
+    xp, dev, dt, batch_size, log_every, checkpoint_every, holdout_batches, prefetch = _loop_args(
+        "fit", backend, device, dtype, batch_size, log_every, checkpoint_every, holdout_batches, prefetch)
     rank, size = (0, 1) if comm is None else (comm.rank, comm.size)
     if batch_size % size:
         raise ValueError(f"fit: argument 'batch_size' ({batch_size}) must be a multiple of the number of ranks ({size})")
@@ -321,6 +315,21 @@ def fit(config: TrainConfig, source, *, backend: str = "numpy", device=None,
     return member.finish(source, stream, loop, held_rows,
                          _heldout(source, batch_size, holdout_batches, held_rows, xp, dev, dt)
                          if writer else None, saelens_metadata)
+
+
+def _loop_args(op, backend, device, dtype, batch_size, log_every, checkpoint_every,
+               holdout_batches, prefetch):
+    """The training loop's arguments checked (``op`` names the function in errors), with the
+    backend's namespace, device and dtype and the default prefetching resolved."""
+    xp, dev = resolve(backend, device)
+    dt = _dtype(xp, dtype)
+    batch_size = C.integer_in(op, "batch_size", batch_size, 1, 2**40)
+    log_every = C.integer_in(op, "log_every", log_every, 1, 2**62)
+    if checkpoint_every is not None:
+        checkpoint_every = C.integer_in(op, "checkpoint_every", checkpoint_every, 0, 2**62)
+    holdout_batches = C.integer_in(op, "holdout_batches", holdout_batches, 0, 2**40)
+    prefetch = default_prefetch(xp, dev) if prefetch is None else C.integer_in(op, "prefetch", prefetch, 0, 2**20)
+    return xp, dev, dt, batch_size, log_every, checkpoint_every, holdout_batches, prefetch
 
 
 def default_prefetch(xp, device) -> int:

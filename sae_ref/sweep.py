@@ -26,9 +26,8 @@ import json
 import re
 from pathlib import Path
 
-from sae_ref.arrays import resolve
-from sae_ref.fit import (FitResult, RunDirError, _dtype, _heldout, _Loop, _Member, _split,
-                         check_run_dir, data_identity, default_prefetch)
+from sae_ref.fit import (FitResult, RunDirError, _heldout, _loop_args, _Loop, _Member, _split,
+                         check_run_dir, data_identity)
 from sae_ref.io import _atomic
 from sae_ref.train import TrainConfig
 
@@ -157,19 +156,11 @@ def fit_sweep(configs, source, *, out, names=None, backend: str = "numpy", devic
     hold. Returns one :class:`~sae_ref.fit.FitResult` per member, in order; a stopped
     member's summary says why (``"stopped"``).
     """
-    from sae_ref import _checks as C
-
     configs = _check_configs(configs)
     names = _names(configs, names)
-    xp, dev = resolve(backend, device)
-    dt = _dtype(xp, dtype)
-    batch_size = C.integer_in("fit_sweep", "batch_size", batch_size, 1, 2**40)
-    log_every = C.integer_in("fit_sweep", "log_every", log_every, 1, 2**62)
-    if checkpoint_every is not None:
-        checkpoint_every = C.integer_in("fit_sweep", "checkpoint_every", checkpoint_every, 0, 2**62)
-    holdout_batches = C.integer_in("fit_sweep", "holdout_batches", holdout_batches, 0, 2**40)
-    prefetch = (default_prefetch(xp, dev) if prefetch is None
-                else C.integer_in("fit_sweep", "prefetch", prefetch, 0, 2**20))
+    xp, dev, dt, batch_size, log_every, checkpoint_every, holdout_batches, prefetch = _loop_args(
+        "fit_sweep", backend, device, dtype, batch_size, log_every, checkpoint_every,
+        holdout_batches, prefetch)
     if resume and overwrite:
         raise ValueError("fit_sweep: resume=True and overwrite=True exclude each other")
     if out is None and (resume or overwrite):
