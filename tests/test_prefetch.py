@@ -158,6 +158,7 @@ def test_device_synthetic_batches_follow_the_host_streams_distribution(magnitude
     norm of a row (which sums the active magnitudes' second moments and their overlaps) agrees
     within 4%, and every row is a combination of the true atoms (its residual after a least
     squares fit on them is zero)."""
+    pytest.importorskip("torch")
     from sae_ref.arrays import resolve
 
     xp, dev = resolve("torch")

@@ -170,6 +170,7 @@ def test_report_draws_the_ratio_view_when_z_norm_is_one_value_and_checks_the_pap
     """These SAEs standardise their input, so ||z|| is one value: zf.png is the ratio view, the
     scatter is kept as zf_scatter.png and the page says which space and why; every finding is
     in results.json and on the page with a known verdict."""
+    pytest.importorskip("matplotlib")
     from sae_ref.findings import VERDICTS
 
     root, store, x, runs = setup
