@@ -12,8 +12,10 @@
 - ``metrics.jsonl``: one line every ``log_every`` steps (the only host reads of the metrics);
 - ``sae/``: the trained SAE in the SAELens format (BatchTopK as JumpReLU with theta; top-AFA
   has no SAELens architecture and is kept in the checkpoint only);
-- ``summary.json``: final metrics, the rows trained on and held out, and, for BatchTopK,
-  the inference L0 that theta gives on held-out batches next to k.
+- ``summary.json``: final metrics, the loop's tokens/s and data-wait share, the rows trained
+  on and held out, and, for BatchTopK, the inference L0 that theta gives on held-out batches
+  next to k, with theta of the final weights calibrated on held-out rows
+  (``theta_calibration``, :mod:`sae_ref.calibrate`; the export uses it by default).
 
 A run directory that holds a run (any of :data:`RUN_FILES`) is never written over by
 accident: a new run there needs ``overwrite=True`` (which deletes the old run's files first),
@@ -27,7 +29,10 @@ files left by a process killed inside a write are removed when a run starts.
 directory) for evaluation.
 
 Batches are checked for NaN/inf on the host before they move to the device (raise, or skip
-and count with ``nonfinite="skip"``), so the steps themselves never sync.
+and count with ``nonfinite="skip"``), so the steps themselves never sync; on a GPU they are
+made ahead on a background thread (``prefetch``). The loop itself (a member per SAE, one
+batch stream) is shared with :func:`sae_ref.sweep.fit_sweep`, which trains several SAEs on
+one pass over the data.
 """
 
 from __future__ import annotations
