@@ -9,7 +9,7 @@ as the ``torch-gpu-path`` test backend does: the same torch calls a CUDA step ma
 records every torch call with a ``TorchFunctionMode``. Each call that runs a kernel (it
 writes a new or an in-place tensor; views, metadata and bare allocations do not) is one
 launch. Per launch it counts bytes read and written and floating-point operations, and
-models its H200 time from the costs measured on an H200 (``GPU-FACTS``, see the table in
+models its H200 time from the costs measured on an H200 (torch 2.11; the table in
 :data:`MEASURED`): matrix products at the measured GEMM rate of their precision, the
 selections and scans (``topk``, ``sort``, ``cumsum``, ``nonzero_static``) and the gathers
 (``embedding_bag``, the sampled product) scaled from their measured times, and everything
