@@ -248,8 +248,7 @@ def _top_n_fixed_bracketed(xp, be, x, n: int, g: int):
     :func:`top_n_indices`, with every size known in advance).
 
     The n groups with the largest maxima (the plain fixed-size selection on the ``[B, h/g]``
-    maxima)
-    hold ``n g`` candidates, and the cut ``v``, the n-th largest entry, is the n-th largest
+    maxima) hold ``n g`` candidates, and the cut ``v``, the n-th largest entry, is the n-th largest
     candidate: if every group holding one of the n largest entries is among them, the
     candidates contain those entries; if not, such a group's maximum equals the n-th largest
     maximum ``m``, so ``v = m`` and the n chosen groups hold n candidates ``>= m``. Every

@@ -7,6 +7,8 @@ would do, sorted segment sums where a scatter-add would do).
 
 from __future__ import annotations
 
+import math
+
 from contextlib import contextmanager
 
 import numpy as np
@@ -178,10 +180,7 @@ class StandardBackend:
         xp = array_namespace(mask)
         (idx,) = xp.nonzero(xp.reshape(mask, (-1,)))
         idx = xp.astype(idx[:min(n, idx.shape[0])], xp.int64)  # no stop past the end (the standard)
-        size = 1
-        for s in mask.shape:
-            size *= s
-        pad = xp.full((n - idx.shape[0],), size, dtype=xp.int64, device=device_of(mask))
+        pad = xp.full((n - idx.shape[0],), math.prod(mask.shape), dtype=xp.int64, device=device_of(mask))
         return xp.concat([idx, pad]) if pad.shape[0] else idx
 
     def segment_sum(self, index, values, n: int):

@@ -34,7 +34,7 @@ from torch.overrides import TorchFunctionMode
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_core import machine  # noqa: E402
-from bench_train import FULL, SMALL, setup  # noqa: E402
+from bench_train import add_shape_args, setup, shape_of  # noqa: E402
 
 import sae_ref  # noqa: E402
 from sae_ref import profile  # noqa: E402
@@ -195,16 +195,13 @@ def report(rows, B, d, h, precision, label):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--small", action="store_true", help="d=128 h=2048 k=16 B=512")
-    for n in ("d", "h", "k", "B"):
-        p.add_argument(f"--{n}", type=int)
+    add_shape_args(p)
     p.add_argument("--matmul-precision", default="highest", choices=["highest", "tf32", "bf16"])
     p.add_argument("--dead-share", type=float, action="append",
                    help="share of latents suppressed so they go dead (repeatable; default 0 = AuxK off, and 0.1)")
     p.add_argument("--arch", action="append", choices=["batchtopk", "topk"], help="repeatable (default batchtopk)")
     a = p.parse_args(argv)
-    shape = {n: getattr(a, n) if getattr(a, n) is not None else (SMALL if a.small else FULL)[n]
-             for n in ("d", "h", "k", "B")}
+    shape = shape_of(a)
     d, h, k, B = (shape[n] for n in ("d", "h", "k", "B"))
     print(f"machine: {machine()} (recording on the CPU; times modeled for an H200)")
     print(f"shape: d={d} h={h} k={k} B={B} float32, encoder product {a.matmul_precision}")

@@ -38,15 +38,13 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_core import _sync, machine  # noqa: E402
+from bench_train import add_shape_args, shape_of  # noqa: E402
 
 import sae_ref  # noqa: E402
 from sae_ref.arrays import resolve  # noqa: E402
 from sae_ref.data import ActivationStore, write_store  # noqa: E402
 from sae_ref.fit import fit  # noqa: E402
 from sae_ref.train import TrainConfig, init_state, step  # noqa: E402
-
-FULL = {"d": 768, "h": 16384, "k": 32, "B": 4096}
-SMALL = {"d": 128, "h": 2048, "k": 16, "B": 512}
 
 
 def make_stores(directory: str, rows: int, d: int) -> dict:
@@ -72,22 +70,9 @@ def reader_rate(store: ActivationStore, B: int, batches: int, dtype: str) -> flo
 
 
 def bare_rate(backend: str, shape: dict, steps: int) -> float:
-    """Tokens per second of successive steps on two batches already on the device."""
-    xp, dev = resolve(backend)
-    rng = np.random.default_rng(1)
-    xs = [xp.asarray(rng.standard_normal((shape["B"], shape["d"]), dtype=np.float32), device=dev)
-          for _ in range(2)]
+    """Tokens per second of successive default steps (AuxK off) on two batches on the device."""
     config = TrainConfig(h=shape["h"], k=shape["k"], aux_convention=None, steps=steps)
-    with sae_ref.no_checks():
-        state = init_state(config, xs[0])
-        for i in range(2):
-            state, _ = step(state, xs[i], check=False, donate=True)
-        _sync(xp, state.params.W_enc)
-        t0 = time.perf_counter()
-        for i in range(steps):
-            state, _ = step(state, xs[i % 2], check=False, donate=True)
-        _sync(xp, state.params.W_enc)
-    return steps * shape["B"] / (time.perf_counter() - t0)
+    return steps * shape["B"] / bare_seconds(backend, config, shape, steps)
 
 
 def fit_rate(backend: str, store, shape: dict, steps: int, prefetch: int) -> tuple[float, float]:
@@ -144,17 +129,14 @@ def sweep_rows(backend: str, store, shape: dict, steps: int) -> None:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--small", action="store_true", help="d=128 h=2048 k=16 B=512")
-    for n in ("d", "h", "k", "B"):
-        p.add_argument(f"--{n}", type=int)
+    add_shape_args(p)
     p.add_argument("--rows", type=int, default=262144, help="rows of each store (default 262144)")
     p.add_argument("--steps", type=int, default=8, help="timed steps of each fit and bare row")
     p.add_argument("--backend", action="append", help="numpy, torch, torch-cuda, cupy (repeatable)")
     p.add_argument("--sweep", action="store_true",
                    help="also time a sweep of 8 SAEs against its members' bare steps and serial fits")
     a = p.parse_args(argv)
-    shape = {n: getattr(a, n) if getattr(a, n) is not None else (SMALL if a.small else FULL)[n]
-             for n in ("d", "h", "k", "B")}
+    shape = shape_of(a)
     print(f"machine: {machine()}")
     print(f"shape: d={shape['d']} h={shape['h']} k={shape['k']} B={shape['B']}; stores of "
           f"{a.rows} rows; {a.steps} timed steps per row; default TrainConfig, AuxK off")

@@ -171,13 +171,22 @@ def bench(backend: str, d: int, h: int, k: int, B: int, repeats: int, dead_after
     return times, info
 
 
+def add_shape_args(p) -> None:
+    """The shape flags every step harness takes: --small, or any of --d --h --k --B."""
+    p.add_argument("--small", action="store_true", help="d=128 h=2048 k=16 B=512 (a quick run)")
+    for n in ("d", "h", "k", "B"):
+        p.add_argument(f"--{n}", type=int)
+
+
+def shape_of(a) -> dict:
+    """``{"d", "h", "k", "B"}`` from the flags of :func:`add_shape_args` (default FULL)."""
+    return {n: getattr(a, n) if getattr(a, n) is not None else (SMALL if a.small else FULL)[n]
+            for n in ("d", "h", "k", "B")}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--small", action="store_true", help="d=128 h=2048 k=16 B=512 (a quick run)")
-    p.add_argument("--d", type=int)
-    p.add_argument("--h", type=int)
-    p.add_argument("--k", type=int)
-    p.add_argument("--B", type=int)
+    add_shape_args(p)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--stat", default="min", choices=["min", "median"],
                    help="summary of the timed runs of each measurement (default min)")
@@ -191,8 +200,7 @@ def main(argv=None):
                    help="the encoder product's precision in the steps and in the reference GEMM")
     a = p.parse_args(argv)
     bench_core.STAT = a.stat
-    shape = {n: getattr(a, n) if getattr(a, n) is not None else (SMALL if a.small else FULL)[n]
-             for n in ("d", "h", "k", "B")}
+    shape = shape_of(a)
     print(f"machine: {machine()}")
     print(f"shape: d={shape['d']} h={shape['h']} k={shape['k']} B={shape['B']} float32; "
           f"{a.stat} of {a.repeats} after a warm-up")

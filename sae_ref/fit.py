@@ -421,18 +421,22 @@ class _Member:
         if loop.many and not math.isfinite(last.get("loss", 0.0)):
             self.stopped = f"the loss is {last.get('loss')} at step {t}: stopped, the others go on"
 
-    def checkpoint_if_due(self, stream, every=None, final: bool = False) -> None:
+    def checkpoint_if_due(self, stream, every=None, final: bool = False) -> bool:
+        """Write a checkpoint of this step when due (every ``every`` steps, or ``final``);
+        returns whether one was written."""
         if self.ckpt_dir is None or self.stopped is not None:
-            return
+            return False
         t = self.state.t
         if final and self.saved_t == t:  # a resumed finished run: already saved
-            return
-        if final or (every and t % every == 0):
-            arrays, meta = state_arrays(self.state)
-            meta.update(data_position=stream.position, data_skipped=self.skipped + stream.skipped,
-                        backend=self.backend, **self.identity)
-            save_checkpoint(self.ckpt_dir, t, arrays, meta, keep=self.keep)
-            self.saved_t = t
+            return False
+        if not (final or (every and t % every == 0)):
+            return False
+        arrays, meta = state_arrays(self.state)
+        meta.update(data_position=stream.position, data_skipped=self.skipped + stream.skipped,
+                    backend=self.backend, **self.identity)
+        save_checkpoint(self.ckpt_dir, t, arrays, meta, keep=self.keep)
+        self.saved_t = t
+        return True
 
     def finish(self, source, stream, loop, held_rows, held, saelens_metadata) -> FitResult:
         """The summary, the held-out L0, the export and theta's calibration of a finished run."""
@@ -517,9 +521,11 @@ class _Loop:
                         m.record(m.step(xs[f], self.comm), streams[f], self)
                 bar.update(1)
                 self._postfix(bar)
-                for m, f in zip(members, feeds):  # a member that is done commits its last step at once
-                    m.checkpoint_if_due(streams[f], self.checkpoint_every, final=m.state.t == m.config.steps)
-                if self.on_checkpoint is not None and any(m.saved_t == m.state.t for m in members):
+                # a member that is done commits its last step at once
+                saved = [m.checkpoint_if_due(streams[f], self.checkpoint_every,
+                                             final=m.state.t == m.config.steps)
+                         for m, f in zip(members, feeds)]
+                if self.on_checkpoint is not None and any(saved):
                     self.on_checkpoint()
             for m in members:
                 m.log = None

@@ -534,8 +534,8 @@ def harvest(model, tokenizer, texts, directory, *, layer: int, seq_len: int = 12
             cache.clear()
             lo, hi = k * batch_size, min((k + 1) * batch_size, n_windows)
             ids = torch.from_numpy(np.ascontiguousarray(full[lo:hi])).to(device)
-            with torch.autocast(device.type, dtype=getattr(torch, autocast or "bfloat16"),
-                                enabled=autocast is not None):
+            with (contextlib.nullcontext() if autocast is None
+                  else torch.autocast(device.type, dtype=getattr(torch, autocast))):
                 hs = capture(ids, mask_t.expand(hi - lo, -1))
             for v, h in zip(layers, hs):
                 if tuple(h.shape) != (hi - lo, model_len, d):
