@@ -136,6 +136,19 @@ class CupyBackend(StandardBackend):
             # the page-locked buffer go safely
             ready[0].synchronize()
 
+    def to_host_async(self, a):
+        # into page-locked memory, behind the queued work, with an event to wait on later
+        import cupyx
+
+        host = cupyx.empty_pinned(a.shape, dtype=a.dtype)
+        a.get(out=host, stream=cp.cuda.get_current_stream(), blocking=False)
+        return host, cp.cuda.get_current_stream().record()
+
+    def read_host(self, handle):
+        host, done = handle
+        done.synchronize()
+        return int(host)
+
     def uniform(self, xp, seed, shape, *, low, high, dtype, device):
         with cp.cuda.Device(device):
             g = cp.random.default_rng(seed)

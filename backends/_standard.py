@@ -140,6 +140,14 @@ class StandardBackend:
         self.check_precision(precision)
         return self.matmul(a, b, out=out)
 
+    def matmul_add(self, a, b, v, precision: str, *, out=None):
+        """``a @ b + v`` (``v`` of shape [n] added to every row) at ``precision``
+        (:meth:`matmul_at`), into ``out`` where the backend can. Here the product then
+        :meth:`add_row_vector` in place; a GPU backend adds ``v`` in the product's own
+        kernel (one pass over the [B, n] result instead of two)."""
+        prod = self.matmul(a, b, out=out) if precision == "highest" else self.matmul_at(a, b, precision, out=out)
+        return self.add_row_vector(prod, v)
+
     def check_precision(self, precision: str) -> str:
         """``precision`` if :meth:`matmul_at` runs it on this backend; ValueError otherwise."""
         return check_precision(self.name, precision, self.precisions)
@@ -282,6 +290,18 @@ class StandardBackend:
     def wait_ready(self, array, ready) -> None:
         """Make the current stream wait for ``array``'s copy (:meth:`from_host_async`): no
         host wait. Nothing to do here."""
+
+    # -- device to host ---------------------------------------------------------------------
+    def to_host_async(self, a):
+        """A handle on the 0-D integer ``a`` whose value :meth:`read_host` returns later. A GPU
+        backend queues the copy behind the work that computes ``a`` (no wait now); here the
+        handle is ``a`` itself."""
+        return a
+
+    def read_host(self, handle) -> int:
+        """The value behind :meth:`to_host_async`'s ``handle`` as a Python int (on a GPU this
+        waits for the copy, which has finished when the handle is a few steps old)."""
+        return int(handle)
 
     # -- random numbers ---------------------------------------------------------------------
     def uniform(self, xp, seed: int, shape, *, low, high, dtype, device):

@@ -145,11 +145,9 @@ class TorchBackend(StandardBackend):
             return out if buf is not None and res is buf else torch.from_numpy(res)
         if _sync_free(dense):  # sorted segments: no atomics, the same bits every run
             res = _segment_spmm(out_index, in_index, values, dense, n_out)
-            if accumulate:
-                return out.add_(res)
-            if out is not None and tuple(out.shape) == tuple(res.shape) and out.dtype == res.dtype:
-                return out.copy_(res)
-            return res
+            # the result as it is, not copied into ``out``: a copy is a pass over [n_out, d],
+            # and a GPU's caching allocator reuses the memory anyway
+            return out.add_(res) if accumulate else res
         if accumulate:
             return out + self.spmm(out_index, in_index, values, dense, n_out)
         if dense.dtype in (torch.float32, torch.float64) and out_index.shape[0] > 0:
@@ -301,6 +299,16 @@ class TorchBackend(StandardBackend):
                 return self.matmul(a, b, out=out)
         return self.matmul(a, b, out=out)
 
+    def matmul_add(self, a, b, v, precision, *, out=None):
+        if not _sync_free(a) or precision == "bf16" or a.dtype not in (torch.float32, torch.float64):
+            return super().matmul_add(a, b, v, precision, out=out)
+        # one GEMM whose epilogue adds the bias (cuBLASLt on a GPU): the [B, n] result is
+        # written once, not written, read and written again
+        fits = (out is not None and tuple(out.shape) == (a.shape[0], b.shape[1])
+                and out.dtype == a.dtype and out.device == a.device)
+        with _tf32() if precision == "tf32" and a.is_cuda else contextlib.nullcontext():
+            return torch.addmm(v, a, b, out=out) if fits else torch.addmm(v, a, b)
+
     def sum_squares(self, g):
         return torch.linalg.vector_norm(g).square()
 
@@ -336,6 +344,23 @@ class TorchBackend(StandardBackend):
         current = torch.cuda.current_stream(array.device)
         current.wait_event(ready)
         array.record_stream(current)  # its memory is not reused before the step has read it
+
+    def to_host_async(self, a):
+        if a.device.type != "cuda":
+            return a
+        # into page-locked memory, behind the queued work, with an event to wait on later
+        host = torch.empty(a.shape, dtype=a.dtype, pin_memory=True)
+        host.copy_(a, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return host, done
+
+    def read_host(self, handle):
+        if isinstance(handle, tuple):
+            host, done = handle
+            done.synchronize()
+            return int(host)
+        return int(handle)
 
     def uniform(self, xp, seed, shape, *, low, high, dtype, device):
         g = torch.Generator(device=device).manual_seed(seed)

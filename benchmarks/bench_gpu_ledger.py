@@ -38,7 +38,7 @@ from bench_train import add_shape_args, setup, shape_of  # noqa: E402
 
 import sae_ref  # noqa: E402
 from sae_ref import profile  # noqa: E402
-from sae_ref.backends import sync_free  # noqa: E402
+from sae_ref.backends import get_backend, sync_free  # noqa: E402
 from sae_ref.train import step  # noqa: E402
 
 #: H200 costs measured with torch 2.11 (minimum of 10 runs): seconds, and the work they did
@@ -80,9 +80,9 @@ def _storage(t):
 class Ledger(TorchFunctionMode):
     """Records each kernel-launching torch call as (phase, name, read, written, flops, seconds)."""
 
-    def __init__(self, precision: str, big: float):
+    def __init__(self):
         super().__init__()
-        self.precision, self.big = precision, big
+        self.precision = "highest"  # the precision of the products being recorded
         self.pending, self.rows = [], []
 
     def mark(self, phase: str):
@@ -119,9 +119,9 @@ class Ledger(TorchFunctionMode):
         if name in ("mm", "matmul", "addmm", "__matmul__", "bmm") and len(operands) >= 2:
             a, b = operands[-2], operands[-1]
             flops = 2 * a.numel() * (b.shape[-1] if b.dim() > 1 else 1)
-            # the step's matmul precision applies to its encoder-sized GEMMs (the encoder's and
-            # AuxK's block); the small products stay in float32
-            rate = MEASURED["gemm"][self.precision if flops >= self.big else "highest"]
+            # the products the step asks for at its matmul precision (``matmul_at``: the
+            # encoder's and AuxK's block GEMMs) at that precision's rate; the others in float32
+            rate = MEASURED["gemm"][self.precision]
             return read, flops, flops / rate
         if name == "embedding_bag":
             idx, weight = ins[0], ins[1]
@@ -148,12 +148,26 @@ class Ledger(TorchFunctionMode):
 
 
 
-def record(state, x, precision):
-    """The ledger of one step on ``x`` from ``state`` (the GPU path, forced)."""
-    B, d = x.shape
-    ledger = Ledger(precision, big=B * d * state.params.W_enc.shape[1])  # half an encoder GEMM
-    with sync_free(True), sae_ref.no_checks(), profile.listen(ledger.mark), ledger:
-        step(state, x, check=False, donate=True)  # as the training loop steps
+def record(state, x):
+    """The ledger of one step on ``x`` from ``state`` (the GPU path, forced; the products'
+    precisions are those the step asks ``matmul_at`` for)."""
+    ledger = Ledger()
+    be = get_backend(torch)
+    plain = be.matmul_at
+
+    def matmul_at(a, b, prec, *, out=None):  # the products run at the step's precision
+        ledger.precision = prec
+        try:
+            return plain(a, b, prec, out=out)
+        finally:
+            ledger.precision = "highest"
+
+    be.matmul_at = matmul_at
+    try:
+        with sync_free(True), sae_ref.no_checks(), profile.listen(ledger.mark), ledger:
+            step(state, x, check=False, donate=True)  # as the training loop steps
+    finally:
+        del be.matmul_at
     ledger.mark("(after the last phase)")
     return ledger.rows
 
@@ -200,6 +214,8 @@ def main(argv=None):
     p.add_argument("--dead-share", type=float, action="append",
                    help="share of latents suppressed so they go dead (repeatable; default 0 = AuxK off, and 0.1)")
     p.add_argument("--arch", action="append", choices=["batchtopk", "topk"], help="repeatable (default batchtopk)")
+    p.add_argument("--dead-after", type=int, default=5,
+                   help="batches without firing before a latent is dead (default 5, TrainConfig's)")
     a = p.parse_args(argv)
     shape = shape_of(a)
     d, h, k, B = (shape[n] for n in ("d", "h", "k", "B"))
@@ -209,12 +225,13 @@ def main(argv=None):
         for share in a.dead_share or [0.0, 0.1]:
             aux = share > 0
             with sync_free(True):
-                xp, x0, x1, state = setup("torch", d, h, k, B, 1, share, aux, arch, a.matmul_precision)
+                xp, x0, x1, state = setup("torch", d, h, k, B, a.dead_after, share, aux, arch,
+                                          a.matmul_precision)
                 with sae_ref.no_checks():
-                    for x in (x0, x1):  # warm-up: the dead latents appear
-                        state, m = step(state, x, check=False, donate=True)
+                    for i in range(a.dead_after + 2):  # warm-up: the dead latents appear
+                        state, m = step(state, (x0, x1)[i % 2], check=False, donate=True)
             dead = float(m["dead_fraction"])
-            rows = record(state, x0, a.matmul_precision)
+            rows = record(state, x0)
             label = f"{arch}, " + (f"AuxK 'authors' k_aux=512, {dead:.1%} dead" if aux else "AuxK off")
             report(rows, B, d, h, a.matmul_precision, label)
 

@@ -302,10 +302,11 @@ def _pre(xp, params, x, ws=None, g: int = 1, precision: str = "highest"):
     be = get_backend(xp)
     x_c = x - params.b_dec
     buf = None if ws is None else ws.array("pre", xp, (x.shape[0], params.h), x.dtype, device_of(x))
-    pre = matmul_at(be, x_c, params.W_enc, precision, out=buf)
     if g > 1:
+        pre = matmul_at(be, x_c, params.W_enc, precision, out=buf)
         return be.add_and_group_max(pre, params.b_enc, g)
-    return be.add_row_vector(pre, params.b_enc), None  # in place: no second [B, h] array
+    # the bias in place, or in the product's own kernel: no second [B, h] array
+    return be.matmul_add(x_c, params.W_enc, params.b_enc, precision, out=buf), None
 
 
 def encode(params: SAEParams, x, config: SAEConfig) -> SparseCode:
@@ -485,7 +486,7 @@ def _add_transposed_product(xp, be, M, dense, out):
     if isinstance(M, ColumnBlock):  # a GEMM on the block, its rows added at the columns
         prod = matmul_at(be, xp.matrix_transpose(M.values), dense, M.precision)
         n = M.cols.shape[0]
-        if n == h:  # every column, in order (the columns ascend, unique)
+        if M.every:  # every column, in order
             out += prod
             return out
         ones = xp.ones((n,), dtype=prod.dtype, device=device_of(prod))
@@ -498,7 +499,7 @@ def _column_sums(xp, be, M):
     """Each column's sum of a (B, h) SparseCode or ColumnBlock, shape [h]."""
     if isinstance(M, ColumnBlock):
         sums = xp.sum(M.values, axis=0)
-        return sums if M.cols.shape[0] == M.shape[1] else be.segment_sum(M.cols, sums, M.shape[1])
+        return sums if M.every else be.segment_sum(M.cols, sums, M.shape[1])
     return be.segment_sum(M.cols, M.values, M.shape[1])
 
 

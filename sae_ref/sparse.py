@@ -121,16 +121,19 @@ class ColumnBlock:
 
     Attributes
     ----------
-    cols : int64 array, shape [n], ascending, unique
+    cols : int64 array, shape [n], ascending, unique; or, on the GPU path, the dead columns
+        ascending followed by padding columns (repeats of column 0) whose values are zero
     values : float array, shape [B, n]: column ``cols[i]`` of the matrix is ``values[:, i]``
     shape : (B, h)
     precision : the precision of the GEMMs with the block (``SAEConfig.precision``'s values)
+    every : True when ``cols`` is every column in order (0 .. h-1)
     """
 
     cols: Any
     values: Any
     shape: tuple[int, int]
     precision: str = "highest"
+    every: bool = False
 
 
 def values_at(src: SparseCode, dst: SparseCode):

@@ -44,13 +44,14 @@ from array_api_compat import array_namespace, device as device_of
 
 from sae_ref import _checks as C
 from sae_ref import afa as F
+from sae_ref import dead_bound as DB
 from sae_ref import auxk as K
 from sae_ref import decoder as D
 from sae_ref import losses as L
 from sae_ref import optim as O
 from sae_ref import profile as P
 from sae_ref import theta as T
-from sae_ref.backends import PRECISIONS, get_backend
+from sae_ref.backends import PRECISIONS, get_backend, is_sync_free
 from sae_ref.sae import SAEConfig, SAEParams, _check_params, _forward, _standardize, backward, init_params
 from sae_ref.workspace import Workspace
 
@@ -259,6 +260,8 @@ class TrainState:
     k_aux : the resolved AuxK k (``config.k_aux`` or d // 2)
     scratch : the :class:`~sae_ref.workspace.Workspace` of big temporaries the steps reuse
         (not state: never compared, printed or saved)
+    dead_counts : on the GPU path, bounds on the coming steps' dead counts on their way to
+        the host (:mod:`sae_ref.dead_bound`; not state either)
     """
 
     config: TrainConfig
@@ -271,6 +274,7 @@ class TrainState:
     skipped: int = 0
     k_aux: int = 1
     scratch: Workspace = field(default_factory=Workspace, compare=False, repr=False)
+    dead_counts: tuple = field(default=(), compare=False, repr=False)
 
 
 def geometric_median(x, *, iters: int = 100, tol: float = 1e-5):
@@ -408,14 +412,31 @@ def step(state: TrainState, batch, *, check: bool = True, donate: bool = False,
         dp = Reducer(comm, state.config, batch)
     else:
         dp = None
-    with state.scratch.claim() as ws, get_backend(xp).scope():
-        return _step(xp, state, batch, donate, dp, ws)
+    be = get_backend(xp)
+    cap, counts = None, ()
+    B = batch.shape[0]
+    if dp is None and is_sync_free(batch) and _aux_on(config, B):
+        # AuxK's block is as wide as a bound on the dead count known without waiting
+        bound, counts = DB.read(be, state.dead_counts, state.since_fired, state.t + 1, B,
+                                _dead_after_tokens(config, B))
+        cap = DB.capacity(bound, config.h)
+    with state.scratch.claim() as ws, be.scope():
+        new, metrics = _step(xp, state, batch, donate, dp, ws, cap)
+    if cap is not None:
+        issued = DB.issue(be, new.since_fired, new.t, B, _dead_after_tokens(config, B))
+        new = replace(new, dead_counts=tuple(c for c in counts if c.through > new.t) + (issued,))
+    return new, metrics
 
 
-def _step(xp, state: TrainState, x, donate: bool = False, dp=None, ws=None):
+def _aux_on(config: TrainConfig, B: int) -> bool:
+    return config.aux_convention is not None and (config.aux_convention == "authors" or B >= 2)
+
+
+def _step(xp, state: TrainState, x, donate: bool = False, dp=None, ws=None, aux_capacity=None):
     """One step; ``dp`` (a :class:`sae_ref.dist.data_parallel.Reducer`) makes it one rank's
     part of a data-parallel step: every batch-wide quantity goes through it. ``ws``: the
-    workspace the big temporaries go into (None: fresh arrays)."""
+    workspace the big temporaries go into (None: fresh arrays). ``aux_capacity``: the width
+    of AuxK's block on the GPU path (at least the dead count; :mod:`sae_ref.dead_bound`)."""
     config, params = state.config, state.params
     t = state.t + 1
     B = x.shape[0] if dp is None else dp.B
@@ -432,7 +453,7 @@ def _step(xp, state: TrainState, x, donate: bool = False, dp=None, ws=None):
     dead = since >= _dead_after_tokens(config, B)
     aux_value = xp.zeros((), dtype=x.dtype, device=device_of(x))
     g_pre_extra, g_W_extra, g_W_aux = None, g_W_sp, None
-    if config.aux_convention is not None and (config.aux_convention == "authors" or B >= 2):
+    if _aux_on(config, B):
         # the gradients come scaled by the coefficient, the [B, d] reconstruction in the
         # workspace, and -g_ehat (the residual's gradient, "authors") is not formed
         c = config.aux_coeff
@@ -444,7 +465,7 @@ def _step(xp, state: TrainState, x, donate: bool = False, dp=None, ws=None):
         aux = K._auxk(xp, fwd.pre, dead, residual, params.W_dec, state.k_aux,
                       config.aux_convention, _detach(config), want_g_W_dec=False, allow_block=True,
                       scale=c, lazy_residual=True, ws=ws, negated_residual=negated,
-                      precision=config.matmul_precision)
+                      precision=config.matmul_precision, capacity=aux_capacity)
         aux_value = c * aux.value
         # the residual x - x_hat depends on the SAE too; g_xhat is this step's own array
         if aux.g_residual is not None:

@@ -183,9 +183,9 @@ def test_backward_through_a_padded_code_equals_backward_through_the_exact_code(b
         assert_close(backend.numpy(getattr(g_fixed, name)), backend.numpy(a), rtol=1e-12, atol=1e-12)
 
 
-def _steps(backend, arch, n_steps, forced):
-    config = TrainConfig(arch=arch, h=96, k=3, k_aux=16, lr=3e-3, dead_after=1, dead_unit="batches",
-                         steps=n_steps)
+def _steps(backend, arch, n_steps, forced, dead_after=1):
+    config = TrainConfig(arch=arch, h=96, k=3, k_aux=16, lr=3e-3, dead_after=dead_after,
+                         dead_unit="batches", steps=n_steps)
     rng = np.random.default_rng(7)
     xs = [backend.asarray(rng.standard_normal((32, 12)) * rng.uniform(0.5, 2, 12)) for _ in range(2)]
     with sync_free(forced):
@@ -196,12 +196,14 @@ def _steps(backend, arch, n_steps, forced):
     return state, np.array(trace)
 
 
+@pytest.mark.parametrize("dead_after", [1, 3])
 @pytest.mark.parametrize("arch", ["batchtopk", "topk"])
-def test_sync_free_training_takes_the_default_steps(backend, arch):
+def test_sync_free_training_takes_the_default_steps(backend, arch, dead_after):
     """Invariant: six float64 training steps with AuxK on dead latents end at the same
     parameters and report the same losses, L0, dead fraction and theta in the sync-free mode
-    as in the default mode."""
-    (fixed, t_fixed), (exact, t_exact) = (_steps(backend, arch, 6, f) for f in (True, False))
+    as in the default mode (AuxK's block as wide as every column, dead_after=1, or narrower
+    than h, dead_after=3)."""
+    (fixed, t_fixed), (exact, t_exact) = (_steps(backend, arch, 6, f, dead_after) for f in (True, False))
     assert t_exact[:, 3].max() > 0.1  # AuxK had dead latents to work on
     np.testing.assert_allclose(t_fixed, t_exact, rtol=1e-9, atol=1e-12)
     for name, a in exact.params.arrays().items():
@@ -236,18 +238,29 @@ class _HostReadRecorder(TorchFunctionMode):
 @pytest.mark.parametrize("arch", ["batchtopk", "topk"])
 def test_sync_free_torch_step_reads_nothing_back_to_the_host(arch):
     """Invariant: a torch training step in the sync-free mode (AuxK on, dead latents present)
-    calls no torch function that copies a value to the host; the default CPU step does (its
-    NumPy views and counts), which shows the recorder sees them."""
+    calls no torch function that copies a value to the host, except the one read of the
+    dead-count bound issued ``LAG + 1`` steps earlier (work the device finished while it ran
+    the steps after it: no wait); the default CPU step does read (its NumPy views and
+    counts), which shows the recorder sees them."""
     pytest.importorskip("torch")
+    from sae_ref import dead_bound
+
     x = torch.from_numpy(np.random.default_rng(0).standard_normal((64, 16)).astype(np.float32))
-    config = TrainConfig(arch=arch, h=128, k=4, k_aux=8, dead_after=1, dead_unit="batches")
+    config = TrainConfig(arch=arch, h=128, k=4, k_aux=8, dead_after=3, dead_unit="batches")
     for forced in (True, False):
         with sync_free(forced):
-            state, _ = step(init_state(config, x), x, check=False)
+            state = init_state(config, x)
+            for _ in range(4):
+                state, _ = step(state, x, check=False)
             with _HostReadRecorder() as rec:
-                state, metrics = step(state, x, check=False)
+                new, metrics = step(state, x, check=False)
         if forced:
-            assert not rec.reads, "host reads in the sync-free step:\n" + "\n".join(f"{n}\n{s}" for n, s in rec.reads)
+            lagged = [r for r in rec.reads if "in read_host" in r[1]]
+            others = [r for r in rec.reads if r not in lagged]
+            assert not others, "host reads in the sync-free step:\n" + "\n".join(f"{n}\n{s}" for n, s in others)
+            assert len(lagged) == 1
+            oldest = min(c.t for c in state.dead_counts)
+            assert oldest == state.t - dead_bound.LAG  # read at step state.t + 1
             assert float(metrics["dead_fraction"]) > 0 and float(metrics["l0"]) == 4.0
         else:
             assert rec.reads
@@ -314,7 +327,9 @@ class _CallCounter(TorchFunctionMode):
 
 def _step_calls(arch, B, h, dead_after):
     x = torch.from_numpy(np.random.default_rng(0).standard_normal((B, 16)).astype(np.float32))
-    config = TrainConfig(arch=arch, h=h, k=4, k_aux=32, dead_after=dead_after, dead_unit="batches")
+    # k_aux = 1: below the narrowest AuxK block (h / 64 columns), so every dead share takes
+    # the block's selection branch (k_aux >= the block's width keeps the whole block instead)
+    config = TrainConfig(arch=arch, h=h, k=4, k_aux=1, dead_after=dead_after, dead_unit="batches")
     with sync_free(True):
         state = init_state(config, x)
         for _ in range(2):
@@ -336,3 +351,38 @@ def test_gpu_path_step_makes_the_same_calls_whatever_the_batch_width_or_dead_sha
     for B, h, dead_after in ((2048, 128, 1), (64, 4096, 1), (64, 128, 1000)):
         calls, _ = _step_calls(arch, B, h, dead_after)
         assert calls == base, f"B={B} h={h} dead_after={dead_after}: {calls} torch calls, {base} at B=64 h=128"
+
+
+@pytest.mark.parametrize("arch", ["batchtopk", "topk"])
+def test_aux_block_capacity_is_at_least_every_steps_dead_count(backend, arch):
+    """Invariant: on the GPU path each step's AuxK block (the capacity from the dead-count
+    bound it reads, issued a step or more earlier) has at least as many columns as the step
+    has dead latents, and some steps use a block narrower than h (the bound is useful)."""
+    from sae_ref import dead_bound as DB
+    from sae_ref.backends import get_backend
+
+    rng = np.random.default_rng(3)
+    config = TrainConfig(arch=arch, h=128, k=8, k_aux=8, lr=3e-3, dead_after=4, dead_unit="batches")
+    xs = [backend.asarray(rng.standard_normal((16, 8)) * rng.uniform(0.2, 3, 8)) for _ in range(3)]
+    be = get_backend(backend.xp)
+    narrower = 0
+    with sync_free(True):
+        state = init_state(config, xs[0])
+        for i in range(12):
+            B, T = 16, 4 * 16
+            bound, _ = DB.read(be, state.dead_counts, state.since_fired, state.t + 1, B, T)
+            cap = DB.capacity(bound, config.h)
+            state, m = step(state, xs[i % 3], check=False)
+            dead = int(round(float(m["dead_fraction"]) * config.h))
+            assert dead <= bound <= cap <= config.h
+            narrower += cap < config.h and dead > 0
+    assert narrower > 0
+
+
+def test_dead_bound_capacity_is_a_power_of_two_from_h_over_64_to_h():
+    """Invariant: the block width is the smallest power of two at least the bound, clipped to
+    [max(1, h // 64), h]."""
+    from sae_ref.dead_bound import capacity
+
+    assert [capacity(b, 1024) for b in (0, 1, 16, 17, 300, 512, 513, 1024)] == [16, 16, 16, 32, 512, 512, 1024, 1024]
+    assert capacity(0, 10) == 1 and capacity(7, 10) == 8 and capacity(9, 10) == 10
