@@ -101,6 +101,15 @@ class CupyBackend(StandardBackend):
         at = cp.arange(values.shape[0], dtype=cp.int64)
         return _segment_spmm(index, at, values, cp.ones((values.shape[0], 1), dtype=values.dtype), n)[:, 0]
 
+    has_float_bits = True
+
+    def float_bits(self, x):
+        return x.view(cp.int32)
+
+    def top_indices(self, keys, k, *, axis=None):
+        n = keys.shape[-1]
+        return cp.argpartition(keys, n - k, axis=-1)[..., n - k :]
+
     def latent_major(self, W_enc):
         return cp.asfortranarray(W_enc)
 

@@ -150,6 +150,15 @@ class NumpyBackend(StandardBackend):
             raise ImportError("NumpyBackend(compiled=True) needs numba (pip install numba)")
         self.compiled = self._kernels_module is not None
 
+    has_float_bits = True
+
+    def float_bits(self, x):
+        return np.ascontiguousarray(x).view(np.int32)
+
+    def top_indices(self, keys, k, *, axis=None):
+        n = keys.shape[-1]
+        return np.argpartition(keys, n - k, axis=-1)[..., n - k :]
+
     def kth_largest(self, x, n, *, axis=None):
         x = np.asarray(x)
         if axis is None:

@@ -204,10 +204,86 @@ def top_n_fixed(x, n: int, *, axis: int | None = None, backend=None):
     xp = array_namespace(x)
     be = backend if backend is not None else get_backend(xp)
     B, h = x.shape
+    if _keyable(xp, be, x, n, axis):
+        return _top_n_fixed_keyed(xp, be, x, n, axis)
     g = _fixed_group(h, B, n) if axis is None else 1
     if g > 1:
         return _top_n_fixed_bracketed(xp, be, x, n, g)
     return _top_n_fixed_plain(xp, be, x, n, axis)
+
+
+def _keyable(xp, be, x, n, axis) -> bool:
+    """Whether :func:`_top_n_fixed_keyed` applies: a backend that reinterprets float bits,
+    values of at most 32 bits (float32, float16, bfloat16), positions below 2^32, and an
+    array wide enough for column groups (without them, keying every entry costs more passes
+    than the plain form's tie pass)."""
+    if not be.has_float_bits:
+        return False
+    B, h = x.shape
+    narrow = x.dtype == xp.float32 or str(x.dtype).split(".")[-1] in ("float16", "bfloat16")
+    grouped = _fixed_group(h, 1 if axis is not None else B, n) > 1  # else the plain form is cheaper
+    return narrow and grouped and (B * h if axis is None else h) <= 2**32
+
+
+def _keys(xp, be, vals, pos):
+    """Distinct int64 keys ordered as the tie rule ranks entries: by value, then the lower
+    position ``pos`` first. The high 32 bits are the value's float32 bits made
+    order-preserving as a signed integer (negative values' magnitude bits flipped; -0.0 made
+    +0.0 first, since the two are equal values), the low 32 bits ``2^32 - 1 - pos``."""
+    v = (vals if vals.dtype == xp.float32 else xp.astype(vals, xp.float32)) + 0.0  # -0.0 + 0.0 is +0.0
+    bits = be.float_bits(v)
+    bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # a negative value's magnitude bits flipped
+    return xp.astype(bits, xp.int64) * 2**32 + (2**32 - 1 - pos)
+
+
+def _top_n_fixed_keyed(xp, be, x, n: int, axis):
+    """:func:`top_n_fixed` by distinct keys (:func:`_keys`): with no two keys equal there are
+    no ties, so a top-k of the keys is the tie rule's selection, and no pass over the ties is
+    needed.
+
+    Column groups bracket it exactly. Split the columns into ``g`` slabs (group ``j`` holds
+    columns ``j, j + h/g, ...``); a group's key is its largest entry's key (the first
+    maximal entry, :meth:`~StandardBackend.group_argmax`, keyed by its position). Each of the
+    n largest entries lies in one of the n groups with the largest keys: a group outside
+    them has n groups above it, each with an entry above every entry of that group. So the
+    top n of the n g entries of those groups is the answer. Work: one pass for the group
+    maxima, a top-k over ``B h / g`` keys and one over ``n g`` (per row: each row's top
+    ``n`` groups, then each row's top ``n`` of its ``n g`` candidates).
+    """
+    B, h = x.shape
+    dev = device_of(x)
+    per_row = axis is not None
+    g = _fixed_group(h, 1 if per_row else B, n)
+    w = h // g
+    if g > 1:
+        m, s = be.group_argmax(x, g)  # [B, w]
+        j = xp.arange(w, dtype=xp.int64, device=dev)
+        col = s * w + j[None, :]
+        slab = xp.arange(g, dtype=xp.int64, device=dev) * w
+        if per_row:
+            q = be.top_indices(_keys(xp, be, m, col), n, axis=-1)  # [B, n]: each row's groups
+            cols = xp.reshape(q[:, :, None] + slab[None, None, :], (B, n * g))
+        else:
+            b = xp.arange(B, dtype=xp.int64, device=dev)[:, None]
+            q = be.top_indices(xp.reshape(_keys(xp, be, m, b * h + col), (-1,)), n)  # b w + j
+            cand = xp.reshape((q // w * h + q % w)[:, None] + slab[None, :], (-1,))
+    elif per_row:
+        cols = xp.broadcast_to(xp.arange(h, dtype=xp.int64, device=dev)[None, :], (B, h))
+    else:
+        cand = xp.arange(B * h, dtype=xp.int64, device=dev)
+    flat = xp.reshape(x, (-1,))
+    if per_row:
+        width = cols.shape[1]
+        rows = xp.arange(B, dtype=xp.int64, device=dev)[:, None]
+        vals = xp.reshape(xp.take(flat, xp.reshape(rows * h + cols, (-1,))), (B, width))
+        top = be.top_indices(_keys(xp, be, vals, cols), n, axis=-1)  # [B, n]
+        at = xp.reshape(rows * width + top, (-1,))
+        kept = xp.sort(xp.reshape(xp.take(xp.reshape(cols, (-1,)), at), (B, n)), axis=-1)
+        cut = xp.min(xp.reshape(xp.take(xp.reshape(vals, (-1,)), at), (B, n)), axis=-1, keepdims=True)
+        return xp.reshape(rows * h + kept, (-1,)), cut
+    vals = xp.take(flat, cand)
+    top = be.top_indices(_keys(xp, be, vals, cand), n)
+    return xp.sort(xp.take(cand, top)), xp.min(xp.take(vals, top))
 
 
 def _top_n_fixed_plain(xp, be, x, n: int, axis):

@@ -171,6 +171,27 @@ class StandardBackend:
         x = self.add_row_vector(x, v)
         return x, self.group_max(x, g)
 
+    def group_argmax(self, x, g: int):
+        """``(maxima, slab)``: :meth:`group_max` and, for each group, the slab ``s`` of its
+        first maximal entry (column ``s h/g + j``; the lowest among equal maxima), int64."""
+        xp = array_namespace(x)
+        B, h = x.shape
+        slabs = xp.reshape(x, (B, g, h // g))
+        return xp.max(slabs, axis=1), xp.astype(xp.argmax(slabs, axis=1), xp.int64)
+
+    #: whether :meth:`float_bits` can reinterpret float32 bits as int32 (the standard cannot)
+    has_float_bits = False
+
+    def float_bits(self, x):
+        """The int32 array with the bit patterns of the float32 array ``x`` (no conversion)."""
+        raise NotImplementedError(f"the {self.name} backend cannot reinterpret float bits")
+
+    def top_indices(self, keys, k: int, *, axis: int | None = None):
+        """Positions of the ``k`` largest of the distinct integer ``keys`` (1-D; or per row of
+        a 2-D array with ``axis=-1``, shape [B, k]), in no particular order."""
+        xp = array_namespace(keys)
+        return xp.argsort(keys, axis=-1, descending=True, stable=False)[..., :k]
+
     def indices_at_least(self, x, lo, *, maxima=None):
         """Flat (row-major) indices, ascending, of the entries of the 2-D ``x`` that are
         ``>= lo`` (a scalar, or one bound per row of shape (B, 1)). ``maxima``: optional, the

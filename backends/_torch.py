@@ -263,6 +263,19 @@ class TorchBackend(StandardBackend):
             return torch.from_numpy(_numpy().indices_at_least(x.detach().numpy(), lo, maxima=m))
         return super().indices_at_least(x, lo, maxima=maxima)
 
+    def group_argmax(self, x, g):
+        B, h = x.shape
+        m, s = torch.max(x.reshape(B, g, h // g), dim=1)  # the first maximal entry's slab
+        return m, s
+
+    has_float_bits = True
+
+    def float_bits(self, x):
+        return x.view(torch.int32)
+
+    def top_indices(self, keys, k, *, axis=None):
+        return torch.topk(keys, k, dim=-1, sorted=False).indices
+
     def add_and_group_max(self, x, v, g):
         if _on_cpu(x, v) and x.is_contiguous() and v.is_contiguous():  # one pass, on views
             _, maxima = _numpy().add_and_group_max(x.numpy(), v.numpy(), g)

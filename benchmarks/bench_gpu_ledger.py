@@ -133,8 +133,9 @@ class Ledger(TorchFunctionMode):
         if name in ("index_select", "take", "gather", "__getitem__", "take_along_dim"):
             out_bytes = sum(t.numel() * t.element_size() for t in outs)
             return out_bytes + sum(t.numel() * t.element_size() for t in ins[1:]), 0, 0.0
-        if name == "topk":
-            return read, 0, n * MEASURED["topk_flat" if first.dim() == 1 else "topk_rows"]
+        if name == "topk":  # measured on float32: a radix select's passes grow with the key's bytes
+            rate = MEASURED["topk_flat" if first.dim() == 1 else "topk_rows"]
+            return read, 0, n * rate * first.element_size() / 4
         if name in ("sort", "argsort"):
             return read, 0, n * MEASURED["sort"]
         if name in ("cumsum", "cumulative_sum"):
@@ -162,12 +163,21 @@ def record(state, x):
         finally:
             ledger.precision = "highest"
 
-    be.matmul_at = matmul_at
+    add = be.matmul_add
+
+    def matmul_add(a, b, v, prec, *, out=None):
+        ledger.precision = prec
+        try:
+            return add(a, b, v, prec, out=out)
+        finally:
+            ledger.precision = "highest"
+
+    be.matmul_at, be.matmul_add = matmul_at, matmul_add
     try:
         with sync_free(True), sae_ref.no_checks(), profile.listen(ledger.mark), ledger:
             step(state, x, check=False, donate=True)  # as the training loop steps
     finally:
-        del be.matmul_at
+        del be.matmul_at, be.matmul_add
     ledger.mark("(after the last phase)")
     return ledger.rows
 
