@@ -265,7 +265,7 @@ class StandardBackend:
         from sae_ref.decoder import _project_unit, _unit
 
         xp = array_namespace(W, g)
-        u = _unit(xp, W)
+        u = _unit(xp, W, inplace=inplace and order == "before")  # the rows stay where they are
         g = _project_unit(xp, u, g)
         if order == "before":
             return self.adam(u, g, m, v, lr=lr, b1=b1, b2=b2, eps=eps, t=t, inplace=inplace)

@@ -22,9 +22,14 @@ ORDERS = ("before", "after")
 TINY = 1e-12
 
 
-def _unit(xp, W):
+def _unit(xp, W, inplace: bool = False):
+    """Rows divided by their norms (``inplace``: in ``W``'s memory; the same bits)."""
     norms = xp.sqrt(xp.vecdot(W, W, axis=-1))[:, None]  # vecdot: no [h, d] temporary
-    return W / xp.where(norms > TINY, norms, xp.ones_like(norms))
+    norms = xp.where(norms > TINY, norms, xp.ones_like(norms))
+    if inplace:
+        W /= norms
+        return W
+    return W / norms
 
 
 def renormalize(W_dec):

@@ -203,7 +203,7 @@ def _check_same_run(run: Path, meta: dict, identity: dict, config: TrainConfig) 
         raise RunMismatch(run, diffs)
     mine, theirs = config.to_dict(), meta["config"]
     diffs = [(k, mine[k], theirs.get(k)) for k in mine
-             if k != "nonfinite" and mine[k] != theirs.get(k)]
+             if k not in ("nonfinite", "cuda_graphs") and mine[k] != theirs.get(k)]
     if diffs:
         raise RunMismatch(run, diffs)
 

@@ -45,6 +45,7 @@ from array_api_compat import array_namespace, device as device_of
 from sae_ref import _checks as C
 from sae_ref import afa as F
 from sae_ref import dead_bound as DB
+from sae_ref import graphs as G
 from sae_ref import auxk as K
 from sae_ref import decoder as D
 from sae_ref import losses as L
@@ -93,6 +94,9 @@ class TrainConfig:
     ``matmul_precision``: the encoder product's and AuxK's dense-block GEMMs', "highest",
     "tf32" or "bf16" (SAEConfig's ``precision``: TF32 units on a CUDA GPU; bfloat16 inputs
     with float32 sums, torch only); the rest of the step stays in the parameters' dtype.
+    ``cuda_graphs``: replay the step's pass over the batch as a captured CUDA graph (torch on
+    CUDA; None: whenever that is possible and bit-identical to the eager pass, checked at
+    capture; False: never; :mod:`sae_ref.graphs`). A speed setting: resumes ignore it.
     """
 
     arch: str = "batchtopk"
@@ -133,6 +137,7 @@ class TrainConfig:
     nonfinite: str = "raise"
     seed: int = 0
     matmul_precision: str = "highest"
+    cuda_graphs: bool | None = None
     preset: str = "sae-ref"
 
     def __post_init__(self):
@@ -152,6 +157,7 @@ class TrainConfig:
         C.choice(op, "afa_target", self.afa_target, AFA_TARGETS)
         C.choice(op, "afa_rule", self.afa_rule, F.RULES)
         C.choice(op, "matmul_precision", self.matmul_precision, PRECISIONS)
+        C.choice(op, "cuda_graphs", self.cuda_graphs, (None, True, False))
         if self.k_aux is not None:
             C.integer_in(op, "k_aux", self.k_aux, 1, 2**62)
         C.integer_in(op, "dead_after", self.dead_after, 1, 2**62)
@@ -262,6 +268,7 @@ class TrainState:
         (not state: never compared, printed or saved)
     dead_counts : on the GPU path, bounds on the coming steps' dead counts on their way to
         the host (:mod:`sae_ref.dead_bound`; not state either)
+    graphs : the captured passes of the step (:mod:`sae_ref.graphs`; not state either)
     """
 
     config: TrainConfig
@@ -275,6 +282,7 @@ class TrainState:
     k_aux: int = 1
     scratch: Workspace = field(default_factory=Workspace, compare=False, repr=False)
     dead_counts: tuple = field(default=(), compare=False, repr=False)
+    graphs: G.StepGraphs = field(default_factory=G.StepGraphs, compare=False, repr=False)
 
 
 def geometric_median(x, *, iters: int = 100, tol: float = 1e-5):
@@ -420,8 +428,12 @@ def step(state: TrainState, batch, *, check: bool = True, donate: bool = False,
         bound, counts = DB.read(be, state.dead_counts, state.since_fired, state.t + 1, B,
                                 _dead_after_tokens(config, B))
         cap = DB.capacity(bound, config.h)
+    graphed = dp is None and donate and is_sync_free(batch) and G.wanted(config.cuda_graphs, batch)
     with state.scratch.claim() as ws, be.scope():
-        new, metrics = _step(xp, state, batch, donate, dp, ws, cap)
+        if graphed:
+            new, metrics = _graphed_step(xp, state, batch, cap)
+        else:
+            new, metrics = _step(xp, state, batch, donate, dp, ws, cap)
     if cap is not None:
         issued = DB.issue(be, new.since_fired, new.t, B, _dead_after_tokens(config, B))
         new = replace(new, dead_counts=tuple(c for c in counts if c.through > new.t) + (issued,))
@@ -437,19 +449,84 @@ def _step(xp, state: TrainState, x, donate: bool = False, dp=None, ws=None, aux_
     part of a data-parallel step: every batch-wide quantity goes through it. ``ws``: the
     workspace the big temporaries go into (None: fresh arrays). ``aux_capacity``: the width
     of AuxK's block on the GPU path (at least the dead count; :mod:`sae_ref.dead_bound`)."""
-    config, params = state.config, state.params
-    t = state.t + 1
+    coeff = _sparsity_coeff(state.config, state.t + 1)
+    out = _grads(xp, state.config, state.params, state.since_fired, state.k_aux, x, coeff,
+                 dp, ws, aux_capacity)
+    return _finish(xp, state, out, x.shape[0] if dp is None else dp.B, donate, dp)
+
+
+def _graphed_step(xp, state: TrainState, x, aux_capacity):
+    """:func:`_step` (donated) with the pass over the batch through ``state.graphs``: the
+    pass's inputs are the parameters, the counters and the batch; the counters and the
+    metrics' parts are copied out of the graph's arrays (the next replay overwrites them),
+    the gradients are used at once by the update."""
+    config = state.config
+    coeff = _sparsity_coeff(config, state.t + 1)
+    names = list(state.params.arrays())
+    k_aux = state.k_aux
+
+    def pass_(*arrays):
+        params = SAEParams(**dict(zip(names, arrays[:len(names)])))
+        since, batch = arrays[len(names):]
+        return _grads(xp, config, params, since, k_aux, batch, coeff, aux_capacity=aux_capacity).arrays()
+
+    key = (config, k_aux, tuple(x.shape), str(x.dtype), aux_capacity, coeff)
+    arrays = state.graphs.run(key, pass_, [*state.params.arrays().values(), state.since_fired, x])
+    n = len(names)
+    arrays = arrays[:n] + [xp.asarray(a, copy=True) for a in arrays[n:]]
+    return _finish(xp, state, _Pass.from_arrays(names, arrays), x.shape[0], True)
+
+
+def _sparsity_coeff(config: TrainConfig, t: int) -> float:
+    return O.linear_warmup_decay(t, base=config.sparsity_coeff, warmup=config.sparsity_warmup_steps)
+
+
+@dataclass(frozen=True)
+class _Pass:
+    """What a step's pass over the batch gives the update: the gradients, the new dead-latent
+    counters, and the metrics' 0-D parts (``m_t``: BatchTopK's smallest kept value)."""
+
+    grads: SAEParams
+    since: Any
+    dead: Any
+    mse: Any
+    nmse: Any
+    sparsity: Any
+    aux: Any
+    afa: Any
+    l0: Any
+    m_t: Any = None
+
+    def arrays(self) -> list:
+        """Every array, in a fixed order (a captured graph's outputs)."""
+        out = list(self.grads.arrays().values()) + [self.since, self.dead, self.mse, self.nmse,
+                                                      self.sparsity, self.aux, self.afa, self.l0]
+        return out if self.m_t is None else out + [self.m_t]
+
+    @staticmethod
+    def from_arrays(names: list, arrays: list) -> _Pass:
+        """The pass from :meth:`arrays`' list (``names``: the gradients' parameters)."""
+        grads = SAEParams(**dict(zip(names, arrays[:len(names)])))
+        rest = arrays[len(names):]
+        return _Pass(grads, *rest[:8], rest[8] if len(rest) > 8 else None)
+
+
+def _grads(xp, config: TrainConfig, params: SAEParams, since_fired, k_aux: int, x, coeff: float,
+           dp=None, ws=None, aux_capacity=None) -> _Pass:
+    """The step's pass over the batch ``x``: forward, losses, dead-latent counters, AuxK and
+    backward. It reads the parameters, the counters and host values that are fixed for a run
+    (``config``, ``k_aux``, the batch size) or given (``coeff``, ``aux_capacity``), never the
+    step number: on a GPU it is what a captured graph replays."""
     B = x.shape[0] if dp is None else dp.B
     fwd = _forward(xp, params, x, config.sae_config(), None if dp is None else dp.select, ws, exact=False)
     mse, g_xhat = L._mse(xp, fwd.x_hat, fwd.x, config.loss_unit)
-    coeff = O.linear_warmup_decay(t, base=config.sparsity_coeff, warmup=config.sparsity_warmup_steps)
     sparsity, g_code, g_theta, g_W_sp = _sparsity(xp, config, fwd, params, coeff)
     afa_value, g_code, g_b_dec_afa = _afa(xp, config, fwd, params, g_code)
     P.mark("loss", g_xhat)
     # dead-latent counters: tokens since each latent last fired, the current batch included
     counts = fwd.code.latent_counts()
     fired = (counts if dp is None else dp.sum(counts)) > 0
-    since = xp.where(fired, xp.zeros_like(state.since_fired), state.since_fired + B)
+    since = xp.where(fired, xp.zeros_like(since_fired), since_fired + B)
     dead = since >= _dead_after_tokens(config, B)
     aux_value = xp.zeros((), dtype=x.dtype, device=device_of(x))
     g_pre_extra, g_W_extra, g_W_aux = None, g_W_sp, None
@@ -462,7 +539,7 @@ def _step(xp, state: TrainState, x, donate: bool = False, dp=None, ws=None, aux_
             residual -= fwd.x
         else:
             residual, negated = fwd.x - fwd.x_hat, False
-        aux = K._auxk(xp, fwd.pre, dead, residual, params.W_dec, state.k_aux,
+        aux = K._auxk(xp, fwd.pre, dead, residual, params.W_dec, k_aux,
                       config.aux_convention, _detach(config), want_g_W_dec=False, allow_block=True,
                       scale=c, lazy_residual=True, ws=ws, negated_residual=negated,
                       precision=config.matmul_precision, capacity=aux_capacity)
@@ -486,23 +563,35 @@ def _step(xp, state: TrainState, x, donate: bool = False, dp=None, ws=None, aux_
     if dp is not None:  # this rank's share of the global mean, summed over the ranks
         grads = dp.gradients(grads)
     P.mark("backward", grads.W_enc)
-    params, opt, grad_norm = _update(xp, state, params, grads, t, donate)
-    est = state.theta
+    m_t = None
     if config.arch == "batchtopk":
         m_t = T.batch_min_kept(fwd.code.values)
-        est = T.theta_update(est, m_t if dp is None else dp.min(m_t), step=t)
-    P.mark("theta", est.buf)
-    new = replace(state, params=params, opt=opt, t=t, since_fired=since, theta=est,
-                  tokens=state.tokens + B)
+        m_t = m_t if dp is None else dp.min(m_t)
     # pooled NMSE from the loss's own sum of squares (no second pass over x_hat - x)
     nmse = _nmse_from_mse(xp, mse, fwd.x, config.loss_unit) if dp is None else dp.nmse(fwd.x_hat, fwd.x)
     if dp is not None:  # every rank reports the global batch's values
         mse, sparsity, aux_value, afa_value = dp.means(mse, sparsity, aux_value, afa_value)
+    l0 = xp.sum(fwd.code.l0()) if dp is None else dp.sum(xp.sum(fwd.code.l0()))
+    n_dead = xp.astype(xp.count_nonzero(dead), x.dtype)
+    return _Pass(grads, since, n_dead, mse, nmse, sparsity, aux_value, afa_value, l0, m_t)
+
+
+def _finish(xp, state: TrainState, out: _Pass, B: int, donate: bool = False, dp=None):
+    """The update from a pass: the decoder constraint, clipping, Adam, the theta estimate,
+    the new state and the metrics."""
+    config = state.config
+    t = state.t + 1
+    params, opt, grad_norm = _update(xp, state, state.params, out.grads, t, donate)
+    est = state.theta
+    if config.arch == "batchtopk":
+        est = T.theta_update(est, out.m_t, step=t)
+    P.mark("theta", est.buf)
+    new = replace(state, params=params, opt=opt, t=t, since_fired=out.since, theta=est,
+                  tokens=state.tokens + B)
     metrics = {
-        "loss": mse + sparsity + aux_value + afa_value, "mse": mse, "nmse": nmse,
-        "sparsity": sparsity, "aux": aux_value, "afa": afa_value,
-        "l0": (xp.sum(fwd.code.l0()) if dp is None else dp.sum(xp.sum(fwd.code.l0()))) / B,
-        "dead_fraction": xp.astype(xp.count_nonzero(dead), x.dtype) / config.h,
+        "loss": out.mse + out.sparsity + out.aux + out.afa, "mse": out.mse, "nmse": out.nmse,
+        "sparsity": out.sparsity, "aux": out.aux, "afa": out.afa, "l0": out.l0 / B,
+        "dead_fraction": out.dead / config.h,
         "grad_norm": grad_norm, "lr": _lr(config, t), "step": t, "tokens": new.tokens,
         "skipped": state.skipped,
     }
