@@ -93,9 +93,12 @@ class StepGraphs:
         self.captures = 0
         self.replays = 0
 
-    def run(self, key, fn, inputs: list) -> list:
+    def run(self, key, fn, inputs: list, keep: int = 0) -> list:
         """``fn(*inputs)`` (a list of arrays), by the graph of ``key`` where there is one.
-        ``fn`` must read nothing but ``inputs`` and the host values in ``key``."""
+        ``fn`` must read nothing but ``inputs`` and the host values in ``key``. The graph
+        reads the first ``keep`` inputs where they are (arrays the caller updates in place,
+        such as parameters under Adam) and copies of the others (a batch, which the caller
+        drops)."""
         if self.off is not None:
             return fn(*inputs)
         entry = self.entries.get(key)
@@ -103,7 +106,7 @@ class StepGraphs:
             if key not in self.seen:  # the first time: eager, and the libraries warm up
                 self.seen.add(key)
                 return fn(*inputs)
-            entry = self._capture(key, fn, inputs)
+            entry = self._capture(key, fn, inputs, keep)
             if entry is None:
                 return fn(*inputs)
             return entry.outputs
@@ -111,10 +114,10 @@ class StepGraphs:
         self.replays += 1
         return entry.replay()
 
-    def _capture(self, key, fn, inputs):
+    def _capture(self, key, fn, inputs, keep=0):
         import torch
 
-        own = [a.clone() for a in inputs]  # the arrays the graph reads (the caller's may go)
+        own = list(inputs[:keep]) + [a.clone() for a in inputs[keep:]]  # the arrays the graph reads
         try:
             if own[0].is_cuda:
                 graph, outputs = _cuda_capture(self, fn, own)

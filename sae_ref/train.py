@@ -471,7 +471,10 @@ def _graphed_step(xp, state: TrainState, x, aux_capacity):
         return _grads(xp, config, params, since, k_aux, batch, coeff, aux_capacity=aux_capacity).arrays()
 
     key = (config, k_aux, tuple(x.shape), str(x.dtype), aux_capacity, coeff)
-    arrays = state.graphs.run(key, pass_, [*state.params.arrays().values(), state.since_fired, x])
+    # the parameters stay where they are (Adam updates them in place); the counters and the
+    # batch are copied into the graph's own arrays
+    arrays = state.graphs.run(key, pass_, [*state.params.arrays().values(), state.since_fired, x],
+                              keep=len(names))
     n = len(names)
     arrays = arrays[:n] + [xp.asarray(a, copy=True) for a in arrays[n:]]
     return _finish(xp, state, _Pass.from_arrays(names, arrays), x.shape[0], True)
