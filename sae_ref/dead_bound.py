@@ -17,8 +17,8 @@ ahead. AuxK's block then has :func:`capacity` columns: the dead ones first (asce
 padding, never fewer than the dead ones. The first step of a state with no count in flight
 (a fresh or loaded state, another batch size) counts once, waiting for it.
 
-Sizes come in powers of two so that a run sees few distinct shapes (each is one CUDA graph
-when the step is captured).
+Sizes come in powers of two up to ``h / 8``, then in multiples of ``h / 8``, so that a run
+sees few distinct shapes (each is one CUDA graph when the step is captured).
 """
 
 from __future__ import annotations
@@ -65,8 +65,13 @@ def read(be, counts: tuple, since, t: int, B: int, threshold: int) -> tuple[int,
 
 def capacity(bound: int, h: int) -> int:
     """The columns of AuxK's block for at most ``bound`` dead latents among ``h``: the
-    smallest power of two ``>= bound``, at least ``h / 64`` (and 1), at most ``h``."""
+    smallest power of two ``>= bound`` from ``h / 64`` (and 1) up to ``h / 8``, then the
+    smallest multiple of ``h / 8`` (at most ``h``): few distinct widths, none more than
+    twice the bound or ``h / 8`` above it."""
+    step = max(1, h // 8)
+    if bound > step:
+        return min(h, -(-bound // step) * step)
     cap = max(1, h // 64)
     while cap < bound:
         cap *= 2
-    return min(cap, h)
+    return min(cap, step)  # both at least the bound

@@ -381,10 +381,20 @@ def test_aux_block_capacity_is_at_least_every_steps_dead_count(backend, arch):
     assert narrower > 0
 
 
-def test_dead_bound_capacity_is_a_power_of_two_from_h_over_64_to_h():
-    """Invariant: the block width is the smallest power of two at least the bound, clipped to
-    [max(1, h // 64), h]."""
+@given(h=st.integers(1, 5000), data=st.data())
+def test_dead_bound_capacity_is_at_least_the_bound_in_few_widths(h, data):
+    """Invariant: the block width is at least the bound and at most h, the smallest power of
+    two from h // 64 up to h // 8 and then the smallest multiple of h // 8; a run sees at most
+    a dozen widths (one CUDA graph each)."""
     from sae_ref.dead_bound import capacity
 
-    assert [capacity(b, 1024) for b in (0, 1, 16, 17, 300, 512, 513, 1024)] == [16, 16, 16, 32, 512, 512, 1024, 1024]
-    assert capacity(0, 10) == 1 and capacity(7, 10) == 8 and capacity(9, 10) == 10
+    bound = data.draw(st.integers(0, h), label="bound")
+    cap = capacity(bound, h)
+    step = max(1, h // 8)
+    assert bound <= cap <= h
+    if bound > step:
+        assert cap == min(h, -(-bound // step) * step)
+    else:
+        assert cap <= step and (cap == max(1, h // 64) or cap < 2 * bound or cap == step)
+    widths = {capacity(b, h) for b in range(0, h + 1, max(1, h // 997))}
+    assert len(widths) <= 16
