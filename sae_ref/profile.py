@@ -50,6 +50,11 @@ def phases():
         _active, _last = outer, outer_last
 
 
+def measuring() -> bool:
+    """Whether :func:`phases` is timing (a captured CUDA graph would hide its phases)."""
+    return _active is not None
+
+
 def mark(name: str, array=None) -> None:
     """End the phase ``name``: wait for ``array``'s device, then charge the time since the
     previous mark to ``name``. A no-op outside :func:`phases`."""

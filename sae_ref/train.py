@@ -428,7 +428,8 @@ def step(state: TrainState, batch, *, check: bool = True, donate: bool = False,
         bound, counts = DB.read(be, state.dead_counts, state.since_fired, state.t + 1, B,
                                 _dead_after_tokens(config, B))
         cap = DB.capacity(bound, config.h)
-    graphed = dp is None and donate and is_sync_free(batch) and G.wanted(config.cuda_graphs, batch)
+    graphed = (dp is None and donate and is_sync_free(batch) and not P.measuring()
+               and G.wanted(config.cuda_graphs, batch))
     with state.scratch.claim() as ws, be.scope():
         if graphed:
             new, metrics = _graphed_step(xp, state, batch, cap)
