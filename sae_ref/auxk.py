@@ -251,7 +251,7 @@ def _auxk_fixed(xp, be, pre, dead, W_dec, k_aux, loss, want_g_W_dec, buf=None, b
     B, h = pre.shape
     dev = device_of(pre)
     k = min(k_aux, h)
-    masked = xp.where(dead, pre, xp.asarray(-xp.inf, dtype=pre.dtype, device=dev))
+    masked = xp.where(dead, pre, xp.full((), -xp.inf, dtype=pre.dtype, device=dev))
     code = _padded_code_at(masked, top_n_fixed(masked, k, axis=-1, backend=be)[0])
     any_dead = xp.any(dead)
     zero = xp.zeros((), dtype=pre.dtype, device=dev)
@@ -289,7 +289,7 @@ def _auxk_capacity(xp, be, pre, dead, W_dec, k_aux, loss, cap, precision, buf=No
     B, h = pre.shape
     dev = device_of(pre)
     zero = xp.zeros((), dtype=pre.dtype, device=dev)
-    ninf = xp.asarray(-xp.inf, dtype=pre.dtype, device=dev)
+    ninf = xp.full((), -xp.inf, dtype=pre.dtype, device=dev)  # a fill: no host copy (a graph captures it)
     cols = be.compact(dead, cap)  # the dead columns, then h
     real = cols < h
     cols = xp.where(real, cols, xp.zeros_like(cols))

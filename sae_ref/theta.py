@@ -91,7 +91,7 @@ def batch_min_kept(values):
     """The smallest positive kept value :math:`m_t` of a batch's code values (0-D array);
     ``+inf`` if none is positive (the updates then leave the estimate unchanged)."""
     xp = array_namespace(values)
-    inf = xp.asarray(float("inf"), dtype=values.dtype, device=device_of(values))
+    inf = xp.full((), float("inf"), dtype=values.dtype, device=device_of(values))  # a fill, not a host copy
     if values.shape[0] == 0:
         return inf
     return xp.min(xp.where(values > 0, values, inf))
@@ -110,7 +110,7 @@ def theta_update(state: ThetaState, m, *, step: int | None = None) -> ThetaState
     buf = state.buf
     if state.kind == "running_mean":
         slot = xp.arange(state.window, device=device_of(buf)) == (state.n % state.window)
-        nan = xp.asarray(float("nan"), dtype=buf.dtype, device=device_of(buf))
+        nan = xp.full((), float("nan"), dtype=buf.dtype, device=device_of(buf))
         return replace(state, n=state.n + 1, buf=xp.where(slot, xp.where(ok, m, nan), buf))
     if state.kind == "saelens_ema":
         new = (1.0 - state.rate) * buf + state.rate * m

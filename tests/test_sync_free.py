@@ -218,8 +218,13 @@ _HOST_READS = {"__bool__", "item", "__int__", "__float__", "__index__", "tolist"
                "repeat_interleave", "__array__"}
 
 
+#: torch calls that make an array from host data (a Python number, a list)
+_HOST_COPIES = {"asarray", "tensor", "as_tensor", "from_numpy"}
+
+
 class _HostReadRecorder(TorchFunctionMode):
-    """Records every torch call that reads back to the host, and boolean-mask indexing."""
+    """Records every torch call that reads back to the host, makes an array from host data,
+    or indexes with a boolean mask."""
 
     def __init__(self):
         super().__init__()
@@ -228,6 +233,8 @@ class _HostReadRecorder(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", str(func))
         read = name in _HOST_READS
+        if name in _HOST_COPIES and args and not isinstance(args[0], torch.Tensor):
+            read = True  # host data copied to the device: on CUDA a copy a graph cannot capture
         if name in ("__getitem__", "__setitem__") and len(args) > 1:
             index = args[1] if isinstance(args[1], tuple) else (args[1],)
             read = any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in index)
@@ -239,7 +246,8 @@ class _HostReadRecorder(TorchFunctionMode):
 @pytest.mark.parametrize("arch", ["batchtopk", "topk"])
 def test_sync_free_torch_step_reads_nothing_back_to_the_host(arch):
     """Invariant: a torch training step in the sync-free mode (AuxK on, dead latents present)
-    calls no torch function that copies a value to the host, except the one read of the
+    calls no torch function that copies a value to the host or makes an array from host data
+    (on CUDA a copy that a captured graph cannot hold), except the one read of the
     dead-count bound issued ``LAG + 1`` steps earlier (work the device finished while it ran
     the steps after it: no wait); the default CPU step does read (its NumPy views and
     counts), which shows the recorder sees them."""
