@@ -4,7 +4,9 @@ Sparsity-performance frontiers need several SAEs (k, architectures) trained on t
 :func:`fit_sweep` reads, checks, shuffles and moves each batch once, and every member steps on
 it; each member's run is bit for bit its own :func:`sae_ref.fit.fit` with the same source,
 data seed and batch size (on NumPy; tested), so a sweep is a speed-up and never a different
-experiment.
+experiment. Members of one shape share the step's workspace (the [B, h] pre-activations and the
+[h, d] gradients, :mod:`sae_ref.workspace`): a sweep holds each member's parameters and Adam
+moments, and one set of the step's big arrays per shape.
 
 Layout of ``out``: one run directory per member (``out/<name>/``, the files of a single run:
 ``metrics.jsonl``, ``checkpoints/``, ``sae/``, ``summary.json``) and ``out/sweep.json``, the
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 from sae_ref.fit import (FitResult, RunDirError, _heldout, _loop_args, _Loop, _Member, _split,
@@ -74,13 +77,26 @@ def _check_configs(configs) -> list[TrainConfig]:
 
 
 def member_bytes(config: TrainConfig, d: int, batch_size: int, itemsize: int) -> int:
-    """An estimate of one member's memory in training: parameters, their gradients and Adam's
-    two moments (4 copies of 2 d h + h + d values), and the step's [B, h] arrays (the
-    pre-activations and, with AuxK, its block and gradient: 3 of them)."""
+    """An estimate of one member's memory in training, alone (a :func:`~sae_ref.fit.fit`):
+    :func:`state_bytes` and :func:`step_bytes`."""
+    return state_bytes(config, d, itemsize) + step_bytes(config, d, batch_size, itemsize)
+
+
+def state_bytes(config: TrainConfig, d: int, itemsize: int) -> int:
+    """What a member keeps from step to step: its parameters and Adam's two moments (3 copies
+    of 2 d h + h + d values)."""
+    return itemsize * 3 * (2 * d * config.h + config.h + d)
+
+
+def step_bytes(config: TrainConfig, d: int, batch_size: int, itemsize: int) -> int:
+    """What a step needs besides the state: the gradients (one copy of the parameters; the
+    [h, d] ones in the step's workspace) and the [B, h] arrays (the pre-activations, in the
+    workspace, and with AuxK its block and gradient: 3 of them). In a sweep, members of one
+    shape share one workspace (their steps run one after another), so this is counted once
+    per shape."""
     h = config.h
-    params = 2 * d * h + h + d
     blocks = 3 if config.aux_convention else 1
-    return itemsize * (4 * params + blocks * batch_size * h)
+    return itemsize * ((2 * d * h + h + d) + blocks * batch_size * h)
 
 
 def available_bytes(xp, device) -> int | None:
@@ -108,15 +124,39 @@ def available_bytes(xp, device) -> int | None:
 
 def _check_memory(configs, names, ds, batch_size, itemsize, xp, dev) -> None:
     """Refuse, naming the sizes, a sweep whose members (of input widths ``ds``) cannot all fit
-    the device."""
-    need = [member_bytes(c, d, batch_size, itemsize) for c, d in zip(configs, ds)]
+    the device: every member's state, and one step's arrays per shape of member (the
+    workspace its members share, :func:`_share_workspaces`)."""
+    state = [state_bytes(c, d, itemsize) for c, d in zip(configs, ds)]
+    steps: dict = {}
+    for c, d in zip(configs, ds):
+        key = (d, c.h)
+        steps[key] = max(steps.get(key, 0), step_bytes(c, d, batch_size, itemsize))
+    need = sum(state) + sum(steps.values())
     free = available_bytes(xp, dev)
-    if free is not None and sum(need) > free:
+    if free is not None and need > free:
         gib = 2 ** 30
-        each = ", ".join(f"{n} {b / gib:.2f}" for n, b in zip(names, need))
-        raise MemoryError(f"fit_sweep: the members need about {sum(need) / gib:.2f} GiB together "
-                          f"({each} GiB: parameters, gradients, Adam and the step's [B, h] arrays) "
-                          f"but the device has {free / gib:.2f} GiB free; train fewer members at once")
+        each = ", ".join(f"{n} {b / gib:.2f}" for n, b in zip(names, state))
+        raise MemoryError(f"fit_sweep: the members need about {need / gib:.2f} GiB together "
+                          f"({each} GiB: parameters and Adam's moments; "
+                          f"{sum(steps.values()) / gib:.2f} GiB: the step's gradients and [B, h] "
+                          f"arrays, once per shape of member) but the device has "
+                          f"{free / gib:.2f} GiB free; train fewer members at once")
+
+
+def _share_workspaces(members) -> None:
+    """Give the members of one shape (d, h, dtype, device) one workspace: their steps run one
+    after another, each fills the arrays it reads, and no step's result refers to them
+    (:mod:`sae_ref.workspace`), so the results are the same, the sweep keeps one set of the
+    step's big arrays per shape instead of one per member, and touches less fresh memory."""
+    from array_api_compat import device as device_of
+
+    from sae_ref.workspace import Workspace
+
+    shared: dict = {}
+    for m in members:
+        W = m.state.params.W_enc
+        key = (tuple(W.shape), str(W.dtype), str(device_of(W)))
+        m.state = replace(m.state, scratch=shared.setdefault(key, Workspace()))
 
 
 def _write_manifest(out: Path | None, manifest: dict) -> None:
@@ -205,6 +245,7 @@ def fit_sweep(configs, source, *, out, names=None, backend: str = "numpy", devic
     for m, f in zip(members, feeds):
         m.start(lambda f=f: first_batch(f), overwrite)
     firsts.clear()
+    _share_workspaces(members)
     identity = groups[0][2]
     base = {"members": None, "data": identity["data"] if len(sources) == 1 else "per member",
             "batch_size": batch_size,
@@ -297,4 +338,5 @@ def load_sweep(out) -> dict:
     return _read_manifest(Path(out))
 
 
-__all__ = ["MANIFEST", "available_bytes", "fit_sweep", "load_sweep", "member_bytes", "member_name"]
+__all__ = ["MANIFEST", "available_bytes", "fit_sweep", "load_sweep", "member_bytes", "member_name",
+           "state_bytes", "step_bytes"]

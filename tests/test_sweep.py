@@ -46,10 +46,12 @@ def _log(run):
 def test_each_member_ends_bit_for_bit_as_its_own_fit(tmp_path):
     """Invariant: every member of a sweep (TopK, BatchTopK with AuxK, ReLU-L1; different step
     counts) ends with its own fit()'s parameters, Adam moments and log, bit for bit on NumPy,
-    from one pass over the batches."""
+    from one pass over the batches; the two members of one shape share the step's workspace
+    and the third has its own."""
     store = _store(tmp_path)
     kw = dict(batch_size=32, holdout_batches=2, log_every=5, checkpoint_every=6, progress=False)
     got = fit_sweep(_configs(), store, out=tmp_path / "sweep", **kw)
+    assert got[0].state.scratch is got[1].state.scratch is not got[2].state.scratch
     for config, res in zip(_configs(), got):
         name = res.summary["config"]["arch"]
         alone = fit(config, store, run_dir=tmp_path / "alone" / name, **kw)
