@@ -19,8 +19,13 @@ rows) into a temporary directory, then prints, measured in one run:
   of the bare step's rate, and the share of the loop's time spent waiting for data
   (``summary["data_wait"]``);
 - ``--sweep``: :func:`sae_ref.sweep.fit_sweep` of 8 SAEs (TopK and BatchTopK at k = 8, 16,
-  32, 64) on the float16 store, its loop's seconds over the sum of its members' bare steps,
-  beside 8 serial fits over the same sum.
+  32, 64) on the float16 store. Each round of the sweep (one batch read, 8 steps) is timed
+  against the sum of its members' bare steps (every member's state kept in memory with its own
+  workspace, as a fit has it; one step each, round-robin) run just before and just after it,
+  so both see the same load on a shared machine (:class:`Paced`); the median ratio is printed
+  with its range, beside the same ratio for 8 serial fits (each step against its own member's
+  bare step) and the sweep's first round (the members' first steps on fresh memory, once per
+  run). Then one stacked encoder GEMM of the 8 members against their 8 separate GEMMs.
 
 The machine is described first. Absolute rates are noisy on shared machines; compare the rows
 of one run.
@@ -30,9 +35,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 
 import numpy as np
 
@@ -106,25 +113,161 @@ def bare_seconds(backend: str, config, shape: dict, steps: int) -> float:
     return time.perf_counter() - t0
 
 
-def loop_seconds(summary: dict) -> float:
-    """The training loop's seconds, from a run's summary (tokens over tokens/s)."""
-    return summary["tokens"] / summary["tokens_per_s"]
+class Paced:
+    """A data source that times a training loop against bare steps under the same load.
+
+    Its streams are the source's, except that every call after a stream's first runs
+    ``pace()`` (bare steps) first and records when it started and ended. The loop's round
+    ``j`` (reading batch ``j``, every member's step on it, the loop's bookkeeping) is the time
+    from the end of the paced block in call ``j`` to the start of call ``j + 1``: each round
+    lies between two paced blocks, and is compared with their mean (a load that drifts on a
+    shared machine cancels to first order). The first round (the members' first steps, which
+    touch their fresh memory: once per run) and the last (no call ends it) are not paired; a
+    stream's first call (``fit`` reads batch 0 to initialise, the loop its first batch) is not
+    paced."""
+
+    def __init__(self, source, pace):
+        self.source, self.pace = source, pace
+        self.streams: list = []
+
+    def __getattr__(self, name):  # n_rows, d, ...: the source's
+        return getattr(self.source, name)
+
+    def stream(self, batch_size, **kw):
+        s = _PacedStream(self.source.stream(batch_size, **kw), self.pace)
+        self.streams.append(s)
+        return s
+
+    def rounds(self) -> tuple[list, list, float]:
+        """(bare seconds, loop seconds) of the paired rounds, and the first round's seconds."""
+        s = max(self.streams, key=lambda s: len(s.t_in))  # the loop's stream
+        t_in, t_paced, bare = s.t_in, s.t_paced, s.bare  # bare[i]: the block of call i + 1
+        loop = [t_in[j + 1] - t_paced[j] for j in range(1, len(t_in) - 1)]
+        around = [(bare[j - 1] + bare[j]) / 2 for j in range(1, len(t_in) - 1)]
+        return around, loop, t_in[1] - t_in[0]
+
+
+class _PacedStream:
+    def __init__(self, stream, pace):
+        self.stream, self.pace = stream, pace
+        self.t_in, self.t_paced, self.bare = [], [], []
+
+    def __getattr__(self, name):  # position, skipped, close, prefetch: the stream's
+        return getattr(self.stream, name)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        t = time.perf_counter()
+        self.t_in.append(t)
+        if len(self.t_in) > 1:
+            self.pace()
+            self.bare.append(time.perf_counter() - t)
+        self.t_paced.append(time.perf_counter())
+        return next(self.stream)
+
+
+def warm_states(backend: str, configs, shape: dict):
+    """(states, step_of): each config's state after one step (its memory touched), and
+    ``step_of(i)``, one bare step of state ``i`` on one of two batches on the device."""
+    xp, dev = resolve(backend)
+    rng = np.random.default_rng(1)
+    xs = [xp.asarray(rng.standard_normal((shape["B"], shape["d"]), dtype=np.float32), device=dev)
+          for _ in range(2)]
+    with sae_ref.no_checks():
+        states = [step(init_state(c, xs[0]), xs[1], check=False, donate=True)[0] for c in configs]
+    calls = [0]
+
+    def step_of(i):
+        with sae_ref.no_checks():
+            states[i], _ = step(states[i], xs[calls[0] % 2], check=False, donate=True)
+        _sync(xp, states[i].params.W_enc)
+        calls[0] += 1
+
+    return states, step_of
+
+
+def _spread(ratios) -> str:
+    return (f"median {statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f}, "
+            f"{len(ratios)} rounds)")
 
 
 def sweep_rows(backend: str, store, shape: dict, steps: int) -> None:
-    """A sweep of 8 SAEs against the sum of its members' bare steps and against 8 serial fits."""
+    """A sweep of 8 SAEs against the sum of its members' bare steps, and 8 serial fits against
+    each member's bare step, every round paired with bare steps run just before it
+    (:class:`Paced`); then one stacked encoder GEMM against the members' separate GEMMs."""
     from sae_ref.sweep import fit_sweep
 
-    configs = sweep_configs(shape, steps)
-    bare = sum(bare_seconds(backend, c, shape, steps) for c in configs)
+    configs = [replace(c, steps=steps + 2) for c in sweep_configs(shape, steps)]
+    n = len(configs)
+    states, step_of = warm_states(backend, configs, shape)
     kw = dict(backend=backend, batch_size=shape["B"], holdout_batches=0, progress=False,
-              log_every=steps, prefetch=0)  # no files written: the loops alone
-    res = fit_sweep(configs, store, out=None, **kw)
-    sweep = loop_seconds(res[0].summary)
-    serial = sum(loop_seconds(fit(c, store, **kw).summary) for c in configs)
-    print(f"  sweep of {len(configs)} SAEs (TopK, BatchTopK x k = 8, 16, 32, 64), {store.dtype} store: "
-          f"{sweep:.1f} s = {sweep / bare:.3f} x the members' bare steps ({bare:.1f} s); "
-          f"{len(configs)} serial fits {serial:.1f} s = {serial / bare:.3f} x")
+              log_every=steps + 2, prefetch=0)  # no files written: the loops alone
+
+    paced = Paced(store, lambda: [step_of(i) for i in range(n)])
+    fit_sweep(configs, paced, out=None, **kw)
+    bare, loop, first = paced.rounds()
+    print(f"  sweep of {n} SAEs (TopK, BatchTopK x k = 8, 16, 32, 64) on the {store.dtype} store.\n"
+          f"    ratio = a round of the sweep (one batch read, checked, converted; {n} steps) over "
+          f"the\n    sum of its members' bare steps (one each, round-robin, each state with its "
+          f"own\n    workspace as fit() has it) run around it:\n"
+          f"    sweep: {_spread([b2 / b1 for b1, b2 in zip(bare, loop)])}; "
+          f"{sum(loop):.1f} s / {sum(bare):.1f} s = {sum(loop) / sum(bare):.3f}\n"
+          f"    the sweep's first round (first steps on fresh memory; once per run): {first:.1f} s "
+          f"= {first / statistics.median(loop):.2f} x a later round")
+    ratios, tot_loop, tot_bare = [], 0.0, 0.0
+    for i, c in enumerate(configs):
+        paced = Paced(store, lambda i=i: step_of(i))
+        fit(c, paced, **kw)
+        bare, loop, _ = paced.rounds()
+        ratios += [b2 / b1 for b1, b2 in zip(bare, loop)]
+        tot_loop, tot_bare = tot_loop + sum(loop), tot_bare + sum(bare)
+    print(f"    {n} serial fits (ratio = a step with its own batch read over its member's bare "
+          f"step):\n    serial: {_spread(ratios)}; {tot_loop:.1f} s / {tot_bare:.1f} s = "
+          f"{tot_loop / tot_bare:.3f}")
+    states.clear()
+    stacked_gemm_row(backend, shape, n)
+
+
+def stacked_gemm_row(backend: str, shape: dict, n: int, repeats: int = 2) -> None:
+    """The encoder products of ``n`` same-shape members: ``n`` GEMMs ``x @ W_enc_i`` into
+    their [B, h] buffers against one ``x @ [W_enc_1 | ... | W_enc_n]`` into one [B, n h]
+    buffer, the backend's product in the encoder's layout (min of ``repeats`` after one
+    warm-up each)."""
+    from sae_ref.backends import get_backend
+
+    xp, dev = resolve(backend)
+    be = get_backend(xp)
+    rng = np.random.default_rng(2)
+    B, d, h = shape["B"], shape["d"], shape["h"]
+    x = xp.asarray(rng.standard_normal((B, d), dtype=np.float32), device=dev)
+    Ws = [be.latent_major(xp.asarray(rng.standard_normal((d, h), dtype=np.float32), device=dev))
+          for _ in range(n)]
+    outs = [xp.empty((B, h), dtype=xp.float32, device=dev) for _ in range(n)]
+    stacked = be.latent_major(xp.concat(Ws, axis=1))
+    big = xp.empty((B, n * h), dtype=xp.float32, device=dev)
+
+    def separate():
+        for W, o in zip(Ws, outs):
+            be.matmul(x, W, out=o)
+        _sync(xp, outs[-1])
+
+    def one():
+        be.matmul(x, stacked, out=big)
+        _sync(xp, big)
+
+    times = {separate: [], one: []}
+    for _ in range(repeats):
+        for fn in (separate, one):
+            fn()
+            t0 = time.perf_counter()
+            fn()
+            times[fn].append(time.perf_counter() - t0)
+    a, b = min(times[separate]), min(times[one])
+    print(f"  encoder GEMMs of the {n} members: {n} separate {a:.2f} s, one stacked {b:.2f} s "
+          f"= {b / a:.3f} x\n    (each member multiplies its own x - b_dec_i: one shared product "
+          f"would also change the bits)")
 
 
 def main(argv=None):
