@@ -438,6 +438,8 @@ def step(state: TrainState, batch, *, check: bool = True, donate: bool = False,
     if cap is not None:
         issued = DB.issue(be, new.since_fired, new.t, B, _dead_after_tokens(config, B))
         new = replace(new, dead_counts=tuple(c for c in counts if c.through > new.t) + (issued,))
+    elif new.dead_counts:  # a step that issued none (another mode or batch size): start afresh
+        new = replace(new, dead_counts=())
     return new, metrics
 
 

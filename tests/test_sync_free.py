@@ -363,8 +363,9 @@ def test_gpu_path_step_makes_the_same_calls_whatever_the_batch_width_or_dead_sha
         assert calls == base, f"B={B} h={h} dead_after={dead_after}: {calls} torch calls, {base} at B=64 h=128"
 
 
+@pytest.mark.parametrize("unit", ["batches", "tokens"])
 @pytest.mark.parametrize("arch", ["batchtopk", "topk"])
-def test_aux_block_capacity_is_at_least_every_steps_dead_count(backend, arch):
+def test_aux_block_capacity_is_at_least_every_steps_dead_count(backend, arch, unit):
     """Invariant: on the GPU path each step's AuxK block (the capacity from the dead-count
     bound it reads, issued a step or more earlier) has at least as many columns as the step
     has dead latents, and some steps use a block narrower than h (the bound is useful)."""
@@ -372,17 +373,21 @@ def test_aux_block_capacity_is_at_least_every_steps_dead_count(backend, arch):
     from sae_ref.backends import get_backend
 
     rng = np.random.default_rng(3)
-    config = TrainConfig(arch=arch, h=128, k=8, k_aux=8, lr=3e-3, dead_after=4, dead_unit="batches")
-    xs = [backend.asarray(rng.standard_normal((16, 8)) * rng.uniform(0.2, 3, 8)) for _ in range(3)]
+    config = TrainConfig(arch=arch, h=128, k=8, k_aux=8, lr=3e-3, dead_after=4 if unit == "batches" else 64,
+                         dead_unit=unit)
+    # batches of 16 rows, and of 48 in a stretch of steps (a bound issued at one batch size
+    # is not used at another: counters grow faster with bigger batches)
+    sizes = [16] * 6 + [48, 48, 16, 48] + [16] * 6
+    xs = [backend.asarray(rng.standard_normal((B, 8)) * rng.uniform(0.2, 3, 8)) for B in sizes]
     be = get_backend(backend.xp)
     narrower = 0
     with sync_free(True):
         state = init_state(config, xs[0])
-        for i in range(12):
-            B, T = 16, 4 * 16
+        for i, B in enumerate(sizes):
+            T = 4 * B if unit == "batches" else 64
             bound, _ = DB.read(be, state.dead_counts, state.since_fired, state.t + 1, B, T)
             cap = DB.capacity(bound, config.h)
-            state, m = step(state, xs[i % 3], check=False)
+            state, m = step(state, xs[i], check=False)
             dead = int(round(float(m["dead_fraction"]) * config.h))
             assert dead <= bound <= cap <= config.h
             narrower += cap < config.h and dead > 0
