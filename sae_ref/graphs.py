@@ -19,8 +19,9 @@ for bit with the eager pass on the same inputs. If the capture fails or any bit 
 graphs are turned off for the run with a warning naming the reason, and every step runs
 eagerly; a run never takes a step the eager code would not take.
 
-``TrainConfig.cuda_graphs``: None (default) captures on CUDA (torch); False never; True
-asks for it (on CUDA; elsewhere there is nothing to capture). Steps that
+``TrainConfig.cuda_graphs``: None (default) captures on CUDA (torch); False never
+(``--set cuda_graphs=false`` on the command line); True asks for it (on CUDA; elsewhere
+there is nothing to capture). Steps that
 :func:`sae_ref.profile.phases` times run eagerly (a replay has no phases to time). CuPy's stream capture is not
 used yet. :func:`stand_in` makes CPU tensors go through the same bookkeeping with the pass
 re-run instead of replayed (the tests check the bookkeeping with it; only a GPU checks the
