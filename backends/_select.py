@@ -221,7 +221,9 @@ def _keyable(xp, be, x, n, axis) -> bool:
         return False
     B, h = x.shape
     narrow = x.dtype == xp.float32 or str(x.dtype).split(".")[-1] in ("float16", "bfloat16")
-    grouped = _fixed_group(h, 1 if axis is not None else B, n) > 1  # else the plain form is cheaper
+    # at least 4 groups: with fewer, keying the group maxima costs more passes than the plain
+    # form's tie pass saves
+    grouped = _fixed_group(h, 1 if axis is not None else B, n) >= 4
     return narrow and grouped and (B * h if axis is None else h) <= 2**32
 
 
