@@ -157,6 +157,54 @@ def test_sync_free_auxk_has_the_exact_loss_and_gradients(backend, n_dead, conven
                  backend.numpy(exact.code.with_values(exact.g_values).to_dense()), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("n_dead,cap", [(0, 4), (3, 4), (3, 16), (20, 32), (40, 64)],
+                         ids=["none_dead", "block_full", "padded", "padded_wide", "every_column"])
+@pytest.mark.parametrize("convention", ["authors", "normalized"])
+def test_auxk_block_sized_by_a_bound_gives_the_exact_products(backend, n_dead, cap, convention):
+    """Invariant: AuxK on a block of ``cap`` columns (the dead ones, column 0 among them, then
+    padding that repeats column 0 with zero values) gives the exact AuxK's loss and the same
+    (B, h) activations and gradient as a dense matrix, and the same decoder gradient, encoder
+    gradient and column sums through the backward pass's block products."""
+    from sae_ref.sae import _add_transposed_product, _column_sums
+    from sae_ref.sparse import ColumnBlock
+
+    rng = np.random.default_rng(n_dead + cap)
+    B, h, d, k_aux = 16, 64, 8, 6
+    pre_np = rng.integers(-3, 4, size=(B, h)).astype(np.float64) + rng.uniform(0, 0.5, (B, h))
+    dead_np = np.zeros(h, dtype=bool)
+    dead_np[rng.permutation(np.arange(1, h))[:max(n_dead - 1, 0)]] = True
+    dead_np[0] = n_dead > 0
+    xp, be = backend.xp, get_backend(backend.xp)
+    pre, dead = backend.asarray(pre_np), backend.asarray(dead_np)
+    res = backend.asarray(rng.standard_normal((B, d)))
+    W, X = backend.asarray(rng.standard_normal((h, d))), backend.asarray(rng.standard_normal((B, d)))
+    with sync_free(False):
+        exact = K.auxk(pre, dead, res, W, k_aux, convention=convention, detach_residual=False)
+    with sync_free(True):
+        got = K._auxk(xp, pre, dead, res, W, k_aux, convention, False, allow_block=True, capacity=cap)
+    a, g_a = got.block
+    assert isinstance(a, ColumnBlock) and a.cols.shape[0] == cap
+    assert_close(backend.numpy(got.value), backend.numpy(exact.value), rtol=1e-12, atol=1e-12)
+    g_pre = exact.code.with_values(exact.g_values)
+
+    def dense(block):  # the (B, h) matrix of a block: its columns added at their places
+        out = np.zeros((B, h))
+        np.add.at(out.T, backend.numpy(block.cols), backend.numpy(block.values).T)
+        return out
+
+    assert_close(dense(a), backend.numpy(exact.code.to_dense()), rtol=1e-12, atol=1e-12)
+    assert_close(dense(g_a), backend.numpy(g_pre.to_dense()), rtol=1e-12, atol=1e-12)
+    zeros = lambda: xp.zeros((h, d), dtype=W.dtype, device=backend.device)
+    with sync_free(True):
+        products = [_add_transposed_product(xp, be, a, got.g_ehat, zeros()),
+                    _add_transposed_product(xp, be, g_a, X, zeros()), _column_sums(xp, be, g_a)]
+    with sync_free(False):
+        wanted = [_add_transposed_product(xp, be, exact.code, exact.g_ehat, zeros()),
+                  _add_transposed_product(xp, be, g_pre, X, zeros()), _column_sums(xp, be, g_pre)]
+    for p, w in zip(products, wanted):
+        assert_close(backend.numpy(p), backend.numpy(w), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("activation", ["batchtopk", "topk"])
 def test_backward_through_a_padded_code_equals_backward_through_the_exact_code(backend, activation):
     """Invariant: where the step's selection lists non-positive pre-activations (k larger than
