@@ -153,11 +153,6 @@ class CupyBackend(StandardBackend):
         a.get(out=host, stream=cp.cuda.get_current_stream(), blocking=False)
         return host, cp.cuda.get_current_stream().record()
 
-    def read_host(self, handle):
-        host, done = handle
-        done.synchronize()
-        return int(host)
-
     def uniform(self, xp, seed, shape, *, low, high, dtype, device):
         with cp.cuda.Device(device):
             g = cp.random.default_rng(seed)

@@ -314,15 +314,10 @@ class StandardBackend:
 
     # -- device to host ---------------------------------------------------------------------
     def to_host_async(self, a):
-        """A handle on the 0-D integer ``a`` whose value :meth:`read_host` returns later. A GPU
-        backend queues the copy behind the work that computes ``a`` (no wait now); here the
-        handle is ``a`` itself."""
+        """A handle on the 0-D integer ``a`` whose value :func:`sae_ref.dead_bound.read_host`
+        returns later: ``a`` itself here; a GPU backend queues the copy behind the work that
+        computes ``a`` (no wait now) and returns ``(host array, event)``."""
         return a
-
-    def read_host(self, handle) -> int:
-        """The value behind :meth:`to_host_async`'s ``handle`` as a Python int (on a GPU this
-        waits for the copy, which has finished when the handle is a few steps old)."""
-        return int(handle)
 
     # -- random numbers ---------------------------------------------------------------------
     def uniform(self, xp, seed: int, shape, *, low, high, dtype, device):

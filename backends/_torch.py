@@ -368,13 +368,6 @@ class TorchBackend(StandardBackend):
         done.record()
         return host, done
 
-    def read_host(self, handle):
-        if isinstance(handle, tuple):
-            host, done = handle
-            done.synchronize()
-            return int(host)
-        return int(handle)
-
     def uniform(self, xp, seed, shape, *, low, high, dtype, device):
         g = torch.Generator(device=device).manual_seed(seed)
         u = torch.rand(shape, generator=g, dtype=dtype, device=device)

@@ -15,7 +15,10 @@ step :math:`u - L - 1` (``L`` = :data:`LAG`): that step finished while the GPU r
 after it, so the read does not wait for the device unless the host is more than ``L`` steps
 ahead. AuxK's block then has :func:`capacity` columns: the dead ones first (ascending) and
 padding, never fewer than the dead ones. The first step of a state with no count in flight
-(a fresh or loaded state, another batch size) counts once, waiting for it.
+(a fresh state, another batch size) counts once, waiting for it. Checkpoints and pickled
+states keep the counts in flight, read (:func:`settled`): the block's width changes the order
+of a GEMM's sums, so a resumed run must size its blocks as the uninterrupted one did to take
+the same bits.
 
 Sizes come in powers of two up to ``h / 8``, then in multiples of ``h / 8``, so that a run
 sees few distinct shapes (each is one CUDA graph when the step is captured).
@@ -59,8 +62,26 @@ def read(be, counts: tuple, since, t: int, B: int, threshold: int) -> tuple[int,
     one, counts from ``since`` (the counters before step ``t``) and waits for the result."""
     live = tuple(c for c in counts if c.through >= t and c.B == B and c.t < t)
     if live:
-        return be.read_host(live[0].handle), live
-    return be.read_host(issue(be, since, t - 1, B, threshold, horizon=1).handle), live
+        return read_host(live[0].handle), live
+    return read_host(issue(be, since, t - 1, B, threshold, horizon=1).handle), live
+
+
+def read_host(handle) -> int:
+    """The value behind a handle of the backend's ``to_host_async``: an int, a 0-D array, or
+    ``(host array, event)``, whose event is waited for (it has passed when the handle is a
+    step or more old)."""
+    if isinstance(handle, tuple):
+        host, done = handle
+        done.synchronize()
+        handle = host
+    return int(handle)
+
+
+def settled(counts: tuple) -> tuple:
+    """``counts`` with their values read to the host (saved in checkpoints, so that a resumed
+    run sizes AuxK's blocks as the uninterrupted one did: the block's width changes the order
+    of the GEMM's sums, hence the last bits)."""
+    return tuple(Count(c.t, c.through, c.B, read_host(c.handle)) for c in counts)
 
 
 def capacity(bound: int, h: int) -> int:

@@ -95,6 +95,12 @@ class StepGraphs:
         self.captures = 0
         self.replays = 0
 
+    def __getstate__(self):  # captured graphs stay with their process: a copy starts without
+        return {}
+
+    def __setstate__(self, state):
+        self.__init__()
+
     def run(self, key, fn, inputs: list, keep: int = 0) -> list:
         """``fn(*inputs)`` (a list of arrays), by the graph of ``key`` where there is one.
         ``fn`` must read nothing but ``inputs`` and the host values in ``key``. The graph

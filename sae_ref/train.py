@@ -284,6 +284,9 @@ class TrainState:
     dead_counts: tuple = field(default=(), compare=False, repr=False)
     graphs: G.StepGraphs = field(default_factory=G.StepGraphs, compare=False, repr=False)
 
+    def __getstate__(self):  # the counts in flight read (they hold device events)
+        return {**self.__dict__, "dead_counts": DB.settled(self.dead_counts)}
+
 
 def geometric_median(x, *, iters: int = 100, tol: float = 1e-5):
     """The geometric median of the rows of ``x`` by Weiszfeld's iteration (fixed budget)."""
@@ -694,7 +697,8 @@ def state_arrays(state: TrainState) -> tuple[dict, dict]:
     meta = {"config": state.config.to_dict(), "t": state.t, "tokens": state.tokens,
             "skipped": state.skipped, "k_aux": state.k_aux,
             "theta": {"kind": est.kind, "window": est.window, "n": est.n, "rate": est.rate,
-                      "start": est.start}}
+                      "start": est.start},
+            "dead_counts": [[c.t, c.through, c.B, c.handle] for c in DB.settled(state.dead_counts)]}
     return arrays, meta
 
 
@@ -715,9 +719,11 @@ def state_from_arrays(arrays: dict, meta: dict, *, xp, device=None) -> TrainStat
 
     th = meta["theta"]
     est = T.ThetaState(th["kind"], th["window"], th["n"], put(arrays["theta.buf"]), th["rate"], th["start"])
+    counts = tuple(DB.Count(*c) for c in meta.get("dead_counts", ()))  # older checkpoints: none
     return TrainState(TrainConfig.from_dict(meta["config"]), group("params"),
                       O.AdamState(group("adam.m"), group("adam.v")), meta["t"],
-                      put(arrays["since_fired"]), est, meta["tokens"], meta["skipped"], meta["k_aux"])
+                      put(arrays["since_fired"]), est, meta["tokens"], meta["skipped"], meta["k_aux"],
+                      dead_counts=counts)
 
 
 def inference_config(state: TrainState) -> SAEConfig:

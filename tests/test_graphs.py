@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 
 from sae_ref import graphs as G  # noqa: E402
 from sae_ref.backends import sync_free  # noqa: E402
-from sae_ref.train import TrainConfig, init_state, state_arrays, step  # noqa: E402
+from sae_ref.train import TrainConfig, init_state, state_arrays, state_from_arrays, step  # noqa: E402
 
 
 def _train(config, xs, steps, *, graphed, device="cpu", donate=True):
@@ -140,3 +140,33 @@ def test_cuda_graph_steps_equal_eager_cuda_steps_bit_for_bit(arch):
     assert graphed.graphs.captures >= 1 and graphed.graphs.replays >= 5
     _assert_same_state(graphed, eager)
     assert m_graphed == m_eager
+
+
+def test_a_pickled_or_saved_state_steps_on_to_the_same_bits():
+    """Invariant: a state pickled (to another process, say) or saved as arrays (a checkpoint)
+    and loaded steps on to the bits of the original: the dead-count bounds in flight are read
+    and kept (they set AuxK's block width, which changes the order of a GEMM's sums), the
+    captured graphs, which belong to this process's device, are left behind."""
+    import pickle
+
+    xs = _batches(torch.float32)
+    config = TrainConfig(h=64, k=4, k_aux=8, dead_after=2)
+    with sync_free(True), G.stand_in():
+        state = init_state(config, xs[0])
+        for i in range(4):
+            state, _ = step(state, xs[i % 3], check=False, donate=True)
+        copy = pickle.loads(pickle.dumps(state))
+        arrays, meta = state_arrays(state)  # views of the state's CPU memory: copied, as a file would
+        loaded = state_from_arrays({k: v.copy() for k, v in arrays.items()}, meta, xp=torch)
+        assert state.dead_counts and state.graphs.captures >= 1
+        for other in (copy, loaded):
+            _assert_same_state(other, state)
+            assert [(c.t, c.through) for c in other.dead_counts] == [(c.t, c.through) for c in state.dead_counts]
+            assert other.graphs.captures == 0
+        runs = []
+        for s in (copy, loaded, state):
+            for i in range(3):
+                s, _ = step(s, xs[i], check=False, donate=True)
+            runs.append(s)
+    _assert_same_state(runs[0], runs[2])
+    _assert_same_state(runs[1], runs[2])
