@@ -582,6 +582,7 @@ def _grads(xp, config: TrainConfig, params: SAEParams, since_fired, k_aux: int, 
         mse, sparsity, aux_value, afa_value = dp.means(mse, sparsity, aux_value, afa_value)
     l0 = xp.sum(fwd.code.l0()) if dp is None else dp.sum(xp.sum(fwd.code.l0()))
     n_dead = xp.astype(xp.count_nonzero(dead), x.dtype)
+    P.mark("metrics", n_dead)
     return _Pass(grads, since, n_dead, mse, nmse, sparsity, aux_value, afa_value, l0, m_t)
 
 
