@@ -28,10 +28,10 @@ import contextvars
 from array_api_compat import (is_cupy_array, is_cupy_namespace, is_numpy_namespace, is_torch_array,
                               is_torch_namespace)
 
-from ._select import group_size, top_n_fixed, top_n_indices, top_n_mask
+from ._select import group_size, top_n_fixed, top_n_fixed_mask, top_n_indices, top_n_mask
 from ._standard import PRECISIONS, StandardBackend
 
-__all__ = ["PRECISIONS", "StandardBackend", "get_backend", "group_size", "is_sync_free", "sync_free", "top_n_fixed",
+__all__ = ["PRECISIONS", "StandardBackend", "get_backend", "group_size", "is_sync_free", "sync_free", "top_n_fixed", "top_n_fixed_mask",
            "top_n_indices", "top_n_mask", "uniform", "normal", "STANDARD"]
 
 STANDARD = StandardBackend()

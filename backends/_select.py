@@ -288,8 +288,32 @@ def _top_n_fixed_keyed(xp, be, x, n: int, axis):
     return xp.sort(xp.take(cand, top)), xp.min(xp.take(vals, top))
 
 
+def top_n_fixed_mask(x, n: int, *, axis: int | None = None, backend=None):
+    """The boolean mask of :func:`top_n_fixed`'s entries (the same set), with no host read;
+    where the keyed form does not apply, the mask is formed directly, without listing the
+    entries and scattering them back."""
+    from . import get_backend
+
+    xp = array_namespace(x)
+    be = backend if backend is not None else get_backend(xp)
+    B, h = x.shape
+    if _keyable(xp, be, x, n, axis) or (axis is None and _fixed_group(h, B, n) > 1):
+        idx, _ = top_n_fixed(x, n, axis=axis, backend=be)
+        ones = xp.ones(idx.shape, dtype=x.dtype, device=device_of(x))
+        return be.to_dense(idx // h, idx % h, ones, (B, h)) > 0
+    return _plain_mask(xp, be, x, n, axis)[0]
+
+
 def _top_n_fixed_plain(xp, be, x, n: int, axis):
     """:func:`top_n_fixed` without the bracket: the cut from a top-k of all entries."""
+    B, h = x.shape
+    keep, v = _plain_mask(xp, be, x, n, axis)
+    return be.compact(keep, n if axis is None else B * n), v
+
+
+def _plain_mask(xp, be, x, n: int, axis):
+    """(mask of the n largest under the tie rule, the cut) from a top-k of all entries and a
+    running count of the ties."""
     B, h = x.shape
     v = be.kth_largest(x, n, axis=axis)
     gt = x > v
@@ -298,13 +322,10 @@ def _top_n_fixed_plain(xp, be, x, n: int, axis):
     if axis is None:
         need = n - xp.count_nonzero(gt)
         rank = xp.reshape(xp.cumulative_sum(xp.reshape(xp.astype(eq, rank_dtype), (-1,))), (B, h))
-        total = n
     else:
         need = n - xp.count_nonzero(gt, axis=-1, keepdims=True)
         rank = xp.cumulative_sum(xp.astype(eq, rank_dtype), axis=-1)
-        total = B * n
-    keep = gt | (eq & (rank <= need))
-    return be.compact(keep, total), v
+    return gt | (eq & (rank <= need)), v
 
 
 #: The largest column group of the fixed-size bracket (:func:`_top_n_fixed_bracketed`).

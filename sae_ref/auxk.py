@@ -28,7 +28,7 @@ from typing import Any
 from array_api_compat import device as device_of
 
 from sae_ref import _checks as C
-from sae_ref.backends import get_backend, is_sync_free, top_n_fixed
+from sae_ref.backends import get_backend, is_sync_free, top_n_fixed, top_n_fixed_mask
 from sae_ref.sparse import ColumnBlock, SparseCode, empty_code
 from sae_ref.activations import _padded_code_at, _topk
 from sae_ref.sae import matmul_at
@@ -298,9 +298,7 @@ def _auxk_capacity(xp, be, pre, dead, W_dec, k_aux, loss, cap, precision, buf=No
     k = min(k_aux, cap)
     kept = sub > 0
     if k < cap:
-        idx, _ = top_n_fixed(sub, k, axis=-1, backend=be)
-        ones = xp.ones(idx.shape, dtype=pre.dtype, device=dev)
-        kept = kept & (be.to_dense(idx // cap, idx % cap, ones, (B, cap)) > 0)
+        kept = kept & top_n_fixed_mask(sub, k, axis=-1, backend=be)
     a = xp.where(kept, sub, zero)
     value, g_ehat, g_res = loss(matmul_at(be, a, W_d, precision, out=buf))
     any_dead = xp.any(dead)  # none: the loss and its gradients are zero, chosen on the device

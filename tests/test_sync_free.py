@@ -71,6 +71,19 @@ def test_top_n_fixed_keeps_the_tie_rule_set_in_ascending_order_with_its_fixed_si
     np.testing.assert_array_equal(backend.numpy(cut).astype(np.float64), kth)
 
 
+@pytest.mark.parametrize("axis", [None, -1], ids=["whole", "per_row"])
+@given(z=tied_or_continuous(), data=st.data())
+def test_top_n_fixed_mask_is_the_tie_rule_mask(backend, axis, z, data):
+    """Invariant: the fixed-size selection's mask (formed directly where the keyed form does
+    not apply) is the oracle's mask under the lower-index tie rule."""
+    from sae_ref.backends import top_n_fixed_mask
+
+    hi = z.size if axis is None else z.shape[1]
+    n = data.draw(st.integers(1, hi), label="n")
+    got = backend.numpy(top_n_fixed_mask(backend.asarray(z), n, axis=axis))
+    np.testing.assert_array_equal(got, top_n_mask_oracle(z, n, axis))
+
+
 @pytest.mark.parametrize("native", [True, False], ids=["native", "standard"])
 @given(seed=st.integers(0, 2**32 - 1), B=st.integers(1, 16), h=st.sampled_from([64, 128, 256]),
        ties=st.booleans(), data=st.data())
