@@ -204,27 +204,26 @@ def top_n_fixed(x, n: int, *, axis: int | None = None, backend=None):
     xp = array_namespace(x)
     be = backend if backend is not None else get_backend(xp)
     B, h = x.shape
-    if _keyable(xp, be, x, n, axis):
-        return _top_n_fixed_keyed(xp, be, x, n, axis)
+    g = _keyed_group(xp, be, x, n, axis)
+    if g:
+        return _top_n_fixed_keyed(xp, be, x, n, axis, g)
     g = _fixed_group(h, B, n) if axis is None else 1
     if g > 1:
         return _top_n_fixed_bracketed(xp, be, x, n, g)
     return _top_n_fixed_plain(xp, be, x, n, axis)
 
 
-def _keyable(xp, be, x, n, axis) -> bool:
-    """Whether :func:`_top_n_fixed_keyed` applies: a backend that reinterprets float bits,
-    values of at most 32 bits (float32, float16, bfloat16), positions below 2^32, and an
-    array wide enough for column groups (without them, keying every entry costs more passes
-    than the plain form's tie pass)."""
+def _keyed_group(xp, be, x, n, axis) -> int:
+    """The column group of :func:`_top_n_fixed_keyed`, or 0 where it does not apply. It
+    needs a backend that reinterprets float bits, values of at most 32 bits (float32,
+    float16, bfloat16), positions below 2^32, and at least 4 groups (with fewer, keying the
+    group maxima costs more passes than the plain form's tie pass saves)."""
     if not be.has_float_bits:
-        return False
+        return 0
     B, h = x.shape
     narrow = x.dtype == xp.float32 or str(x.dtype).split(".")[-1] in ("float16", "bfloat16")
-    # at least 4 groups: with fewer, keying the group maxima costs more passes than the plain
-    # form's tie pass saves
-    grouped = _fixed_group(h, 1 if axis is not None else B, n) >= 4
-    return narrow and grouped and (B * h if axis is None else h) <= 2**32
+    g = _fixed_group(h, 1 if axis is not None else B, n)
+    return g if narrow and g >= 4 and (B * h if axis is None else h) <= 2**32 else 0
 
 
 def _keys(xp, be, vals, pos):
@@ -238,7 +237,7 @@ def _keys(xp, be, vals, pos):
     return xp.astype(bits, xp.int64) * 2**32 + (2**32 - 1 - pos)
 
 
-def _top_n_fixed_keyed(xp, be, x, n: int, axis):
+def _top_n_fixed_keyed(xp, be, x, n: int, axis, g: int):
     """:func:`top_n_fixed` by distinct keys (:func:`_keys`): with no two keys equal there are
     no ties, so a top-k of the keys is the tie rule's selection, and no pass over the ties is
     needed.
@@ -255,24 +254,18 @@ def _top_n_fixed_keyed(xp, be, x, n: int, axis):
     B, h = x.shape
     dev = device_of(x)
     per_row = axis is not None
-    g = _fixed_group(h, 1 if per_row else B, n)
     w = h // g
-    if g > 1:
-        m, s = be.group_argmax(x, g)  # [B, w]
-        j = xp.arange(w, dtype=xp.int64, device=dev)
-        col = s * w + j[None, :]
-        slab = xp.arange(g, dtype=xp.int64, device=dev) * w
-        if per_row:
-            q = be.top_indices(_keys(xp, be, m, col), n, axis=-1)  # [B, n]: each row's groups
-            cols = xp.reshape(q[:, :, None] + slab[None, None, :], (B, n * g))
-        else:
-            b = xp.arange(B, dtype=xp.int64, device=dev)[:, None]
-            q = be.top_indices(xp.reshape(_keys(xp, be, m, b * h + col), (-1,)), n)  # b w + j
-            cand = xp.reshape((q // w * h + q % w)[:, None] + slab[None, :], (-1,))
-    elif per_row:
-        cols = xp.broadcast_to(xp.arange(h, dtype=xp.int64, device=dev)[None, :], (B, h))
+    m, s = be.group_argmax(x, g)  # [B, w]
+    j = xp.arange(w, dtype=xp.int64, device=dev)
+    col = s * w + j[None, :]
+    slab = xp.arange(g, dtype=xp.int64, device=dev) * w
+    if per_row:
+        q = be.top_indices(_keys(xp, be, m, col), n, axis=-1)  # [B, n]: each row's groups
+        cols = xp.reshape(q[:, :, None] + slab[None, None, :], (B, n * g))
     else:
-        cand = xp.arange(B * h, dtype=xp.int64, device=dev)
+        b = xp.arange(B, dtype=xp.int64, device=dev)[:, None]
+        q = be.top_indices(xp.reshape(_keys(xp, be, m, b * h + col), (-1,)), n)  # b w + j
+        cand = xp.reshape((q // w * h + q % w)[:, None] + slab[None, :], (-1,))
     flat = xp.reshape(x, (-1,))
     if per_row:
         width = cols.shape[1]
@@ -297,7 +290,7 @@ def top_n_fixed_mask(x, n: int, *, axis: int | None = None, backend=None):
     xp = array_namespace(x)
     be = backend if backend is not None else get_backend(xp)
     B, h = x.shape
-    if _keyable(xp, be, x, n, axis) or (axis is None and _fixed_group(h, B, n) > 1):
+    if _keyed_group(xp, be, x, n, axis) or (axis is None and _fixed_group(h, B, n) > 1):
         idx, _ = top_n_fixed(x, n, axis=axis, backend=be)
         ones = xp.ones(idx.shape, dtype=x.dtype, device=device_of(x))
         return be.to_dense(idx // h, idx % h, ones, (B, h)) > 0

@@ -319,6 +319,25 @@ class StandardBackend:
         computes ``a`` (no wait now) and returns ``(host array, event)``."""
         return a
 
+    # -- captured steps (sae_ref.graphs) -----------------------------------------------------
+    def can_capture(self, x) -> bool:
+        """Whether work on ``x``'s device can be recorded once and replayed (:meth:`capture`)."""
+        return False
+
+    def capture(self, fn, inputs, run):
+        """``(graph, outputs)``: ``fn(*inputs)`` recorded on ``inputs``' device, ``graph`` an
+        object whose ``replay()`` runs it again on the same arrays (``run``: an object whose
+        ``pool`` attribute the backend may keep memory shared by a run's captures in)."""
+        raise NotImplementedError(f"the {self.name} backend cannot capture work")
+
+    def same_bits(self, a, b) -> bool:
+        """Whether two arrays of one shape and dtype hold the same values, NaNs in the same
+        places (a backend that can read the bits compares those)."""
+        xp = array_namespace(a, b)
+        if xp.isdtype(a.dtype, "real floating"):
+            return bool(xp.all((a == b) | (xp.isnan(a) & xp.isnan(b))))
+        return bool(xp.all(a == b))
+
     # -- random numbers ---------------------------------------------------------------------
     def uniform(self, xp, seed: int, shape, *, low, high, dtype, device):
         """Uniform numbers on ``[low, high)`` from a generator seeded with ``seed``, on ``device``.

@@ -374,6 +374,30 @@ class TorchBackend(StandardBackend):
         done.record()
         return host, done
 
+    def can_capture(self, x):
+        return isinstance(x, torch.Tensor) and x.is_cuda
+
+    def capture(self, fn, inputs, run):
+        # on a side stream warmed up first (as torch recommends), in the run's shared memory
+        # pool; other threads may use the GPU meanwhile (a batch copy)
+        if run.pool is None:
+            run.pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn(*inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=run.pool, stream=side, capture_error_mode="thread_local"):
+            outputs = fn(*inputs)
+        return graph, list(outputs)
+
+    def same_bits(self, a, b):
+        a, b = a.contiguous().reshape(-1), b.contiguous().reshape(-1)
+        if a.dtype == torch.bool:
+            return bool(torch.equal(a, b))
+        return bool(torch.equal(a.view(torch.uint8), b.view(torch.uint8)))
+
     def uniform(self, xp, seed, shape, *, low, high, dtype, device):
         g = torch.Generator(device=device).manual_seed(seed)
         u = torch.rand(shape, generator=g, dtype=dtype, device=device)

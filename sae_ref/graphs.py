@@ -34,12 +34,14 @@ import contextlib
 import contextvars
 import warnings
 
+from array_api_compat import array_namespace
+
 _STAND_IN = contextvars.ContextVar("sae_ref_graph_stand_in", default=False)
 
 
 @contextlib.contextmanager
 def stand_in():
-    """Within this block, torch CPU steps use :class:`StepGraphs` with a stand-in for the
+    """Within this block, steps on any device use :class:`StepGraphs`, with a stand-in for the
     graph (the pass re-run on the captured arrays, its results copied into the captured
     outputs): every copy in and out happens as on a GPU."""
     token = _STAND_IN.set(True)
@@ -49,18 +51,10 @@ def stand_in():
         _STAND_IN.reset(token)
 
 
-def wanted(setting, x) -> bool:
+def wanted(setting, be, x) -> bool:
     """Whether a step on the batch ``x`` goes through :class:`StepGraphs` (``setting``:
-    ``TrainConfig.cuda_graphs``)."""
-    if setting is False:
-        return False
-    try:
-        import torch
-    except ImportError:
-        return False
-    if not isinstance(x, torch.Tensor):
-        return False
-    return x.is_cuda or _STAND_IN.get()
+    ``TrainConfig.cuda_graphs``; ``be``: the batch's backend)."""
+    return setting is not False and (be.can_capture(x) or _STAND_IN.get())
 
 
 class _Entry:
@@ -73,14 +67,14 @@ class _Entry:
         """Copy each input that is not the captured array into it."""
         for mine, given in zip(self.inputs, inputs):
             if given is not mine:
-                mine.copy_(given)
+                mine[...] = given
 
     def replay(self) -> list:
         if self.graph is not None:
             self.graph.replay()
         else:
             for mine, fresh in zip(self.outputs, self.fn(*self.inputs)):
-                mine.copy_(fresh)
+                mine[...] = fresh
         return self.outputs
 
 
@@ -91,7 +85,7 @@ class StepGraphs:
         self.entries: dict = {}
         self.seen: set = set()
         self.off: str | None = None  # why graphs were turned off, when they were
-        self.pool = None
+        self.pool = None  # the backend's memory pool shared by the run's graphs
         self.captures = 0
         self.replays = 0
 
@@ -101,8 +95,9 @@ class StepGraphs:
     def __setstate__(self, state):
         self.__init__()
 
-    def run(self, key, fn, inputs: list, keep: int = 0) -> list:
-        """``fn(*inputs)`` (a list of arrays), by the graph of ``key`` where there is one.
+    def run(self, be, key, fn, inputs: list, keep: int = 0) -> list:
+        """``fn(*inputs)`` (a list of arrays of the backend ``be``), by the graph of ``key``
+        where there is one.
         ``fn`` must read nothing but ``inputs`` and the host values in ``key``. The graph
         reads the first ``keep`` inputs where they are (arrays the caller updates in place,
         such as parameters under Adam) and copies of the others (a batch, which the caller
@@ -114,28 +109,27 @@ class StepGraphs:
             if key not in self.seen:  # the first time: eager, and the libraries warm up
                 self.seen.add(key)
                 return fn(*inputs)
-            entry = self._capture(key, fn, inputs, keep)
+            entry = self._capture(be, fn, inputs, keep)
             if entry is None:
                 return fn(*inputs)
+            self.entries[key] = entry
             return entry.outputs
         entry.load(inputs)
         self.replays += 1
         return entry.replay()
 
-    def _capture(self, key, fn, inputs, keep=0):
-        import torch
-
-        own = list(inputs[:keep]) + [a.clone() for a in inputs[keep:]]  # the arrays the graph reads
+    def _capture(self, be, fn, inputs, keep=0):
+        own = list(inputs[:keep]) + [_copy(a) for a in inputs[keep:]]  # the arrays the graph reads
         try:
-            if own[0].is_cuda:
-                graph, outputs = _cuda_capture(self, fn, own)
-            else:
-                graph, outputs = None, [a.clone() for a in fn(*own)]
+            if be.can_capture(own[-1]):
+                graph, outputs = be.capture(fn, own, self)
+            else:  # the stand-in
+                graph, outputs = None, [_copy(a) for a in fn(*own)]
             entry = _Entry(fn, own, outputs, graph)
             got = entry.replay()
             want = fn(*own)
             for i, (a, b) in enumerate(zip(got, want)):
-                if a.shape != b.shape or a.dtype != b.dtype or not _same_bits(torch, a, b):
+                if a.shape != b.shape or a.dtype != b.dtype or not be.same_bits(a, b):
                     raise ValueError(f"output {i} of the replayed pass differs from the eager pass")
         except Exception as e:  # noqa: BLE001: any failure means eager steps, said once
             self.off = f"{type(e).__name__}: {e}"
@@ -143,32 +137,9 @@ class StepGraphs:
             warnings.warn(f"sae_ref: the training step's CUDA graph is off for this run ({self.off}); "
                           "steps run eagerly", RuntimeWarning, stacklevel=4)
             return None
-        self.entries[key] = entry
         self.captures += 1
         return entry
 
 
-def _cuda_capture(graphs: StepGraphs, fn, inputs):
-    """Capture ``fn(*inputs)`` on a side stream warmed up first (as torch recommends), in
-    the run's shared memory pool; other threads may use the GPU meanwhile (a batch copy)."""
-    import torch
-
-    if graphs.pool is None:
-        graphs.pool = torch.cuda.graph_pool_handle()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn(*inputs)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=graphs.pool, stream=side, capture_error_mode="thread_local"):
-        outputs = fn(*inputs)
-    return graph, list(outputs)
-
-
-def _same_bits(torch, a, b) -> bool:
-    """Whether two tensors hold the same bytes (NaNs with equal bits compare equal)."""
-    a, b = a.contiguous().reshape(-1), b.contiguous().reshape(-1)
-    if a.dtype == torch.bool:
-        return bool(torch.equal(a, b))
-    return bool(torch.equal(a.view(torch.uint8), b.view(torch.uint8)))
+def _copy(a):
+    return array_namespace(a).asarray(a, copy=True)

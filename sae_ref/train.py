@@ -432,10 +432,10 @@ def step(state: TrainState, batch, *, check: bool = True, donate: bool = False,
                                 _dead_after_tokens(config, B))
         cap = DB.capacity(bound, config.h)
     graphed = (dp is None and donate and is_sync_free(batch) and not P.measuring()
-               and G.wanted(config.cuda_graphs, batch))
+               and G.wanted(config.cuda_graphs, be, batch))
     with state.scratch.claim() as ws, be.scope():
         if graphed:
-            new, metrics = _graphed_step(xp, state, batch, cap)
+            new, metrics = _graphed_step(xp, be, state, batch, cap)
         else:
             new, metrics = _step(xp, state, batch, donate, dp, ws, cap)
     if cap is not None:
@@ -461,7 +461,7 @@ def _step(xp, state: TrainState, x, donate: bool = False, dp=None, ws=None, aux_
     return _finish(xp, state, out, x.shape[0] if dp is None else dp.B, donate, dp)
 
 
-def _graphed_step(xp, state: TrainState, x, aux_capacity):
+def _graphed_step(xp, be, state: TrainState, x, aux_capacity):
     """:func:`_step` (donated) with the pass over the batch through ``state.graphs``: the
     pass's inputs are the parameters, the counters and the batch; the counters and the
     metrics' parts are copied out of the graph's arrays (the next replay overwrites them),
@@ -479,7 +479,7 @@ def _graphed_step(xp, state: TrainState, x, aux_capacity):
     key = (config, k_aux, tuple(x.shape), str(x.dtype), aux_capacity, coeff)
     # the parameters stay where they are (Adam updates them in place); the counters and the
     # batch are copied into the graph's own arrays
-    arrays = state.graphs.run(key, pass_, [*state.params.arrays().values(), state.since_fired, x],
+    arrays = state.graphs.run(be, key, pass_, [*state.params.arrays().values(), state.since_fired, x],
                               keep=len(names))
     n = len(names)
     arrays = arrays[:n] + [xp.asarray(a, copy=True) for a in arrays[n:]]

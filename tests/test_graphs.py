@@ -15,8 +15,11 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from sae_ref import graphs as G  # noqa: E402
-from sae_ref.backends import sync_free  # noqa: E402
+from sae_ref.backends import get_backend, sync_free  # noqa: E402
 from sae_ref.train import TrainConfig, init_state, state_arrays, state_from_arrays, step  # noqa: E402
+
+
+BE = get_backend(torch)
 
 
 def _train(config, xs, steps, *, graphed, device="cpu", donate=True):
@@ -100,12 +103,12 @@ def test_a_pass_that_replays_differently_turns_graphs_off_with_a_warning():
     def noisy(a):
         return [a + torch.rand(4)]
 
-    assert len(graphs.run("k", noisy, [x])) == 1  # first sight: eager
+    assert len(graphs.run(BE, "k", noisy, [x])) == 1  # first sight: eager
     with pytest.warns(RuntimeWarning, match="differs from the eager pass"):
-        out = graphs.run("k", noisy, [x])
+        out = graphs.run(BE, "k", noisy, [x])
     assert graphs.off is not None and "output 0" in graphs.off and not graphs.entries
     assert out[0].shape == (4,)
-    graphs.run("k", noisy, [x])  # eager from now on, with no second warning
+    graphs.run(BE, "k", noisy, [x])  # eager from now on, with no second warning
     assert graphs.captures == 0
 
 
@@ -118,9 +121,9 @@ def test_replay_copies_new_inputs_into_the_captured_arrays_and_overwrites_its_ou
         return [a * 2]
 
     with G.stand_in():
-        graphs.run("k", double, [torch.tensor([1.0, 2.0])])
-        first = graphs.run("k", double, [torch.tensor([1.0, 2.0])])
-        second = graphs.run("k", double, [torch.tensor([5.0, 7.0])])
+        graphs.run(BE, "k", double, [torch.tensor([1.0, 2.0])])
+        first = graphs.run(BE, "k", double, [torch.tensor([1.0, 2.0])])
+        second = graphs.run(BE, "k", double, [torch.tensor([5.0, 7.0])])
     assert second[0] is first[0]  # the graph's own output array
     assert second[0].tolist() == [10.0, 14.0]
 
