@@ -248,37 +248,34 @@ def _top_n_fixed_keyed(xp, be, x, n: int, axis, g: int):
     n largest entries lies in one of the n groups with the largest keys: a group outside
     them has n groups above it, each with an entry above every entry of that group. So the
     top n of the n g entries of those groups is the answer. Work: one pass for the group
-    maxima, a top-k over ``B h / g`` keys and one over ``n g`` (per row: each row's top
-    ``n`` groups, then each row's top ``n`` of its ``n g`` candidates).
+    keys (:meth:`~StandardBackend.group_keys`), a top-k over ``B h / g`` keys, the chosen
+    groups' entries keyed (:meth:`~StandardBackend.candidate_keys`) and a top-k over ``n g``
+    (per row: each row's top ``n`` groups, then each row's top ``n`` of its ``n g``
+    candidates). The kept entries' positions are read off their keys' low bits, and the cut
+    is the entry with the smallest kept key.
     """
     B, h = x.shape
     dev = device_of(x)
     per_row = axis is not None
-    w = h // g
-    m, s = be.group_argmax(x, g)  # [B, w]
-    j = xp.arange(w, dtype=xp.int64, device=dev)
-    col = s * w + j[None, :]
-    slab = xp.arange(g, dtype=xp.int64, device=dev) * w
+    keys = be.group_keys(x, g, per_row=per_row)  # [B, h/g]
+    q = be.top_indices(keys if per_row else xp.reshape(keys, (-1,)), n, axis=axis)
+    cand = be.candidate_keys(x, q, g, per_row=per_row)  # [n g], or [B, n g]
+    top = be.top_indices(cand, n, axis=axis)
     if per_row:
-        q = be.top_indices(_keys(xp, be, m, col), n, axis=-1)  # [B, n]: each row's groups
-        cols = xp.reshape(q[:, :, None] + slab[None, None, :], (B, n * g))
-    else:
-        b = xp.arange(B, dtype=xp.int64, device=dev)[:, None]
-        q = be.top_indices(xp.reshape(_keys(xp, be, m, b * h + col), (-1,)), n)  # b w + j
-        cand = xp.reshape((q // w * h + q % w)[:, None] + slab[None, :], (-1,))
-    flat = xp.reshape(x, (-1,))
-    if per_row:
-        width = cols.shape[1]
         rows = xp.arange(B, dtype=xp.int64, device=dev)[:, None]
-        vals = xp.reshape(xp.take(flat, xp.reshape(rows * h + cols, (-1,))), (B, width))
-        top = be.top_indices(_keys(xp, be, vals, cols), n, axis=-1)  # [B, n]
-        at = xp.reshape(rows * width + top, (-1,))
-        kept = xp.sort(xp.reshape(xp.take(xp.reshape(cols, (-1,)), at), (B, n)), axis=-1)
-        cut = xp.min(xp.reshape(xp.take(xp.reshape(vals, (-1,)), at), (B, n)), axis=-1, keepdims=True)
-        return xp.reshape(rows * h + kept, (-1,)), cut
-    vals = xp.take(flat, cand)
-    top = be.top_indices(_keys(xp, be, vals, cand), n)
-    return xp.sort(xp.take(cand, top)), xp.min(xp.take(vals, top))
+        kept = xp.reshape(xp.take(xp.reshape(cand, (-1,)), xp.reshape(rows * (n * g) + top, (-1,))), (B, n))
+        pos = _position(kept)  # each row's columns
+        last = _position(xp.min(kept, axis=-1, keepdims=True))
+        flat_pos = xp.reshape(rows * h + xp.sort(pos, axis=-1), (-1,))
+        return flat_pos, xp.take(xp.reshape(x, (-1,)), xp.reshape(rows * h + last, (-1,)))[:, None]
+    kept = xp.take(cand, top)
+    last = _position(xp.min(kept))
+    return xp.sort(_position(kept)), xp.take(xp.reshape(x, (-1,)), xp.reshape(last, (1,)))[0]
+
+
+def _position(keys):
+    """The position an entry's key (:func:`_keys`) was made with."""
+    return (2**32 - 1) - (keys & (2**32 - 1))
 
 
 def top_n_fixed_mask(x, n: int, *, axis: int | None = None, backend=None):

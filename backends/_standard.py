@@ -179,6 +179,45 @@ class StandardBackend:
         slabs = xp.reshape(x, (B, g, h // g))
         return xp.max(slabs, axis=1), xp.astype(xp.argmax(slabs, axis=1), xp.int64)
 
+    def group_keys(self, x, g: int, *, per_row: bool):
+        """The key of each column group's first maximal entry (:meth:`group_argmax`), int64
+        [B, h/g]: its float32 bits made order-preserving in the high 32 bits, ``2^32 - 1 -
+        pos`` in the low ones, where ``pos`` is the entry's column (``per_row``) or its flat
+        index ``b h + column``. Distinct keys, ordered as the tie rule ranks the entries
+        (``_select._keys``). A backend may form them in the pass that reads ``x``."""
+        from ._select import _keys
+
+        xp = array_namespace(x)
+        B, h = x.shape
+        w = h // g
+        m, s = self.group_argmax(x, g)
+        col = s * w + xp.arange(w, dtype=xp.int64, device=device_of(x))[None, :]
+        if not per_row:
+            col = xp.arange(B, dtype=xp.int64, device=device_of(x))[:, None] * h + col
+        return _keys(xp, self, m, col)
+
+    def candidate_keys(self, x, q, g: int, *, per_row: bool):
+        """The keys (as :meth:`group_keys`) of every entry of the chosen column groups ``q``:
+        over the whole array, ``q`` [n] holds flat group indices ``b h/g + j`` and the result
+        [n g] has group ``i``'s slab ``s`` at ``i g + s``; per row, ``q`` [B, n] holds each
+        row's groups ``j`` and the result is [B, n g], laid out the same way in each row."""
+        from ._select import _keys
+
+        xp = array_namespace(x)
+        B, h = x.shape
+        w = h // g
+        dev = device_of(x)
+        slab = xp.arange(g, dtype=xp.int64, device=dev) * w
+        flat = xp.reshape(x, (-1,))
+        if per_row:
+            n = q.shape[1]
+            cols = xp.reshape(q[:, :, None] + slab[None, None, :], (B, n * g))
+            rows = xp.arange(B, dtype=xp.int64, device=dev)[:, None]
+            vals = xp.reshape(xp.take(flat, xp.reshape(rows * h + cols, (-1,))), (B, n * g))
+            return _keys(xp, self, vals, cols)
+        cand = xp.reshape((q // w * h + q % w)[:, None] + slab[None, :], (-1,))
+        return _keys(xp, self, xp.take(flat, cand), cand)
+
     #: whether :meth:`float_bits` can reinterpret float32 bits as int32 (the standard cannot)
     has_float_bits = False
 

@@ -37,6 +37,17 @@ def _viewable(x) -> bool:
     return x.device.type == "cpu" and x.dtype in _NUMPY_VIEWABLE and not x.requires_grad and not _sync_free(x)
 
 
+#: the value types the keyed selection's fused kernels read
+_KEYED = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _fused(*tensors) -> bool:
+    """Whether the fused Triton kernels run on these tensors (:mod:`._triton`)."""
+    from ._triton import usable
+
+    return usable(*tensors)
+
+
 def _sync_free(x) -> bool:
     from . import is_sync_free
 
@@ -273,6 +284,20 @@ class TorchBackend(StandardBackend):
         B, h = x.shape
         m, s = torch.max(x.reshape(B, g, h // g), dim=1)  # the first maximal entry's slab
         return m, s
+
+    def group_keys(self, x, g, *, per_row):
+        if _fused(x) and x.dtype in _KEYED and x.is_contiguous() and g <= 64:
+            from ._triton_select import group_keys
+
+            return group_keys(x, g, per_row=per_row)  # one pass over x
+        return super().group_keys(x, g, per_row=per_row)
+
+    def candidate_keys(self, x, q, g, *, per_row):
+        if _fused(x, q) and x.dtype in _KEYED and x.is_contiguous() and g <= 64:
+            from ._triton_select import candidate_keys
+
+            return candidate_keys(x, q, g, per_row=per_row)
+        return super().candidate_keys(x, q, g, per_row=per_row)
 
     has_float_bits = True
 

@@ -27,6 +27,14 @@ from hypothesis import HealthCheck, settings
 
 from sae_ref.arrays import to_numpy
 
+try:  # without a GPU, the fused Triton kernels run in Triton's interpreter (before they load)
+    import torch as _torch
+
+    if not _torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+except ImportError:
+    pass
+
 _COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                      HealthCheck.function_scoped_fixture,
                                                      HealthCheck.data_too_large])
@@ -58,11 +66,17 @@ class Backend:
         return self.name in GPU_PATH_NAMES
 
     def path(self):
-        """A context in which this backend's calls take its device's path: the sync-free mode
-        for ``torch-gpu-path`` (a real GPU takes it by default), nothing for the others."""
-        from sae_ref.backends import sync_free
+        """A context in which this backend's calls take its device's path: for
+        ``torch-gpu-path`` the sync-free mode and the fused Triton kernels (in Triton's
+        interpreter; a real GPU takes both by default), nothing for the others."""
+        from sae_ref.backends import sync_free, triton_kernels
 
-        return sync_free(True) if self.name == "torch-gpu-path" else contextlib.nullcontext()
+        if self.name != "torch-gpu-path":
+            return contextlib.nullcontext()
+        both = contextlib.ExitStack()
+        both.enter_context(sync_free(True))
+        both.enter_context(triton_kernels(True))
+        return both
 
     def dtype(self, name: str):
         return getattr(self.xp, name)

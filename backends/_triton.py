@@ -1,0 +1,65 @@
+"""When torch's GPU path runs fused Triton kernels instead of chains of composed kernels.
+
+Triton is an optional dependency (torch ships it with its CUDA builds). Each fused kernel sits
+behind a backend primitive whose composed form (the chain of standard calls it replaces) stays
+the fallback and the oracle in the tests. A kernel runs:
+
+- on CUDA tensors, by default, when Triton imports (:func:`triton_kernels` ``None``);
+- on CPU tensors in the GPU's sync-free mode, within ``triton_kernels(True)`` and with
+  Triton's interpreter on (``TRITON_INTERPRET=1`` set before the kernels' module is first
+  imported): the tests run the kernels this way on a machine without a GPU;
+- never within ``triton_kernels(False)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import os
+
+_ENABLED = contextvars.ContextVar("sae_ref_triton", default=None)
+
+
+@contextlib.contextmanager
+def triton_kernels(enabled: bool | None = True):
+    """Within this block the fused Triton kernels run where :func:`usable` allows
+    (``True``: also on CPU tensors under the interpreter; ``False``: nowhere; ``None``: the
+    default, CUDA tensors only)."""
+    if enabled is not None and not isinstance(enabled, bool):
+        raise TypeError(f"triton_kernels: argument 'enabled' must be True, False or None, got {enabled!r}")
+    token = _ENABLED.set(enabled)
+    try:
+        yield
+    finally:
+        _ENABLED.reset(token)
+
+
+@functools.cache
+def available() -> bool:
+    """Whether Triton imports."""
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:  # not installed, or installed without a working compiler
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    """Whether Triton's interpreter runs the kernels (on the host, for tests)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def usable(*tensors) -> bool:
+    """Whether the fused kernels run on these torch tensors (all on one device, the GPU
+    path's)."""
+    from . import is_sync_free
+
+    enabled = _ENABLED.get()
+    if enabled is False or not available() or not tensors:
+        return False
+    kinds = {t.device.type for t in tensors}
+    if kinds == {"cuda"}:
+        return True
+    return bool(enabled) and kinds == {"cpu"} and interpreting() and is_sync_free(tensors[0])

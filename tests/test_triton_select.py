@@ -1,0 +1,128 @@
+"""The keyed selection's fused Triton kernels against their composed forms (the oracle).
+
+Without a GPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, set by the
+conftest); with one, on CUDA as well. The keys must be the composed form's bit for bit, and
+a selection through the kernels must be the tie rule's.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+
+from sae_ref.backends import StandardBackend, get_backend, sync_free, top_n_fixed, triton_kernels  # noqa: E402
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _composed(name, *args, **kw):
+    """The composed form of a keyed primitive, on torch's own bit reinterpretation."""
+    return getattr(StandardBackend, name)(get_backend(torch), *args, **kw)
+
+
+def _fused(name, *args, **kw):
+    with sync_free(True), triton_kernels(True):
+        return getattr(get_backend(torch), name)(*args, **kw)
+
+
+@st.composite
+def tied_matrices(draw):
+    """(x as float64 NumPy, g): few distinct values, so groups and rows hold many ties,
+    signed zeros among them."""
+    g = draw(st.sampled_from([4, 8, 16]))
+    w = draw(st.integers(1, 12))
+    B = draw(st.integers(1, 6))
+    pool = draw(st.lists(st.sampled_from([-2.0, -0.5, -0.0, 0.0, 0.25, 1.0, 3.0, -1e-30, 7e4]),
+                         min_size=1, max_size=5))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    x = rng.choice(np.asarray(pool), size=(B, g * w))
+    if draw(st.booleans()):
+        x = x + rng.normal(size=x.shape)  # distinct values too
+    return x, g
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@given(data=tied_matrices(), per_row=st.booleans())
+@settings(max_examples=15)
+def test_fused_group_keys_equal_composed_keys_bit_for_bit(device, dtype, data, per_row):
+    x_np, g = data
+    x = torch.as_tensor(x_np).to(DTYPES[dtype]).to(device)
+    want = _composed("group_keys", x, g, per_row=per_row)
+    got = _fused("group_keys", x, g, per_row=per_row)
+    assert got.dtype == torch.int64 and torch.equal(got.cpu(), want.cpu())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@given(data=tied_matrices(), per_row=st.booleans(), seed=st.integers(0, 2**16))
+@settings(max_examples=15)
+def test_fused_candidate_keys_equal_composed_keys_bit_for_bit(device, dtype, data, per_row, seed):
+    x_np, g = data
+    x = torch.as_tensor(x_np).to(DTYPES[dtype]).to(device)
+    B, h = x.shape
+    w = h // g
+    gen = torch.Generator().manual_seed(seed)
+    if per_row:
+        n = int(torch.randint(1, w + 1, (1,), generator=gen))
+        q = torch.stack([torch.randperm(w, generator=gen)[:n] for _ in range(B)])
+    else:
+        n = int(torch.randint(1, B * w + 1, (1,), generator=gen))
+        q = torch.randperm(B * w, generator=gen)[:n]
+    q = q.to(device)
+    want = _composed("candidate_keys", x, q, g, per_row=per_row)
+    got = _fused("candidate_keys", x, q, g, per_row=per_row)
+    assert torch.equal(got.cpu(), want.cpu())
+
+
+def _oracle(x, n, per_row):
+    """The tie rule by a stable sort: largest first, the lower index first among equals."""
+    a = x.astype(np.float64)
+    if per_row:
+        cols = np.argsort(-a, axis=1, kind="stable")[:, :n]
+        return np.sort((np.arange(a.shape[0])[:, None] * a.shape[1] + cols), axis=1).ravel()
+    return np.sort(np.argsort(-a.ravel(), kind="stable")[:n])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@given(data=tied_matrices(), per_row=st.booleans(), frac=st.floats(0.01, 0.12))
+@settings(max_examples=20)
+def test_selection_through_fused_kernels_is_the_tie_rule_and_its_cut_the_last_kept_value(device, data, per_row, frac):
+    x_np, g = data
+    x = torch.as_tensor(x_np, dtype=torch.float32, device=device)
+    B, h = x.shape
+    n = max(1, int(frac * (h if per_row else B * h)))
+    with sync_free(True), triton_kernels(True):
+        idx, cut = top_n_fixed(x, n, axis=-1 if per_row else None)
+    x32 = x.cpu().numpy()
+    assert np.array_equal(idx.cpu().numpy(), _oracle(x32, n, per_row))
+    kept = x32.ravel()[idx.cpu().numpy()]
+    if per_row:
+        assert np.array_equal(cut.cpu().numpy()[:, 0], kept.reshape(B, n).min(axis=1))
+    else:
+        assert float(cut) == kept.min()
+
+
+def test_kernels_stay_off_outside_the_switch_and_on_cpu_without_the_sync_free_mode():
+    from sae_ref.backends._triton import usable
+
+    x = torch.zeros(2, 8)
+    assert not usable(x)  # the default: CUDA tensors only
+    with triton_kernels(True):
+        assert not usable(x)  # the CPU's default path has no fused kernels
+        with sync_free(True):
+            assert usable(x)
+            with triton_kernels(False):
+                assert not usable(x)
+
+
+def test_switch_rejects_a_non_boolean():
+    with pytest.raises(TypeError, match="enabled"):
+        with triton_kernels("yes"):
+            pass
