@@ -218,6 +218,19 @@ class StandardBackend:
         cand = xp.reshape((q // w * h + q % w)[:, None] + slab[None, :], (-1,))
         return _keys(xp, self, xp.take(flat, cand), cand)
 
+    def row_top_block(self, pre, cols, real, k: int):
+        """AuxK's block of activations: ``pre``'s columns ``cols`` (int64 [cap], in range;
+        where ``real`` is False a padding column, valued -inf), then in each row the ``k``
+        largest under the lower-column tie rule, kept where positive, zeros elsewhere:
+        [B, cap]. ``k < cap``."""
+        from ._select import top_n_fixed_mask
+
+        xp = array_namespace(pre)
+        ninf = xp.full((), -xp.inf, dtype=pre.dtype, device=device_of(pre))
+        sub = xp.where(real[None, :], xp.take(pre, cols, axis=1), ninf)
+        kept = (sub > 0) & top_n_fixed_mask(sub, k, axis=-1, backend=self)
+        return xp.where(kept, sub, xp.zeros((), dtype=pre.dtype, device=device_of(pre)))
+
     #: whether :meth:`float_bits` can reinterpret float32 bits as int32 (the standard cannot)
     has_float_bits = False
 

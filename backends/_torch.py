@@ -299,6 +299,16 @@ class TorchBackend(StandardBackend):
             return candidate_keys(x, q, g, per_row=per_row)
         return super().candidate_keys(x, q, g, per_row=per_row)
 
+    def row_top_block(self, pre, cols, real, k):
+        from ._triton_select import MAX_ROW_BLOCK
+
+        if (_fused(pre, cols) and pre.dtype in _KEYED and pre.is_contiguous()
+                and cols.shape[0] <= MAX_ROW_BLOCK):
+            from ._triton_select import row_top_block
+
+            return row_top_block(pre, cols, real, k)  # one pass; no [B, cap] temporaries
+        return super().row_top_block(pre, cols, real, k)
+
     has_float_bits = True
 
     def float_bits(self, x):

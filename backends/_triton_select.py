@@ -94,3 +94,47 @@ def candidate_keys(x, q, g: int, *, per_row: bool):
     grid = (rows, triton.cdiv(n, _BLOCK))
     _candidate_keys_kernel[grid](x, q, out, n, h, w, per_row=per_row, G=g, BLOCK=_BLOCK)
     return out if per_row else out.reshape(-1)
+
+
+#: the widest block :func:`row_top_block` keeps a row of in registers
+MAX_ROW_BLOCK = 8192
+
+
+@triton.jit
+def _row_top_block_kernel(pre_ptr, cols_ptr, out_ptr, h, cap, n, BLOCK: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    c = tl.arange(0, BLOCK)
+    inside = c < cap
+    col = tl.load(cols_ptr + c, mask=inside, other=h)
+    real = inside & (col < h)
+    val = tl.load(pre_ptr + b * h + col, mask=real, other=float("-inf")).to(tl.float32)
+    bits = val.to(tl.int32, bitcast=True)
+    bits = tl.where(bits == -2147483648, 0, bits)
+    bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # ordered as signed integers
+    key = (bits ^ -2147483648).to(tl.uint32, bitcast=True)  # ordered as unsigned integers
+    key = tl.where(inside, key, 0)
+    # the n-th largest key, bit by bit from the top: the largest t with n keys >= t
+    t = tl.zeros([], dtype=tl.uint32)
+    for i in range(32):
+        trial = t | (tl.full([], 1, tl.uint32) << (31 - i))
+        enough = tl.sum((key >= trial).to(tl.int32), axis=0) >= n
+        t = tl.where(enough, trial, t)
+    above = key > t
+    tie = inside & (key == t)
+    need = n - tl.sum(above.to(tl.int32), axis=0)
+    rank = tl.cumsum(tie.to(tl.int32), axis=0)  # the ties in column order
+    kept = (above | (tie & (rank <= need))) & (val > 0)
+    tl.store(out_ptr + b * cap + c, tl.where(kept, val, 0.0).to(out_ptr.dtype.element_ty), mask=inside)
+
+
+def row_top_block(pre, cols, real, k: int):
+    """:meth:`~sae_ref.backends.StandardBackend.row_top_block` in one kernel: each row's
+    gather, its k-th largest key found bit by bit in registers, the tie rule's running
+    count and the positive entries written (``pre`` contiguous, the block at most
+    :data:`MAX_ROW_BLOCK` wide). ``real`` is implied by ``cols`` (``h`` marks padding)."""
+    B, h = pre.shape
+    cap = cols.shape[0]
+    out = torch.empty((B, cap), dtype=pre.dtype, device=pre.device)
+    cols = torch.where(real, cols, h).contiguous()
+    _row_top_block_kernel[(B,)](pre, cols, out, h, cap, k, BLOCK=triton.next_power_of_2(cap))
+    return out

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import os
 import sys
 
@@ -38,7 +39,7 @@ from bench_train import add_shape_args, setup, shape_of  # noqa: E402
 
 import sae_ref  # noqa: E402
 from sae_ref import profile  # noqa: E402
-from sae_ref.backends import get_backend, sync_free  # noqa: E402
+from sae_ref.backends import get_backend, sync_free, triton_kernels  # noqa: E402
 from sae_ref.train import step  # noqa: E402
 
 #: H200 costs measured with torch 2.11 (minimum of 10 runs): seconds, and the work they did
@@ -87,6 +88,20 @@ class Ledger(TorchFunctionMode):
         super().__init__()
         self.precision = "highest"  # the precision of the products being recorded
         self.pending, self.rows = [], []
+        self.paused = False
+
+    def fused(self, name, composed, read, written):
+        """A fused Triton kernel as one launch moving ``read`` and ``written`` bytes at the
+        measured copy bandwidth; its result comes from ``composed()`` (the composed form, the
+        same values), whose calls are not recorded."""
+        self.paused = True
+        try:
+            out = composed()
+        finally:
+            self.paused = False
+        seconds = max((read + written) / MEASURED["bandwidth"], KERNEL_FLOOR)
+        self.pending.append((f"triton:{name}", read, written, 0, seconds))
+        return out
 
     def mark(self, phase: str):
         self.rows += [(phase, *call) for call in self.pending]
@@ -95,6 +110,8 @@ class Ledger(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        if self.paused:  # a fused kernel's stand-in: recorded as one launch by ``fused``
+            return out
         name = getattr(func, "__name__", str(func))
         if name in NO_KERNEL:
             return out
@@ -156,9 +173,50 @@ class Ledger(TorchFunctionMode):
 
 
 
-def record(state, x):
+#: bytes a gathered entry costs: its 32-byte memory sector
+SECTOR = 32
+
+
+@contextlib.contextmanager
+def fused_kernels(ledger, be):
+    """The fused Triton kernels that a CUDA step runs (:mod:`sae_ref.backends._triton`), each
+    recorded by :meth:`Ledger.fused` with the bytes it moves; their values from the composed
+    forms (which the tests check the kernels against)."""
+    from sae_ref.backends import _triton, _triton_select, StandardBackend
+
+    def group_keys(x, g, *, per_row):
+        B, h = x.shape
+        return ledger.fused("group_keys", lambda: StandardBackend.group_keys(be, x, g, per_row=per_row),
+                            x.numel() * x.element_size(), B * (h // g) * 8)
+
+    def candidate_keys(x, q, g, *, per_row):
+        m = q.numel() * g  # entries gathered, each from its own sector
+        return ledger.fused("candidate_keys", lambda: StandardBackend.candidate_keys(be, x, q, g, per_row=per_row),
+                            q.numel() * 8 + m * SECTOR, m * 8)
+
+    def row_top_block(pre, cols, real, k):
+        (B, h), cap = pre.shape, cols.shape[0]
+        gathered = min(B * cap * SECTOR, B * h * pre.element_size())  # sectors, at most the rows
+        return ledger.fused("row_top_block", lambda: StandardBackend.row_top_block(be, pre, cols, real, k),
+                            cap * 8 + gathered, B * cap * pre.element_size())
+
+    stand_ins = {"group_keys": group_keys, "candidate_keys": candidate_keys, "row_top_block": row_top_block}
+    saved = _triton.usable, {name: getattr(_triton_select, name) for name in stand_ins}
+    _triton.usable = lambda *tensors: True
+    for name, f in stand_ins.items():
+        setattr(_triton_select, name, f)
+    try:
+        yield
+    finally:
+        _triton.usable = saved[0]
+        for name, f in saved[1].items():
+            setattr(_triton_select, name, f)
+
+
+def record(state, x, *, fused=True):
     """The ledger of one step on ``x`` from ``state`` (the GPU path, forced; the products'
-    precisions are those the step asks ``matmul_at`` for)."""
+    precisions are those the step asks ``matmul_at`` for; ``fused``: with the fused Triton
+    kernels a CUDA step runs, else their composed forms)."""
     ledger = Ledger()
     be = get_backend(torch)
     plain = be.matmul_at
@@ -181,7 +239,8 @@ def record(state, x):
 
     be.matmul_at, be.matmul_add = matmul_at, matmul_add
     try:
-        with sync_free(True), sae_ref.no_checks(), profile.listen(ledger.mark), ledger:
+        kernels = fused_kernels(ledger, be) if fused else triton_kernels(False)
+        with sync_free(True), sae_ref.no_checks(), profile.listen(ledger.mark), kernels, ledger:
             step(state, x, check=False, donate=True)  # as the training loop steps
     finally:
         del be.matmul_at, be.matmul_add
@@ -237,13 +296,16 @@ def main(argv=None):
     p.add_argument("--dead-share", type=float, action="append",
                    help="share of latents suppressed so they go dead (repeatable; default 0 = AuxK off, and 0.1)")
     p.add_argument("--arch", action="append", choices=["batchtopk", "topk"], help="repeatable (default batchtopk)")
+    p.add_argument("--composed", action="store_true",
+                   help="model the step without the fused Triton kernels (their composed forms)")
     p.add_argument("--dead-after", type=int, default=5,
                    help="batches without firing before a latent is dead (default 5, TrainConfig's)")
     a = p.parse_args(argv)
     shape = shape_of(a)
     d, h, k, B = (shape[n] for n in ("d", "h", "k", "B"))
     print(f"machine: {machine()} (recording on the CPU; times modeled for an H200)")
-    print(f"shape: d={d} h={h} k={k} B={B} float32, encoder product {a.matmul_precision}")
+    print(f"shape: d={d} h={h} k={k} B={B} float32, encoder product {a.matmul_precision}; "
+          + ("composed kernels only" if a.composed else "fused Triton kernels at the copy bandwidth"))
     for arch in a.arch or ["batchtopk"]:
         for share in a.dead_share or [0.0, 0.1]:
             aux = share > 0
@@ -254,7 +316,7 @@ def main(argv=None):
                     for i in range(a.dead_after + 2):  # warm-up: the dead latents appear
                         state, m = step(state, (x0, x1)[i % 2], check=False, donate=True)
             dead = float(m["dead_fraction"])
-            rows = record(state, x0)
+            rows = record(state, x0, fused=not a.composed)
             label = f"{arch}, " + (f"AuxK 'authors' k_aux=512, {dead:.1%} dead" if aux else "AuxK off")
             report(rows, B, d, h, a.matmul_precision, label)
 

@@ -28,7 +28,7 @@ from typing import Any
 from array_api_compat import device as device_of
 
 from sae_ref import _checks as C
-from sae_ref.backends import get_backend, is_sync_free, top_n_fixed, top_n_fixed_mask
+from sae_ref.backends import get_backend, is_sync_free, top_n_fixed
 from sae_ref.sparse import ColumnBlock, SparseCode, empty_code
 from sae_ref.activations import _padded_code_at, _topk
 from sae_ref.sae import matmul_at
@@ -288,18 +288,18 @@ def _auxk_capacity(xp, be, pre, dead, W_dec, k_aux, loss, cap, precision, buf=No
     latents a tenth of the work of the whole [B, h] block."""
     B, h = pre.shape
     dev = device_of(pre)
-    zero = xp.zeros((), dtype=pre.dtype, device=dev)
-    ninf = xp.full((), -xp.inf, dtype=pre.dtype, device=dev)  # a fill: no host copy (a graph captures it)
+    zero = xp.zeros((), dtype=pre.dtype, device=dev)  # a fill: no host copy (a graph captures it)
     cols = be.compact(dead, cap)  # the dead columns, then h
     real = cols < h
     cols = xp.where(real, cols, xp.zeros_like(cols))
-    sub = xp.where(real[None, :], xp.take(pre, cols, axis=1), ninf)
     W_d = xp.take(W_dec, cols, axis=0)
     k = min(k_aux, cap)
-    kept = sub > 0
     if k < cap:
-        kept = kept & top_n_fixed_mask(sub, k, axis=-1, backend=be)
-    a = xp.where(kept, sub, zero)
+        a = be.row_top_block(pre, cols, real, k)
+    else:
+        sub = xp.take(pre, cols, axis=1)
+        a = xp.where(real[None, :] & (sub > 0), sub, zero)
+    kept = a > 0
     value, g_ehat, g_res = loss(matmul_at(be, a, W_d, precision, out=buf))
     any_dead = xp.any(dead)  # none: the loss and its gradients are zero, chosen on the device
     value = xp.where(any_dead, value, zero)

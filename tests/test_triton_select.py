@@ -126,3 +126,26 @@ def test_switch_rejects_a_non_boolean():
     with pytest.raises(TypeError, match="enabled"):
         with triton_kernels("yes"):
             pass
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@given(data=tied_matrices(), dead_share=st.floats(0.0, 1.0), seed=st.integers(0, 2**16),
+       k_frac=st.floats(0.0, 0.99))
+@settings(max_examples=15)
+def test_fused_auxk_block_equals_composed_block_bit_for_bit(device, dtype, data, dead_share, seed, k_frac):
+    x_np, _ = data
+    pre = torch.as_tensor(x_np).to(DTYPES[dtype]).to(device)
+    B, h = pre.shape
+    gen = torch.Generator().manual_seed(seed)
+    dead = torch.rand(h, generator=gen) < dead_share
+    cap = int(torch.randint(2, h + 2, (1,), generator=gen))  # padding columns past the dead
+    k = max(1, min(cap - 1, int(k_frac * cap)))
+    be = get_backend(torch)
+    cols = be.compact(dead.to(device), cap)
+    real = cols < h
+    cols = torch.where(real, cols, 0)
+    want = StandardBackend.row_top_block(be, pre, cols, real, k)
+    got = _fused("row_top_block", pre, cols, real, k)
+    assert torch.equal(got.cpu(), want.cpu())
+    assert int((got > 0).sum(dim=1).max()) <= k  # at most k kept in a row
