@@ -218,6 +218,16 @@ class StandardBackend:
         cand = xp.reshape((q // w * h + q % w)[:, None] + slab[None, :], (-1,))
         return _keys(xp, self, xp.take(flat, cand), cand)
 
+    def add_rows_at(self, out, cols, rows):
+        """``out[cols[i]] += rows[i]`` for a 2-D ``out`` and ``rows`` [n, d]; returns the sum,
+        in ``out`` where the library allows. ``cols`` are unique but for repeats whose rows are
+        zero (the padding of AuxK's block). Here a sparse product (a sum per output row)."""
+        xp = array_namespace(out, rows)
+        n = cols.shape[0]
+        ones = xp.ones((n,), dtype=rows.dtype, device=device_of(rows))
+        at = xp.arange(n, dtype=xp.int64, device=device_of(rows))
+        return self.spmm(cols, at, ones, rows, out.shape[0], out=out, accumulate=True)
+
     def row_top_block(self, pre, cols, real, k: int):
         """AuxK's block of activations: ``pre``'s columns ``cols`` (int64 [cap], in range;
         where ``real`` is False a padding column, valued -inf), then in each row the ``k``

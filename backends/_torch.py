@@ -299,6 +299,14 @@ class TorchBackend(StandardBackend):
             return candidate_keys(x, q, g, per_row=per_row)
         return super().candidate_keys(x, q, g, per_row=per_row)
 
+    def add_rows_at(self, out, cols, rows):
+        if _sync_free(out) and out.dtype == rows.dtype and out.device == rows.device:
+            # an atomic add of the n rows into theirs alone: each target row receives one
+            # row, or one row and zero rows (padding), and adding +0.0 in any order gives the
+            # same bits; the sorted product would write and re-add the whole [h, d]
+            return out.index_add_(0, cols, rows)
+        return super().add_rows_at(out, cols, rows)
+
     def row_top_block(self, pre, cols, real, k):
         from ._triton_select import MAX_ROW_BLOCK
 

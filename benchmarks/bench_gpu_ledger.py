@@ -125,6 +125,8 @@ class Ledger(TorchFunctionMode):
         if not new and not in_place:
             return out  # a view or metadata: no kernel
         written = sum(t.numel() * t.element_size() for t in (new or ins[:1]))
+        if name == "index_add_":  # the indexed rows only
+            written = ins[2].numel() * ins[2].element_size()
         read, flops, seconds = self._cost(name, ins, new or ins[:1], list(_tensors(args)))
         self.pending.append((name, read, written, flops, max(seconds, (read + written) / MEASURED["bandwidth"], KERNEL_FLOOR)))
         return out
@@ -147,6 +149,9 @@ class Ledger(TorchFunctionMode):
             # encoder's and AuxK's block GEMMs) at that precision's rate; the others in float32
             rate = MEASURED["gemm"][self.precision]
             return read, flops, flops / rate
+        if name in ("index_add_", "index_add"):  # only the indexed rows of the target are read
+            index, source = ins[1], ins[2]
+            return index.numel() * 8 + 2 * source.numel() * source.element_size(), 0, 0.0
         if name == "embedding_bag":
             idx, weight = ins[0], ins[1]
             work = idx.numel() * weight.shape[1]

@@ -489,9 +489,7 @@ def _add_transposed_product(xp, be, M, dense, out):
         if M.every:  # every column, in order
             out += prod
             return out
-        ones = xp.ones((n,), dtype=prod.dtype, device=device_of(prod))
-        at = xp.arange(n, dtype=xp.int64, device=device_of(prod))
-        return be.spmm(M.cols, at, ones, prod, h, out=out, accumulate=True)
+        return be.add_rows_at(out, M.cols, prod)
     return be.spmm(M.cols, M.rows, M.values, dense, h, out=out, accumulate=True)
 
 
