@@ -284,6 +284,13 @@ class StandardBackend:
         out = _segment_sums(xp, xp.take(index, order), xp.take(values, order)[:, None], n, dev)
         return out[:, 0]
 
+    def segment_count(self, index, flags, n: int, dtype):
+        """How many of the boolean ``flags`` are True at each ``index``: shape (n,), of the
+        floating ``dtype`` (exact integers). Here :meth:`segment_sum` of the flags; a backend
+        may count with integer atomics, whose sums do not depend on their order."""
+        xp = array_namespace(flags)
+        return self.segment_sum(index, xp.astype(flags, dtype), n)
+
     def to_dense(self, rows, cols, values, shape: tuple[int, int]):
         """The dense (B, h) array with ``values`` at ``(rows, cols)`` (positions unique), 0 elsewhere."""
         xp = array_namespace(values)

@@ -88,14 +88,12 @@ class SparseCode:
     def l0(self):
         """Number of nonzero entries of each row, as a float array of shape [B]."""
         xp = array_namespace(self.values)
-        nz = xp.astype(self.values != 0, self.values.dtype)
-        return get_backend(xp).segment_sum(self.rows, nz, self.shape[0])
+        return get_backend(xp).segment_count(self.rows, self.values != 0, self.shape[0], self.values.dtype)
 
     def latent_counts(self):
         """How many samples each latent fired on (nonzero value), shape [h]."""
         xp = array_namespace(self.values)
-        nz = xp.astype(self.values != 0, self.values.dtype)
-        return get_backend(xp).segment_sum(self.cols, nz, self.shape[1])
+        return get_backend(xp).segment_count(self.cols, self.values != 0, self.shape[1], self.values.dtype)
 
     def concat(self, other: SparseCode) -> SparseCode:
         """Both codes' entries together (duplicated places add up in every product)."""

@@ -580,7 +580,9 @@ def _grads(xp, config: TrainConfig, params: SAEParams, since_fired, k_aux: int, 
     nmse = _nmse_from_mse(xp, mse, fwd.x, config.loss_unit) if dp is None else dp.nmse(fwd.x_hat, fwd.x)
     if dp is not None:  # every rank reports the global batch's values
         mse, sparsity, aux_value, afa_value = dp.means(mse, sparsity, aux_value, afa_value)
-    l0 = xp.sum(fwd.code.l0()) if dp is None else dp.sum(xp.sum(fwd.code.l0()))
+    # the code's nonzero entries: each row's L0 summed, without the per-row sums
+    l0 = xp.sum(xp.astype(fwd.code.values != 0, fwd.code.values.dtype))
+    l0 = l0 if dp is None else dp.sum(l0)
     n_dead = xp.astype(xp.count_nonzero(dead), x.dtype)
     P.mark("metrics", n_dead)
     return _Pass(grads, since, n_dead, mse, nmse, sparsity, aux_value, afa_value, l0, m_t)
