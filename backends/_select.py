@@ -258,7 +258,7 @@ def _top_n_fixed_keyed(xp, be, x, n: int, axis, g: int):
     dev = device_of(x)
     per_row = axis is not None
     keys = be.group_keys(x, g, per_row=per_row)  # [B, h/g]
-    q = be.top_indices(keys if per_row else xp.reshape(keys, (-1,)), n, axis=axis)
+    q = _top_keys(xp, be, keys if per_row else xp.reshape(keys, (-1,)), n)
     cand = be.candidate_keys(x, q, g, per_row=per_row)  # [n g], or [B, n g]
     top = be.top_indices(cand, n, axis=axis)
     if per_row:
@@ -271,6 +271,36 @@ def _top_n_fixed_keyed(xp, be, x, n: int, axis, g: int):
     kept = xp.take(cand, top)
     last = _position(xp.min(kept))
     return xp.sort(_position(kept)), xp.take(xp.reshape(x, (-1,)), xp.reshape(last, (1,)))[0]
+
+
+#: the largest run of group keys bracketed by its maximum (:func:`_top_keys`)
+MAX_KEY_RUN = 8
+
+
+def _top_keys(xp, be, keys, n: int):
+    """Positions of the ``n`` largest of the distinct ``keys`` (1-D, or each row's of a 2-D
+    array), in no particular order, bracketed once more: each run of ``r`` consecutive
+    keys is represented by its maximum, and the n largest keys lie in the n runs with the
+    largest maxima (a key outside them has n run maxima above it, each a key). So a top-k
+    over ``m / r`` maxima and one over ``n r`` keys replace one over all ``m``; ``r`` is the
+    largest power of two up to :data:`MAX_KEY_RUN` dividing ``m`` with ``n r <= m / 4``."""
+    m = keys.shape[-1]
+    r = MAX_KEY_RUN
+    while r > 1 and (m % r or 4 * n * r > m):
+        r //= 2
+    axis = -1 if keys.ndim == 2 else None
+    if r == 1:
+        return be.top_indices(keys, n, axis=axis)
+    dev = device_of(keys)
+    lead = keys.shape[:-1]
+    runs = be.top_indices(xp.max(xp.reshape(keys, lead + (m // r, r)), axis=-1), n, axis=axis)
+    at = xp.reshape(runs[..., None] * r + xp.arange(r, dtype=runs.dtype, device=dev), lead + (n * r,))
+    if axis is None:
+        return xp.take(at, be.top_indices(xp.take(keys, at), n))
+    rows = xp.arange(keys.shape[0], dtype=at.dtype, device=dev)[:, None]
+    inside = xp.reshape(xp.take(xp.reshape(keys, (-1,)), xp.reshape(rows * m + at, (-1,))), at.shape)
+    top = be.top_indices(inside, n, axis=-1)
+    return xp.reshape(xp.take(xp.reshape(at, (-1,)), xp.reshape(rows * (n * r) + top, (-1,))), top.shape)
 
 
 def _position(keys):

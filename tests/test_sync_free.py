@@ -106,6 +106,28 @@ def test_bracketed_fixed_selection_equals_the_tie_rule_oracle(backend, native, s
     assert float(backend.numpy(cut)) == np.sort(z, axis=None)[-n]
 
 
+@given(seed=st.integers(0, 2**32 - 1), rows=st.sampled_from([0, 1, 3]), m=st.sampled_from([8, 40, 64, 256]),
+       data=st.data())
+def test_top_keys_through_run_maxima_are_the_n_largest_keys(backend, seed, rows, m, data):
+    """Invariant: the positions that the run-maximum bracket returns are those of the n
+    largest distinct keys (of the whole 1-D array, or of each row), whichever runs hold
+    them, also when one run holds all of them."""
+    from sae_ref.backends._select import _top_keys
+
+    rng = np.random.default_rng(seed)
+    n = data.draw(st.integers(1, m), label="n")
+    shape = (rows, m) if rows else (m,)
+    keys = rng.permutation(np.arange(-m * max(rows, 1), m * max(rows, 1), 2, dtype=np.int64))
+    keys = keys.reshape(shape)
+    if data.draw(st.booleans(), label="clustered"):  # the largest keys in one run
+        flat = np.sort(keys.reshape(-1, m), axis=1)
+        keys = flat.reshape(shape)
+    got = backend.numpy(_top_keys(backend.xp, get_backend(backend.xp), backend.asarray(keys), n))
+    want = np.argsort(-keys, axis=-1)[..., :n]
+    assert got.shape == want.shape
+    np.testing.assert_array_equal(np.sort(got, axis=-1), np.sort(want, axis=-1))
+
+
 @pytest.mark.parametrize("select", ["batchtopk", "topk"])
 @given(z=tied_or_continuous(), data=st.data())
 def test_public_selection_is_one_code_in_both_modes_and_the_padded_form_adds_only_zeros(backend, select, z, data):
