@@ -271,6 +271,18 @@ class TorchBackend(StandardBackend):
             out = _numpy().decoder_adam(W.numpy(), g.numpy(), m.numpy(), v.numpy(), lr=lr, b1=b1,
                                         b2=b2, eps=eps, t=t, order=order, inplace=True)
             return tuple(torch.from_numpy(a) for a in out)  # views of W, m, v when fused
+        if (_fused(W, g, m, v) and W.dtype in (torch.float32, torch.float64)
+                and all(a.dtype == W.dtype and a.is_contiguous() for a in (g, m, v)) and W.is_contiguous()):
+            from sae_ref.decoder import TINY
+
+            from ._triton_adam import decoder_adam
+
+            if not inplace:
+                W, m, v = W.clone(), m.clone(), v.clone()
+            # one kernel: each row's norm, projection, Adam step (and renormalisation) in
+            # registers, where the composed form makes about ten passes over [h, d]
+            decoder_adam(W, g, m, v, lr=lr, b1=b1, b2=b2, eps=eps, t=t, order=order, tiny=TINY)
+            return W, m, v
         return super().decoder_adam(W, g, m, v, lr=lr, b1=b1, b2=b2, eps=eps, t=t, order=order,
                                     inplace=inplace)
 

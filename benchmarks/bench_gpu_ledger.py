@@ -187,7 +187,7 @@ def fused_kernels(ledger, be):
     """The fused Triton kernels that a CUDA step runs (:mod:`sae_ref.backends._triton`), each
     recorded by :meth:`Ledger.fused` with the bytes it moves; their values from the composed
     forms (which the tests check the kernels against)."""
-    from sae_ref.backends import _triton, _triton_select, StandardBackend
+    from sae_ref.backends import StandardBackend, _triton, _triton_adam, _triton_select
 
     def group_keys(x, g, *, per_row):
         B, h = x.shape
@@ -205,17 +205,30 @@ def fused_kernels(ledger, be):
         return ledger.fused("row_top_block", lambda: StandardBackend.row_top_block(be, pre, cols, real, k),
                             cap * 8 + gathered, B * cap * pre.element_size())
 
-    stand_ins = {"group_keys": group_keys, "candidate_keys": candidate_keys, "row_top_block": row_top_block}
-    saved = _triton.usable, {name: getattr(_triton_select, name) for name in stand_ins}
+    def decoder_adam(W, g, m, v, *, lr, b1, b2, eps, t, order, tiny):
+        def composed():  # into the caller's W, m and v, as the kernel writes
+            outs = StandardBackend.decoder_adam(be, W, g, m, v, lr=lr, b1=b1, b2=b2, eps=eps, t=t,
+                                                order=order)
+            for a, b in zip((W, m, v), outs):
+                a.copy_(b)
+
+        size = W.numel() * W.element_size()
+        return ledger.fused("decoder_adam", composed, 4 * size, 3 * size)
+
+    stand_ins = {_triton_select: {"group_keys": group_keys, "candidate_keys": candidate_keys,
+                                  "row_top_block": row_top_block},
+                 _triton_adam: {"decoder_adam": decoder_adam}}
+    saved = _triton.usable, [(mod, name, getattr(mod, name)) for mod, fs in stand_ins.items() for name in fs]
     _triton.usable = lambda *tensors: True
-    for name, f in stand_ins.items():
-        setattr(_triton_select, name, f)
+    for mod, fs in stand_ins.items():
+        for name, f in fs.items():
+            setattr(mod, name, f)
     try:
         yield
     finally:
         _triton.usable = saved[0]
-        for name, f in saved[1].items():
-            setattr(_triton_select, name, f)
+        for mod, name, f in saved[1]:
+            setattr(mod, name, f)
 
 
 def record(state, x, *, fused=True):
