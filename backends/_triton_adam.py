@@ -9,8 +9,8 @@ and ``dot = g . w`` for each decoder row ``w``,
 - ``order="after"``: the gradient ``g - (dot s^2) w``, Adam on ``w`` as it was, then the row
   divided by its new norm (same ``tiny`` rule);
 
-with PyTorch's Adam arithmetic (:mod:`sae_ref.optim`). One program holds one whole row in one
-block, so the row's dot product and norms are in-register reductions: the step reads ``W``,
+with PyTorch's Adam arithmetic (:mod:`sae_ref.optim`). A program holds whole rows (one or a few)
+in one block, so the row's dot product and norms are in-register reductions: the step reads ``W``,
 ``g``, ``m`` and ``v`` once and writes ``W``, ``m`` and ``v`` once, ``7 h d`` elements of
 traffic. The composed chain it replaces (row norms, division, row dots, projection, torch's
 fused Adam, renormalisation) makes about 10 such passes.
@@ -25,6 +25,8 @@ Only code that has checked that Triton imports imports this module.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -60,29 +62,32 @@ def _div(x, y):
 
 @triton.jit
 def _inverse_norm(w, tiny):
-    """1 / |w| for the row ``w``, or 1 when ``|w| <= tiny`` (such rows are left as they are)."""
-    norm = _sqrt(tl.sum(w * w, axis=0))
+    """1 / |w| for each row of ``w`` [rows, d] as [rows, 1], or 1 where ``|w| <= tiny`` (such
+    rows are left as they are)."""
+    norm = _sqrt(tl.sum(w * w, axis=1))[:, None]
     return _div(tl.full(norm.shape, 1.0, norm.dtype), tl.where(norm > tiny, norm, 1.0))
 
 
 @triton.jit
-def _decoder_adam_rows(W_ptr, g_ptr, m_ptr, v_ptr, d,
+def _decoder_adam_rows(W_ptr, g_ptr, m_ptr, v_ptr, h, d,
                        lr_t: tl.float64, b1: tl.float64, one_minus_b1: tl.float64,
                        b2: tl.float64, one_minus_b2: tl.float64, eps: tl.float64,
                        bc2_sqrt: tl.float64, tiny: tl.float64,
-                       AFTER: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One row of ``W``, ``m`` and ``v`` [h, d] (row-major) per program, updated in place."""
+                       AFTER: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``BLOCK_H`` whole rows of ``W``, ``m`` and ``v`` [h, d] (row-major) per program,
+    updated in place."""
     dtype = W_ptr.dtype.element_ty
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_H + tl.arange(0, BLOCK_H)
     cols = tl.arange(0, BLOCK_D)
-    inside = cols < d
-    offs = tl.program_id(0).to(tl.int64) * d + cols
+    inside = (rows[:, None] < h) & (cols[None, :] < d)
+    offs = rows[:, None] * d + cols[None, :]
     w = tl.load(W_ptr + offs, mask=inside, other=0.0)
     g = tl.load(g_ptr + offs, mask=inside, other=0.0)
     m = tl.load(m_ptr + offs, mask=inside, other=0.0)
     v = tl.load(v_ptr + offs, mask=inside, other=0.0)
     tiny = _as(tiny, dtype)
     s = _inverse_norm(w, tiny)
-    dot = tl.sum(g * w, axis=0)
+    dot = tl.sum(g * w, axis=1)[:, None]
     if AFTER:
         c = dot * s * s  # (g . u) u = c w with u = s w
     else:
@@ -137,10 +142,14 @@ def decoder_adam(W, g, m, v, *, lr: float, b1: float, b2: float, eps: float, t: 
         return
     lr, b1, b2, eps, tiny = float(lr), float(b1), float(b2), float(eps), float(tiny)
     block_d = triton.next_power_of_2(d)
-    _decoder_adam_rows[(h,)](
-        W, g, m, v, d,
+    # narrow rows share a program (a block of about 4096 elements); under the interpreter,
+    # whose cost is per program, a program takes up to 2^16 elements
+    per_program = 1 << 16 if os.environ.get("TRITON_INTERPRET", "0") == "1" else 4096
+    block_h = max(1, min(triton.next_power_of_2(h), per_program // block_d))
+    _decoder_adam_rows[(triton.cdiv(h, block_h),)](
+        W, g, m, v, h, d,
         lr / (1.0 - b1**t), b1, 1.0 - b1, b2, 1.0 - b2, eps, (1.0 - b2**t) ** 0.5, tiny,
-        AFTER=order == "after", BLOCK_D=block_d,
-        num_warps=min(16, max(1, block_d // 256)),  # a few elements of each row per thread
+        AFTER=order == "after", BLOCK_H=block_h, BLOCK_D=block_d,
+        num_warps=min(16, max(1, block_h * block_d // 256)),  # a few elements per thread
         enable_fp_fusion=True,  # fused multiply-adds, as the NumPy backend's kernel allows
     )

@@ -14,12 +14,20 @@ dozen passes). Both write exactly the composed form's keys, bit for bit (the tes
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 #: groups (or chosen groups) handled by one program
 _BLOCK = 128
+
+
+def _per_program() -> int:
+    """Elements a program of :func:`row_top_block` holds: one row on a GPU (a row's search
+    runs in registers); under the interpreter, whose cost is per program, many rows."""
+    return 1 << 16 if os.environ.get("TRITON_INTERPRET", "0") == "1" else 1
 
 
 @triton.jit
@@ -32,14 +40,14 @@ def _ordered_key(val, pos):
 
 
 @triton.jit
-def _group_keys_kernel(x_ptr, out_ptr, h, w, per_row: tl.constexpr, G: tl.constexpr,
+def _group_keys_kernel(x_ptr, out_ptr, total, h, w, per_row: tl.constexpr, G: tl.constexpr,
                        BLOCK: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
-    j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)  # the groups
+    p = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)  # b w + j
+    b, j = p // w, p % w
     s = tl.arange(0, G).to(tl.int64)  # the slabs
     col = s[:, None] * w + j[None, :]  # [G, BLOCK]
-    inside = j[None, :] < w
-    val = tl.load(x_ptr + b * h + col, mask=inside, other=float("-inf")).to(tl.float32)
+    inside = p < total
+    val = tl.load(x_ptr + b[None, :] * h + col, mask=inside[None, :], other=float("-inf")).to(tl.float32)
     bits = val.to(tl.int32, bitcast=True)
     bits = tl.where(bits == -2147483648, 0, bits)
     bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)
@@ -49,27 +57,32 @@ def _group_keys_kernel(x_ptr, out_ptr, h, w, per_row: tl.constexpr, G: tl.conste
     if not per_row:
         pos = b * h + pos
     key = top.to(tl.int64) * 4294967296 + (4294967295 - pos)
-    tl.store(out_ptr + b * w + j, key, mask=j < w)
+    tl.store(out_ptr + p, key, mask=inside)
 
 
 @triton.jit
-def _candidate_keys_kernel(x_ptr, q_ptr, out_ptr, n, h, w, per_row: tl.constexpr,
+def _candidate_keys_kernel(x_ptr, q_ptr, out_ptr, total, n, h, w, per_row: tl.constexpr,
                            G: tl.constexpr, BLOCK: tl.constexpr):
-    r = tl.program_id(0).to(tl.int64)  # the row (per row; 0 otherwise)
-    i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)  # the chosen groups
+    p = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)  # r n + i
     s = tl.arange(0, G).to(tl.int64)
-    inside = i < n
-    q = tl.load(q_ptr + r * n + i, mask=inside, other=0)
+    inside = p < total
+    q = tl.load(q_ptr + p, mask=inside, other=0)
     if per_row:
         col = q[:, None] + s[None, :] * w  # [BLOCK, G]
-        at = r * h + col
+        at = (p // n * h)[:, None] + col
         pos = col
     else:
         at = (q // w * h + q % w)[:, None] + s[None, :] * w
         pos = at
     val = tl.load(x_ptr + at, mask=inside[:, None], other=0.0).to(tl.float32)
     key = _ordered_key(val, pos)
-    tl.store(out_ptr + (r * n + i)[:, None] * G + s[None, :], key, mask=inside[:, None])
+    tl.store(out_ptr + p[:, None] * G + s[None, :], key, mask=inside[:, None])
+
+
+def _block(g: int) -> int:
+    """Groups a program of the two kernels handles: 128 on a GPU; under the interpreter,
+    whose cost is per program, up to 2^16 entries."""
+    return max(_BLOCK, (1 << 16) // g) if os.environ.get("TRITON_INTERPRET", "0") == "1" else _BLOCK
 
 
 def group_keys(x, g: int, *, per_row: bool):
@@ -78,8 +91,9 @@ def group_keys(x, g: int, *, per_row: bool):
     B, h = x.shape
     w = h // g
     out = torch.empty((B, w), dtype=torch.int64, device=x.device)
-    grid = (B, triton.cdiv(w, _BLOCK))
-    _group_keys_kernel[grid](x, out, h, w, per_row=per_row, G=g, BLOCK=_BLOCK)
+    block = _block(g)
+    _group_keys_kernel[(triton.cdiv(B * w, block),)](x, out, B * w, h, w, per_row=per_row, G=g,
+                                                     BLOCK=block)
     return out
 
 
@@ -89,11 +103,11 @@ def candidate_keys(x, q, g: int, *, per_row: bool):
     w = h // g
     q = q.contiguous()
     n = q.shape[-1]
-    rows = B if per_row else 1
-    out = torch.empty((rows, n * g), dtype=torch.int64, device=x.device)
-    grid = (rows, triton.cdiv(n, _BLOCK))
-    _candidate_keys_kernel[grid](x, q, out, n, h, w, per_row=per_row, G=g, BLOCK=_BLOCK)
-    return out if per_row else out.reshape(-1)
+    out = torch.empty(q.shape + (g,), dtype=torch.int64, device=x.device)
+    block = _block(g)
+    _candidate_keys_kernel[(triton.cdiv(q.numel(), block),)](x, q, out, q.numel(), n, h, w,
+                                                             per_row=per_row, G=g, BLOCK=block)
+    return out.reshape(B, n * g) if per_row else out.reshape(-1)
 
 
 #: the widest block :func:`row_top_block` keeps a row of in registers
@@ -101,30 +115,32 @@ MAX_ROW_BLOCK = 8192
 
 
 @triton.jit
-def _row_top_block_kernel(pre_ptr, cols_ptr, out_ptr, h, cap, n, BLOCK: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
+def _row_top_block_kernel(pre_ptr, cols_ptr, out_ptr, B, h, cap, n, ROWS: tl.constexpr,
+                          BLOCK: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)  # the rows
     c = tl.arange(0, BLOCK)
-    inside = c < cap
-    col = tl.load(cols_ptr + c, mask=inside, other=h)
-    real = inside & (col < h)
-    val = tl.load(pre_ptr + b * h + col, mask=real, other=float("-inf")).to(tl.float32)
+    inside = (c < cap)[None, :] & (b < B)[:, None]  # [ROWS, BLOCK]
+    col = tl.load(cols_ptr + c, mask=c < cap, other=h)
+    real = inside & (col < h)[None, :]
+    val = tl.load(pre_ptr + b[:, None] * h + col[None, :], mask=real, other=float("-inf")).to(tl.float32)
     bits = val.to(tl.int32, bitcast=True)
     bits = tl.where(bits == -2147483648, 0, bits)
     bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # ordered as signed integers
     key = (bits ^ -2147483648).to(tl.uint32, bitcast=True)  # ordered as unsigned integers
     key = tl.where(inside, key, 0)
-    # the n-th largest key, bit by bit from the top: the largest t with n keys >= t
-    t = tl.zeros([], dtype=tl.uint32)
+    # each row's n-th largest key, bit by bit from the top: the largest t with n keys >= t
+    t = tl.zeros([ROWS], dtype=tl.uint32)
     for i in range(32):
-        trial = t | (tl.full([], 1, tl.uint32) << (31 - i))
-        enough = tl.sum((key >= trial).to(tl.int32), axis=0) >= n
+        trial = t | (tl.full([ROWS], 1, tl.uint32) << (31 - i))
+        enough = tl.sum((key >= trial[:, None]).to(tl.int32), axis=1) >= n
         t = tl.where(enough, trial, t)
-    above = key > t
-    tie = inside & (key == t)
-    need = n - tl.sum(above.to(tl.int32), axis=0)
-    rank = tl.cumsum(tie.to(tl.int32), axis=0)  # the ties in column order
-    kept = (above | (tie & (rank <= need))) & (val > 0)
-    tl.store(out_ptr + b * cap + c, tl.where(kept, val, 0.0).to(out_ptr.dtype.element_ty), mask=inside)
+    above = key > t[:, None]
+    tie = inside & (key == t[:, None])
+    need = n - tl.sum(above.to(tl.int32), axis=1)
+    rank = tl.cumsum(tie.to(tl.int32), axis=1)  # the ties in column order
+    kept = (above | (tie & (rank <= need[:, None]))) & (val > 0)
+    out = tl.where(kept, val, 0.0).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + b[:, None] * cap + c[None, :], out, mask=inside)
 
 
 def row_top_block(pre, cols, real, k: int):
@@ -136,5 +152,7 @@ def row_top_block(pre, cols, real, k: int):
     cap = cols.shape[0]
     out = torch.empty((B, cap), dtype=pre.dtype, device=pre.device)
     cols = torch.where(real, cols, h).contiguous()
-    _row_top_block_kernel[(B,)](pre, cols, out, h, cap, k, BLOCK=triton.next_power_of_2(cap))
+    block = triton.next_power_of_2(cap)
+    rows = max(1, min(triton.next_power_of_2(B), _per_program() // block))
+    _row_top_block_kernel[(triton.cdiv(B, rows),)](pre, cols, out, B, h, cap, k, ROWS=rows, BLOCK=block)
     return out
