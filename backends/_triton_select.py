@@ -93,7 +93,7 @@ def group_keys(x, g: int, *, per_row: bool):
     out = torch.empty((B, w), dtype=torch.int64, device=x.device)
     block = _block(g)
     _group_keys_kernel[(triton.cdiv(B * w, block),)](x, out, B * w, h, w, per_row=per_row, G=g,
-                                                     BLOCK=block)
+                                                     BLOCK=block, enable_fp_fusion=False)
     return out
 
 
@@ -106,7 +106,8 @@ def candidate_keys(x, q, g: int, *, per_row: bool):
     out = torch.empty(q.shape + (g,), dtype=torch.int64, device=x.device)
     block = _block(g)
     _candidate_keys_kernel[(triton.cdiv(q.numel(), block),)](x, q, out, q.numel(), n, h, w,
-                                                             per_row=per_row, G=g, BLOCK=block)
+                                                             per_row=per_row, G=g, BLOCK=block,
+                                                             enable_fp_fusion=False)
     return out.reshape(B, n * g) if per_row else out.reshape(-1)
 
 
@@ -154,5 +155,7 @@ def row_top_block(pre, cols, real, k: int):
     cols = torch.where(real, cols, h).contiguous()
     block = triton.next_power_of_2(cap)
     rows = max(1, min(triton.next_power_of_2(B), _per_program() // block))
-    _row_top_block_kernel[(triton.cdiv(B, rows),)](pre, cols, out, B, h, cap, k, ROWS=rows, BLOCK=block)
+    _row_top_block_kernel[(triton.cdiv(B, rows),)](pre, cols, out, B, h, cap, k, ROWS=rows, BLOCK=block,
+                                                   num_warps=min(16, max(4, rows * block // 512)),
+                                                   enable_fp_fusion=False)
     return out

@@ -149,3 +149,52 @@ def test_fused_auxk_block_equals_composed_block_bit_for_bit(device, dtype, data,
     got = _fused("row_top_block", pre, cols, real, k)
     assert torch.equal(got.cpu(), want.cpu())
     assert int((got > 0).sum(dim=1).max()) <= k  # at most k kept in a row
+
+
+_COMPILE = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from sae_ref.backends import _triton_adam as A, _triton_select as S
+
+target = GPUTarget("cuda", 90, 32)  # an H100/H200's architecture
+
+
+def build(fn, signature, constexprs):
+    signature = {**signature, **{name: "constexpr" for name in constexprs}}
+    triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=target)
+
+
+for per_row in (True, False):
+    for x in ("*fp32", "*fp16", "*bf16"):
+        build(S._group_keys_kernel, {"x_ptr": x, "out_ptr": "*i64", "total": "i64", "h": "i32", "w": "i32"},
+              {"per_row": per_row, "G": 16, "BLOCK": 128})
+        build(S._candidate_keys_kernel, {"x_ptr": x, "q_ptr": "*i64", "out_ptr": "*i64", "total": "i64",
+                                         "n": "i32", "h": "i32", "w": "i32"},
+              {"per_row": per_row, "G": 16, "BLOCK": 128})
+for block in (256, 8192):
+    build(S._row_top_block_kernel, {"pre_ptr": "*fp32", "cols_ptr": "*i64", "out_ptr": "*fp32", "B": "i32",
+                                    "h": "i32", "cap": "i32", "n": "i32"}, {"ROWS": 1, "BLOCK": block})
+for w in ("*fp32", "*fp64"):
+    signature = {name: w for name in ("W_ptr", "g_ptr", "m_ptr", "v_ptr")}
+    signature.update(h="i32", d="i32")
+    signature.update({name: "fp64" for name in ("lr_t", "b1", "one_minus_b1", "b2", "one_minus_b2", "eps",
+                                                "bc2_sqrt", "tiny")})
+    for after in (True, False):
+        build(A._decoder_adam_rows, signature, {"AFTER": after, "BLOCK_H": 4, "BLOCK_D": 1024})
+print("compiled")
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the kernels compile and run in the tests above")
+def test_fused_kernels_compile_to_gpu_code_for_an_h200_class_target():
+    """The interpreter runs the kernels' Python; this compiles each for sm_90 (as a GPU
+    would at first use), so a type error only the compiler sees fails here too."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
+    run = subprocess.run([sys.executable, "-c", _COMPILE], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and "compiled" in run.stdout, run.stderr[-3000:]
