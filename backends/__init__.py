@@ -22,7 +22,6 @@ selections have a fixed size (:func:`top_n_fixed`), codes carry explicit zeros
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 
 from array_api_compat import (is_cupy_array, is_cupy_namespace, is_numpy_namespace, is_torch_array,
@@ -30,6 +29,7 @@ from array_api_compat import (is_cupy_array, is_cupy_namespace, is_numpy_namespa
 
 from ._select import group_size, top_n_fixed, top_n_fixed_mask, top_n_indices, top_n_mask
 from ._standard import PRECISIONS, StandardBackend
+from ._switch import within
 from ._triton import triton_kernels
 
 __all__ = ["PRECISIONS", "StandardBackend", "get_backend", "group_size", "is_sync_free", "sync_free", "top_n_fixed", "top_n_fixed_mask",
@@ -70,17 +70,10 @@ def get_backend(xp, *, native: bool = True) -> StandardBackend:
 _SYNC_FREE = contextvars.ContextVar("sae_ref_sync_free", default=None)
 
 
-@contextlib.contextmanager
 def sync_free(enabled: bool = True):
     """Within this block, :func:`is_sync_free` answers ``enabled`` for every array, on every
     backend and device (``None`` restores the default: GPU arrays only)."""
-    if enabled is not None and not isinstance(enabled, bool):
-        raise TypeError(f"sync_free: argument 'enabled' must be True, False or None, got {enabled!r}")
-    token = _SYNC_FREE.set(enabled)
-    try:
-        yield
-    finally:
-        _SYNC_FREE.reset(token)
+    return within(_SYNC_FREE, "sync_free", enabled)
 
 
 def is_sync_free(x) -> bool:

@@ -13,26 +13,20 @@ the fallback and the oracle in the tests. A kernel runs:
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import functools
 import os
 
+from ._switch import within
+
 _ENABLED = contextvars.ContextVar("sae_ref_triton", default=None)
 
 
-@contextlib.contextmanager
 def triton_kernels(enabled: bool | None = True):
     """Within this block the fused Triton kernels run where :func:`usable` allows
     (``True``: also on CPU tensors under the interpreter; ``False``: nowhere; ``None``: the
     default, CUDA tensors only)."""
-    if enabled is not None and not isinstance(enabled, bool):
-        raise TypeError(f"triton_kernels: argument 'enabled' must be True, False or None, got {enabled!r}")
-    token = _ENABLED.set(enabled)
-    try:
-        yield
-    finally:
-        _ENABLED.reset(token)
+    return within(_ENABLED, "triton_kernels", enabled)
 
 
 @functools.cache
