@@ -41,6 +41,19 @@ def _viewable(x) -> bool:
 _KEYED = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def _kernel(name, fused, composed):
+    """``fused()``, a fused kernel's call, or ``composed()`` if the kernel fails to compile or
+    launch: the kernels are then off for the process, with a warning that names the error
+    (:func:`._triton.failed`)."""
+    from ._triton import failed
+
+    try:
+        return fused()
+    except Exception as err:  # a Triton or driver error at its first compile or launch
+        failed(name, err)
+        return composed()
+
+
 def _fused(*tensors) -> bool:
     """Whether the fused Triton kernels run on these tensors (:mod:`._triton`)."""
     from ._triton import usable
@@ -279,10 +292,16 @@ class TorchBackend(StandardBackend):
 
             if not inplace:
                 W, m, v = W.clone(), m.clone(), v.clone()
-            # one kernel: each row's norm, projection, Adam step (and renormalisation) in
-            # registers, where the composed form makes about ten passes over [h, d]
-            decoder_adam(W, g, m, v, lr=lr, b1=b1, b2=b2, eps=eps, t=t, order=order, tiny=TINY)
-            return W, m, v
+
+            def fused():
+                # one kernel: each row's norm, projection, Adam step (and renormalisation) in
+                # registers, where the composed form makes about ten passes over [h, d]
+                decoder_adam(W, g, m, v, lr=lr, b1=b1, b2=b2, eps=eps, t=t, order=order, tiny=TINY)
+                return W, m, v
+
+            composed = lambda: super(TorchBackend, self).decoder_adam(
+                W, g, m, v, lr=lr, b1=b1, b2=b2, eps=eps, t=t, order=order, inplace=True)
+            return _kernel("decoder_adam", fused, composed)
         return super().decoder_adam(W, g, m, v, lr=lr, b1=b1, b2=b2, eps=eps, t=t, order=order,
                                     inplace=inplace)
 
@@ -306,18 +325,20 @@ class TorchBackend(StandardBackend):
         return m, s
 
     def group_keys(self, x, g, *, per_row):
+        composed = lambda: super(TorchBackend, self).group_keys(x, g, per_row=per_row)
         if _fused(x) and x.dtype in _KEYED and x.is_contiguous() and g <= 64:
             from ._triton_select import group_keys
 
-            return group_keys(x, g, per_row=per_row)  # one pass over x
-        return super().group_keys(x, g, per_row=per_row)
+            return _kernel("group_keys", lambda: group_keys(x, g, per_row=per_row), composed)  # one pass
+        return composed()
 
     def candidate_keys(self, x, q, g, *, per_row):
+        composed = lambda: super(TorchBackend, self).candidate_keys(x, q, g, per_row=per_row)
         if _fused(x, q) and x.dtype in _KEYED and x.is_contiguous() and g <= 64:
             from ._triton_select import candidate_keys
 
-            return candidate_keys(x, q, g, per_row=per_row)
-        return super().candidate_keys(x, q, g, per_row=per_row)
+            return _kernel("candidate_keys", lambda: candidate_keys(x, q, g, per_row=per_row), composed)
+        return composed()
 
     def add_rows_at(self, out, cols, rows):
         if _sync_free(out) and out.dtype == rows.dtype and out.device == rows.device:
@@ -328,14 +349,13 @@ class TorchBackend(StandardBackend):
         return super().add_rows_at(out, cols, rows)
 
     def row_top_block(self, pre, cols, real, k):
-        from ._triton_select import MAX_ROW_BLOCK
+        composed = lambda: super(TorchBackend, self).row_top_block(pre, cols, real, k)
+        if _fused(pre, cols) and pre.dtype in _KEYED and pre.is_contiguous():
+            from ._triton_select import MAX_ROW_BLOCK, row_top_block
 
-        if (_fused(pre, cols) and pre.dtype in _KEYED and pre.is_contiguous()
-                and cols.shape[0] <= MAX_ROW_BLOCK):
-            from ._triton_select import row_top_block
-
-            return row_top_block(pre, cols, real, k)  # one pass; no [B, cap] temporaries
-        return super().row_top_block(pre, cols, real, k)
+            if cols.shape[0] <= MAX_ROW_BLOCK:  # one pass; no [B, cap] temporaries
+                return _kernel("row_top_block", lambda: row_top_block(pre, cols, real, k), composed)
+        return composed()
 
     has_float_bits = True
 

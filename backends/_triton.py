@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextvars
 import functools
 import os
+import warnings
 
 from ._switch import within
 
@@ -45,13 +46,26 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+#: why the fused kernels are off for this process (a kernel failed), or None
+FAILURE: str | None = None
+
+
+def failed(name: str, err: Exception) -> None:
+    """Turn the fused kernels off for the process after kernel ``name`` raised ``err`` (a
+    compile or launch error: the composed forms run instead), with a RuntimeWarning."""
+    global FAILURE
+    FAILURE = f"{name}: {type(err).__name__}: {err}"
+    warnings.warn(f"the fused Triton kernels are off for this process (the composed kernels run): "
+                  f"{FAILURE}", RuntimeWarning, stacklevel=3)
+
+
 def usable(*tensors) -> bool:
     """Whether the fused kernels run on these torch tensors (all on one device, the GPU
     path's)."""
     from . import is_sync_free
 
     enabled = _ENABLED.get()
-    if enabled is False or not available() or not tensors:
+    if enabled is False or FAILURE is not None or not available() or not tensors:
         return False
     kinds = {t.device.type for t in tensors}
     if kinds == {"cuda"}:

@@ -198,3 +198,19 @@ def test_fused_kernels_compile_to_gpu_code_for_an_h200_class_target():
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
     run = subprocess.run([sys.executable, "-c", _COMPILE], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0 and "compiled" in run.stdout, run.stderr[-3000:]
+
+
+def test_a_kernel_that_fails_to_compile_turns_the_kernels_off_with_a_warning_and_the_composed_result(monkeypatch):
+    from sae_ref.backends import _triton, _triton_select
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no such instruction on this GPU")
+
+    monkeypatch.setattr(_triton_select, "group_keys", broken)
+    monkeypatch.setattr(_triton, "FAILURE", None)
+    x = torch.randn(4, 64)
+    with pytest.warns(RuntimeWarning, match="group_keys: RuntimeError: no such instruction"):
+        got = _fused("group_keys", x, 8, per_row=False)
+    assert torch.equal(got, _composed("group_keys", x, 8, per_row=False))
+    with sync_free(True), triton_kernels(True):
+        assert not _triton.usable(x)  # off for the process from then on
