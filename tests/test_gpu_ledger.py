@@ -1,0 +1,53 @@
+"""The GPU ledger's model (benchmarks/bench_gpu_ledger.py) on a small step: the fused kernels
+it charges are the ones a CUDA step runs, each one launch, and the composed model is the
+same step without them."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import bench_gpu_ledger as L  # noqa: E402
+
+import sae_ref  # noqa: E402
+from sae_ref.backends import sync_free  # noqa: E402
+from sae_ref.train import step  # noqa: E402
+
+FUSED = {"triton:group_keys", "triton:candidate_keys", "triton:row_top_block", "triton:decoder_adam"}
+
+
+@pytest.fixture
+def warmed():
+    """A small BatchTopK state with a tenth of its latents dead, and a batch (fresh for each
+    test: a recorded step donates the state)."""
+    d, h, k, B = 64, 1024, 8, 256
+    with sync_free(True):
+        _, x0, x1, state = L.setup("torch", d, h, k, B, 1, 0.1, True, "batchtopk", "highest")
+        with sae_ref.no_checks():
+            for i in range(3):
+                state, _ = step(state, (x0, x1)[i % 2], check=False, donate=False)
+    return state, x0
+
+
+def test_fused_model_charges_each_fused_kernel_as_one_launch_at_the_copy_bandwidth(warmed):
+    state, x = warmed
+    rows = L.record(state, x, fused=True)
+    names = [r[1] for r in rows]
+    assert {n for n in names if n.startswith("triton:")} == FUSED
+    assert all(names.count(n) == 1 for n in FUSED)  # one launch each
+    for phase, name, read, written, flops, seconds in rows:
+        if name.startswith("triton:"):
+            assert read > 0 and written > 0
+            assert seconds == pytest.approx(max((read + written) / L.MEASURED["bandwidth"], L.KERNEL_FLOOR))
+
+
+def test_composed_model_has_no_fused_kernel_and_more_launches(warmed):
+    state, x = warmed
+    fused, composed = L.record(state, x, fused=True), L.record(state, x, fused=False)
+    assert not any(r[1].startswith("triton:") for r in composed)
+    assert len(composed) > len(fused) + 20  # each fused kernel stands for a chain
