@@ -485,7 +485,6 @@ def _add_transposed_product(xp, be, M, dense, out):
     h = out.shape[0]
     if isinstance(M, ColumnBlock):  # a GEMM on the block, its rows added at the columns
         prod = matmul_at(be, xp.matrix_transpose(M.values), dense, M.precision)
-        n = M.cols.shape[0]
         if M.every:  # every column, in order
             out += prod
             return out

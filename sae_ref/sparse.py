@@ -68,7 +68,6 @@ class SparseCode:
         as it is; a padded one costs one host read (its number of kept entries)."""
         if not self.padded:
             return self
-        xp = array_namespace(self.values)
         kept = self.values != 0
         return SparseCode(self.rows[kept], self.cols[kept], self.values[kept], self.shape)
 
