@@ -318,7 +318,10 @@ def test_ties_resolved_differently_are_reported_as_the_tie_rule():
 def test_batch_topk_on_the_wrong_axis_is_reported():
     """A per-row selection in place of the batch-wide one violates 'the B*k largest of the
     whole batch'."""
-    r = check_batch_topk(bug_batch_topk_per_row, max_examples=N)
+    # more examples than the other planted bugs need: with 25, the seeded search found this
+    # bug when the file ran alone and missed it once after the whole suite (its draws depend
+    # on what ran before it in the process)
+    r = check_batch_topk(bug_batch_topk_per_row, max_examples=8 * N)
     o = outcome(r, "batch_topk.keeps_the_largest_of_the_batch")
     pre, k = o.example["pre"], o.example["k"]
     kept = bug_batch_topk_per_row(pre, k) != 0
