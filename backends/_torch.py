@@ -8,7 +8,9 @@ On the GPU path (the sync-free mode) every sum of a sparse product is formed wit
 adds: the entries are sorted by their output row into a CSR matrix, whose product sums each
 output row from its own entries (cuSPARSE's SpMM). An atomic scatter-add (``index_add_``
 on CUDA) adds in whatever order the threads arrive, so two runs of one step would differ in
-the last bits; the sorted form gives the same bits every run.
+the last bits; the sorted form gives the same bits every run. Atomics remain only where
+their order cannot change a bit: integer counts (``segment_count``) and rows added into
+rows of their own (``add_rows_at``, whose only repeated targets receive zero rows).
 """
 
 from __future__ import annotations

@@ -26,11 +26,11 @@ Only code that has checked that Triton imports imports this module.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from ._triton import interpreting
 
 ORDERS = ("before", "after")
 
@@ -144,7 +144,7 @@ def decoder_adam(W, g, m, v, *, lr: float, b1: float, b2: float, eps: float, t: 
     block_d = triton.next_power_of_2(d)
     # narrow rows share a program (a block of about 4096 elements); under the interpreter,
     # whose cost is per program, a program takes up to 2^16 elements
-    per_program = 1 << 16 if os.environ.get("TRITON_INTERPRET", "0") == "1" else 4096
+    per_program = 1 << 16 if interpreting() else 4096
     block_h = max(1, min(triton.next_power_of_2(h), per_program // block_d))
     _decoder_adam_rows[(triton.cdiv(h, block_h),)](
         W, g, m, v, h, d,

@@ -14,11 +14,11 @@ dozen passes). Both write exactly the composed form's keys, bit for bit (the tes
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from ._triton import interpreting
 
 #: groups (or chosen groups) handled by one program
 _BLOCK = 128
@@ -27,15 +27,21 @@ _BLOCK = 128
 def _per_program() -> int:
     """Elements a program of :func:`row_top_block` holds: one row on a GPU (a row's search
     runs in registers); under the interpreter, whose cost is per program, many rows."""
-    return 1 << 16 if os.environ.get("TRITON_INTERPRET", "0") == "1" else 1
+    return 1 << 16 if interpreting() else 1
 
 
 @triton.jit
-def _ordered_key(val, pos):
-    """The int64 key of float32 values ``val`` at int64 positions ``pos``."""
+def _ordered_bits(val):
+    """The int32 bits of float32 values ``val``, ordered as the values are (as signed
+    integers): -0.0 made +0.0, a negative value's magnitude bits flipped."""
     bits = val.to(tl.int32, bitcast=True)
     bits = tl.where(bits == -2147483648, 0, bits)  # -0.0 is +0.0
-    bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
+def _ordered_key(bits, pos):
+    """The int64 key of ordered bits ``bits`` (:func:`_ordered_bits`) at int64 positions ``pos``."""
     return bits.to(tl.int64) * 4294967296 + (4294967295 - pos)
 
 
@@ -48,16 +54,13 @@ def _group_keys_kernel(x_ptr, out_ptr, total, h, w, per_row: tl.constexpr, G: tl
     col = s[:, None] * w + j[None, :]  # [G, BLOCK]
     inside = p < total
     val = tl.load(x_ptr + b[None, :] * h + col, mask=inside[None, :], other=float("-inf")).to(tl.float32)
-    bits = val.to(tl.int32, bitcast=True)
-    bits = tl.where(bits == -2147483648, 0, bits)
-    bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    bits = _ordered_bits(val)
     top = tl.max(bits, axis=0)  # [BLOCK]
     first = tl.min(tl.where(bits == top[None, :], s[:, None], G), axis=0)  # the lowest slab
     pos = first * w + j
     if not per_row:
         pos = b * h + pos
-    key = top.to(tl.int64) * 4294967296 + (4294967295 - pos)
-    tl.store(out_ptr + p, key, mask=inside)
+    tl.store(out_ptr + p, _ordered_key(top, pos), mask=inside)
 
 
 @triton.jit
@@ -75,14 +78,14 @@ def _candidate_keys_kernel(x_ptr, q_ptr, out_ptr, total, n, h, w, per_row: tl.co
         at = (q // w * h + q % w)[:, None] + s[None, :] * w
         pos = at
     val = tl.load(x_ptr + at, mask=inside[:, None], other=0.0).to(tl.float32)
-    key = _ordered_key(val, pos)
+    key = _ordered_key(_ordered_bits(val), pos)
     tl.store(out_ptr + p[:, None] * G + s[None, :], key, mask=inside[:, None])
 
 
 def _block(g: int) -> int:
     """Groups a program of the two kernels handles: 128 on a GPU; under the interpreter,
     whose cost is per program, up to 2^16 entries."""
-    return max(_BLOCK, (1 << 16) // g) if os.environ.get("TRITON_INTERPRET", "0") == "1" else _BLOCK
+    return max(_BLOCK, (1 << 16) // g) if interpreting() else _BLOCK
 
 
 def group_keys(x, g: int, *, per_row: bool):
@@ -124,10 +127,7 @@ def _row_top_block_kernel(pre_ptr, cols_ptr, out_ptr, B, h, cap, n, ROWS: tl.con
     col = tl.load(cols_ptr + c, mask=c < cap, other=h)
     real = inside & (col < h)[None, :]
     val = tl.load(pre_ptr + b[:, None] * h + col[None, :], mask=real, other=float("-inf")).to(tl.float32)
-    bits = val.to(tl.int32, bitcast=True)
-    bits = tl.where(bits == -2147483648, 0, bits)
-    bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # ordered as signed integers
-    key = (bits ^ -2147483648).to(tl.uint32, bitcast=True)  # ordered as unsigned integers
+    key = (_ordered_bits(val) ^ -2147483648).to(tl.uint32, bitcast=True)  # ordered as unsigned integers
     key = tl.where(inside, key, 0)
     # each row's n-th largest key, bit by bit from the top: the largest t with n keys >= t
     t = tl.zeros([ROWS], dtype=tl.uint32)
