@@ -245,15 +245,15 @@ class NumpyBackend(StandardBackend):
         _parallel(part, n, SDDMM_CHUNK)
         return out
 
-    def backward_products(self, rows, cols, values, G, W, X, g_code=None, *, out_W=None,
-                          out_X=None):
+    def backward_products(self, rows, cols, values, G, W, X, g_code=None, *, padded=False,
+                          out_W=None, out_X=None):
         K = self._kernels_module
         h, d = W.shape
         extra = () if g_code is None else (g_code,)
-        if (K is None or not _rows(values, G, W, X, *extra) or values.ndim != 1
+        if (K is None or padded or not _rows(values, G, W, X, *extra) or values.ndim != 1
                 or _dense_block(cols, rows, h, G.shape[0]) is not None):
-            return super().backward_products(rows, cols, values, G, W, X, g_code, out_W=out_W,
-                                             out_X=out_X)
+            return super().backward_products(rows, cols, values, G, W, X, g_code, padded=padded,
+                                             out_W=out_W, out_X=out_X)
         # the sampled product and f^T G in one pass over the latents (each decoder row read
         # once), then g_f^T X with the same grouping
         out_W = out_W if out_W is not None and out_W.shape == (h, d) and _rows(out_W, W) else \

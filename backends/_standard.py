@@ -93,8 +93,8 @@ class StandardBackend:
             return xp.zeros((0,), dtype=a.dtype, device=device_of(a))
         return xp.concat(parts) if len(parts) > 1 else parts[0]
 
-    def backward_products(self, rows, cols, values, G, W, X, g_code=None, *, out_W=None,
-                          out_X=None):
+    def backward_products(self, rows, cols, values, G, W, X, g_code=None, *, padded=False,
+                          out_W=None, out_X=None):
         """The three sparse products of the backward pass through a code ``f`` (entries
         ``values`` at ``(rows, cols)``, shape (B, h)) decoded by ``W`` ([h, d]) from inputs
         ``X`` ([B, d]), given the gradient ``G`` ([B, d]) on the decoding:
@@ -104,6 +104,9 @@ class StandardBackend:
         - ``g_W = f^T G`` ([h, d]);
         - ``g_X = g_f^T X`` ([h, d]: the code's places with values ``g_f``, transposed, times X).
 
+        ``padded=True``: the entries of value 0 are listed but not kept (a padded code), and
+        ``g_f`` is 0 there before it multiplies ``X``.
+
         Returns ``(g_f, g_W, g_X)``; ``out_W`` / ``out_X``: buffers the two [h, d] results may
         be written into. A backend may compute all three in one pass over the latents.
         """
@@ -111,6 +114,9 @@ class StandardBackend:
         g_f = self.sddmm(G, W, rows, cols)
         if g_code is not None:
             g_f = g_f + g_code
+        if padded:
+            xp = array_namespace(values)
+            g_f = xp.where(values != 0, g_f, xp.zeros((), dtype=g_f.dtype, device=device_of(g_f)))
         g_W = self.spmm(cols, rows, values, G, h, out=out_W)
         g_X = self.spmm(cols, rows, g_f, X, h, out=out_X)
         return g_f, g_W, g_X

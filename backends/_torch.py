@@ -200,11 +200,25 @@ class TorchBackend(StandardBackend):
             out.index_add_(0, out_index[s : s + CHUNK], contrib)
         return out
 
-    def backward_products(self, rows, cols, values, G, W, X, g_code=None, *, out_W=None,
-                          out_X=None):
+    def backward_products(self, rows, cols, values, G, W, X, g_code=None, *, padded=False,
+                          out_W=None, out_X=None):
         outs = [o for o in (out_W, out_X) if o is not None]
         extra = () if g_code is None else (g_code,)
-        if _on_cpu(values, G, W, X, *extra, *outs) and all(a.is_contiguous() for a in (G, W, X, *outs)):
+        composed = lambda: super(TorchBackend, self).backward_products(
+            rows, cols, values, G, W, X, g_code, padded=padded, out_W=out_W, out_X=out_X)
+        if (_fused(values, G, W, X, rows, cols, *extra) and W.dtype in (torch.float32, torch.float64)
+                and all(a.dtype == W.dtype for a in (values, G, X, *extra))
+                and all(a.is_contiguous() for a in (rows, cols, values, G, W, X, *extra))
+                and not rows.is_floating_point() and not cols.is_floating_point()):
+            from ._triton_sparse import MAX_D, backward_products
+
+            if W.shape[1] <= MAX_D:
+                # the three products latent by latent from one sort of the entries, each decoder
+                # row read once (composed: ~25 launches, three sorts, a decoder row per entry)
+                return _kernel("backward_products", lambda: backward_products(
+                    rows, cols, values, G, W, X, g_code, padded=padded, out_W=out_W, out_X=out_X),
+                    composed)
+        if not padded and _on_cpu(values, G, W, X, *extra, *outs) and all(a.is_contiguous() for a in (G, W, X, *outs)):
             # the NumPy backend's one-pass kernel on views
             view = lambda o: None if o is None else o.numpy()
             bufs = (None, view(out_W), view(out_X))
@@ -213,8 +227,7 @@ class TorchBackend(StandardBackend):
                 view(g_code), out_W=bufs[1], out_X=bufs[2])
             return tuple(o if b is not None and r is b else torch.from_numpy(r)
                          for r, b, o in zip(res, bufs, (None, out_W, out_X)))
-        return super().backward_products(rows, cols, values, G, W, X, g_code, out_W=out_W,
-                                         out_X=out_X)
+        return composed()
 
     def sddmm(self, a, b, a_index, b_index):
         if _on_cpu(a, b) and a.dtype == b.dtype:
@@ -267,17 +280,34 @@ class TorchBackend(StandardBackend):
             arrays = [a.numpy() for a in (p, g, m, v)]
             out = _numpy().adam(*arrays, lr=lr, b1=b1, b2=b2, eps=eps, t=t, inplace=inplace)
             return tuple(torch.from_numpy(o) for o in out)  # in place: views of p, m, v
-        fused = getattr(torch, "_fused_adam_", None)
-        if fused is None or p.dtype not in (torch.float32, torch.float64) or p.stride() != g.stride():
+        eager = getattr(torch, "_fused_adam_", None)
+        if eager is None or p.dtype not in (torch.float32, torch.float64) or p.stride() != g.stride():
             return super().adam(p, g, m, v, lr=lr, b1=b1, b2=b2, eps=eps, t=t, inplace=inplace)
         if not inplace:
             p, m, v = (a.clone(memory_format=torch.preserve_format) for a in (p, m, v))
-        # PyTorch's own fused kernel (vectorised, multi-threaded on the CPU, one launch on a
-        # GPU); the step count is a tensor on the parameter's device, so nothing is read back
-        step = torch.full((), float(t), dtype=torch.float32, device=p.device)
-        fused([p], [g], [m], [v], [], [step], lr=lr, beta1=b1, beta2=b2, weight_decay=0.0,
-              eps=eps, amsgrad=False, maximize=False)
-        return p, m, v
+
+        def composed():
+            # PyTorch's own fused kernel (vectorised, multi-threaded on the CPU, one launch on
+            # a GPU); the step count is a tensor on the parameter's device, so nothing is read
+            # back
+            step = torch.full((), float(t), dtype=torch.float32, device=p.device)
+            eager([p], [g], [m], [v], [], [step], lr=lr, beta1=b1, beta2=b2, weight_decay=0.0,
+                  eps=eps, amsgrad=False, maximize=False)
+            return p, m, v
+
+        if (_fused(p, g, m, v) and (p.is_contiguous() or self.is_column_major(p))
+                and all(a.shape == p.shape and a.dtype == p.dtype and a.device == p.device
+                        and a.stride() == p.stride() for a in (g, m, v))):
+            from ._triton_adam import adam
+
+            def fused():
+                # one elementwise pass over the storage at the copy bandwidth (torch's fused
+                # kernel reached about 60% of it on an H200), the latent-major W_enc included
+                adam(p, g, m, v, lr=lr, b1=b1, b2=b2, eps=eps, t=t)
+                return p, m, v
+
+            return _kernel("adam", fused, composed)
+        return composed()
 
     def decoder_adam(self, W, g, m, v, *, lr, b1, b2, eps, t, order, inplace=False):
         if _on_cpu(W, g, m, v) and all(a.is_contiguous() for a in (W, g, m, v)):

@@ -62,6 +62,9 @@ MEASURED = {
 GRAPHED_PHASES = ("standardize", "encoder gemm", "select", "decode", "loss", "auxk", "backward")
 KERNEL_FLOOR = 2e-6   # the shortest kernel's device time
 HOST_PER_LAUNCH = 5e-6  # assumed: the host's cost of one eager torch launch (a graph replays without it)
+#: the sampled product's names as a torch function (``torch.sparse.sampled_addmm`` reaches a
+#: TorchFunctionMode as ``sparse_sampled_addmm``)
+SAMPLED = {"sampled_addmm", "sparse_sampled_addmm"}
 NO_KERNEL = {"empty", "empty_like", "empty_strided", "new_empty", "set_", "requires_grad_", "__get__",
              "__set__", "resize_", "sparse_csr_tensor", "values", "crow_indices", "col_indices"}
 
@@ -94,6 +97,8 @@ class Ledger(TorchFunctionMode):
         """A fused Triton kernel as one launch moving ``read`` and ``written`` bytes at the
         measured copy bandwidth; its result comes from ``composed()`` (the composed form, the
         same values), whose calls are not recorded."""
+        if self.paused:  # within another stand-in's composed form: part of that launch
+            return composed()
         self.paused = True
         try:
             out = composed()
@@ -117,7 +122,7 @@ class Ledger(TorchFunctionMode):
             return out
         ins = list(_tensors(args)) + list(_tensors(kwargs))
         outs = [t for t in _tensors(out) if t.layout == torch.strided]
-        if name == "sampled_addmm":  # a sparse result: its values are what the kernel writes
+        if name in SAMPLED:  # a sparse result: its values are what the kernel writes
             outs = [out.values()]
         in_place = name.endswith("_") and not name.startswith("__") or name == "__setitem__" or "out" in kwargs
         in_storages = {_storage(t) for t in ins if t.numel() and t.layout == torch.strided}
@@ -156,7 +161,7 @@ class Ledger(TorchFunctionMode):
             idx, weight = ins[0], ins[1]
             work = idx.numel() * weight.shape[1]
             return work * weight.element_size() + idx.numel() * 16, 2 * work, work * MEASURED["embedding_bag"]
-        if name == "sampled_addmm":
+        if name in SAMPLED:
             nnz, d = ins[0].values().numel(), ins[1].shape[1]
             return 2 * nnz * d * ins[1].element_size(), 2 * nnz * d, nnz * d * MEASURED["sampled"]
         if name in ("index_select", "take", "gather", "__getitem__", "take_along_dim"):
@@ -187,7 +192,7 @@ def fused_kernels(ledger, be):
     """The fused Triton kernels that a CUDA step runs (:mod:`sae_ref.backends._triton`), each
     recorded by :meth:`Ledger.fused` with the bytes it moves; their values from the composed
     forms (which the tests check the kernels against)."""
-    from sae_ref.backends import StandardBackend, _triton, _triton_adam, _triton_select
+    from sae_ref.backends import StandardBackend, _triton, _triton_adam, _triton_select, _triton_sparse
 
     def group_keys(x, g, *, per_row):
         B, h = x.shape
@@ -215,9 +220,36 @@ def fused_kernels(ledger, be):
         size = W.numel() * W.element_size()
         return ledger.fused("decoder_adam", composed, 4 * size, 3 * size)
 
+    def adam(p, g, m, v, *, lr, b1, b2, eps, t):
+        def composed():
+            for a, b in zip((p, m, v), StandardBackend.adam(be, p, g, m, v, lr=lr, b1=b1, b2=b2,
+                                                            eps=eps, t=t)):
+                a.copy_(b)
+
+        size = p.numel() * p.element_size()
+        return ledger.fused("adam", composed, 4 * size, 3 * size)
+
+    def products(plan, G, W, X, *, padded, out_W=None, out_X=None):
+        # the sorting and slotting (:func:`_triton_sparse.plan`) ran as recorded torch calls;
+        # the kernels read each decoder row once and, per entry, its rows of G and X and its
+        # indices and values, and write both [h, d] results and g_f
+        n, (h, d) = plan.values.shape[0], W.shape
+        size = W.element_size()
+
+        def composed():  # the code's entries back in its order
+            unsorted = lambda a: None if a is None else torch.empty_like(a).index_copy_(0, plan.order, a)
+            latent = torch.repeat_interleave(torch.arange(h, device=W.device), plan.crow.diff())
+            return StandardBackend.backward_products(
+                be, unsorted(plan.rows), unsorted(latent), unsorted(plan.values), G, W, X,
+                unsorted(plan.code), padded=padded)
+
+        read = h * d * size + 2 * n * d * size + n * 32 + plan.slot_latent.numel() * 8
+        return ledger.fused("backward_products", composed, read, 2 * h * d * size + n * size)
+
     stand_ins = {_triton_select: {"group_keys": group_keys, "candidate_keys": candidate_keys,
                                   "row_top_block": row_top_block},
-                 _triton_adam: {"decoder_adam": decoder_adam}}
+                 _triton_adam: {"decoder_adam": decoder_adam, "adam": adam},
+                 _triton_sparse: {"products": products}}
     saved = _triton.usable, [(mod, name, getattr(mod, name)) for mod, fs in stand_ins.items() for name in fs]
     _triton.usable = lambda *tensors: True
     for mod, fs in stand_ins.items():

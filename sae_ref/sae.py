@@ -440,13 +440,10 @@ def backward(params: SAEParams, fwd: Forward, g_xhat, *, g_code=None, g_theta=No
     # activation: pass-through at the kept places (JumpReLU: H(z - theta) = 1 there), so
     # g_z = g_f there; encoder (z = x_c W_enc + b_enc): g_W_enc^T = g_z^T x_c
     x_c = fwd.x - params.b_dec
-    if code.padded:  # listed but not kept (value 0): no gradient there
-        g_f, g_W_dec, g_W_enc = _padded_products(xp, be, code, g_xhat, params.W_dec, x_c, g_code,
-                                                 buf("g_W_dec"), buf("g_W_enc"))
-    else:
-        g_f, g_W_dec, g_W_enc = be.backward_products(code.rows, code.cols, code.values, g_xhat,
-                                                      params.W_dec, x_c, g_code,
-                                                      out_W=buf("g_W_dec"), out_X=buf("g_W_enc"))
+    # a padded code's entries of value 0 are listed but not kept: no gradient there
+    g_f, g_W_dec, g_W_enc = be.backward_products(code.rows, code.cols, code.values, g_xhat,
+                                                  params.W_dec, x_c, g_code, padded=code.padded,
+                                                  out_W=buf("g_W_dec"), out_X=buf("g_W_enc"))
     if g_W_dec_extra is not None:
         g_W_dec += g_W_dec_extra  # a new array or the workspace's: ours to write
     if g_W_dec_sparse is not None:
@@ -465,18 +462,6 @@ def backward(params: SAEParams, fwd: Forward, g_xhat, *, g_code=None, g_theta=No
         if g_theta is not None:
             g_th = g_th + g_theta
     return SAEParams(g_W_enc, g_b_enc, g_W_dec, g_b_dec, g_th)
-
-
-def _padded_products(xp, be, code, G, W, X, g_code, out_W, out_X):
-    """The backend's ``backward_products`` for a padded code: the sampled gradient is zeroed
-    at the entries of value 0 before it multiplies ``X``."""
-    g_f = be.sddmm(G, W, code.rows, code.cols)
-    if g_code is not None:
-        g_f = g_f + g_code
-    g_f = xp.where(code.values != 0, g_f, xp.zeros((), dtype=g_f.dtype, device=device_of(g_f)))
-    h = W.shape[0]
-    g_W = be.spmm(code.cols, code.rows, code.values, G, h, out=out_W)
-    return g_f, g_W, be.spmm(code.cols, code.rows, g_f, X, h, out=out_X)
 
 
 def _add_transposed_product(xp, be, M, dense, out):
