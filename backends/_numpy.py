@@ -246,14 +246,14 @@ class NumpyBackend(StandardBackend):
         return out
 
     def backward_products(self, rows, cols, values, G, W, X, g_code=None, *, padded=False,
-                          out_W=None, out_X=None):
+                          with_sums=False, out_W=None, out_X=None):
         K = self._kernels_module
         h, d = W.shape
         extra = () if g_code is None else (g_code,)
         if (K is None or padded or not _rows(values, G, W, X, *extra) or values.ndim != 1
                 or _dense_block(cols, rows, h, G.shape[0]) is not None):
             return super().backward_products(rows, cols, values, G, W, X, g_code, padded=padded,
-                                             out_W=out_W, out_X=out_X)
+                                             with_sums=with_sums, out_W=out_W, out_X=out_X)
         # the sampled product and f^T G in one pass over the latents (each decoder row read
         # once), then g_f^T X with the same grouping
         out_W = out_W if out_W is not None and out_W.shape == (h, d) and _rows(out_W, W) else \
@@ -271,7 +271,7 @@ class NumpyBackend(StandardBackend):
         K.run(K.spmm_grouped, (values.shape[0] + h) * d, indptr, order, rows_g, g_f_g, X, out_X, False)
         g_f = np.empty_like(g_f_g)
         g_f[permuted[-1]] = g_f_g  # back to the code's order
-        return g_f, out_W, out_X
+        return (g_f, out_W, out_X, self.segment_sum(cols, g_f, h)) if with_sums else (g_f, out_W, out_X)
 
     def adam(self, p, g, m, v, *, lr, b1, b2, eps, t, inplace=False):
         arrays = (p, g, m, v)

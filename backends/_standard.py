@@ -94,7 +94,7 @@ class StandardBackend:
         return xp.concat(parts) if len(parts) > 1 else parts[0]
 
     def backward_products(self, rows, cols, values, G, W, X, g_code=None, *, padded=False,
-                          out_W=None, out_X=None):
+                          with_sums=False, out_W=None, out_X=None):
         """The three sparse products of the backward pass through a code ``f`` (entries
         ``values`` at ``(rows, cols)``, shape (B, h)) decoded by ``W`` ([h, d]) from inputs
         ``X`` ([B, d]), given the gradient ``G`` ([B, d]) on the decoding:
@@ -105,7 +105,8 @@ class StandardBackend:
         - ``g_X = g_f^T X`` ([h, d]: the code's places with values ``g_f``, transposed, times X).
 
         ``padded=True``: the entries of value 0 are listed but not kept (a padded code), and
-        ``g_f`` is 0 there before it multiplies ``X``.
+        ``g_f`` is 0 there before it multiplies ``X``. ``with_sums=True``: a fourth result, each
+        latent's sum of ``g_f`` ([h], :meth:`segment_sum`: the encoder bias's gradient).
 
         Returns ``(g_f, g_W, g_X)``; ``out_W`` / ``out_X``: buffers the two [h, d] results may
         be written into. A backend may compute all three in one pass over the latents.
@@ -119,7 +120,7 @@ class StandardBackend:
             g_f = xp.where(values != 0, g_f, xp.zeros((), dtype=g_f.dtype, device=device_of(g_f)))
         g_W = self.spmm(cols, rows, values, G, h, out=out_W)
         g_X = self.spmm(cols, rows, g_f, X, h, out=out_X)
-        return g_f, g_W, g_X
+        return (g_f, g_W, g_X, self.segment_sum(cols, g_f, h)) if with_sums else (g_f, g_W, g_X)
 
     @contextmanager
     def scope(self):

@@ -201,11 +201,12 @@ class TorchBackend(StandardBackend):
         return out
 
     def backward_products(self, rows, cols, values, G, W, X, g_code=None, *, padded=False,
-                          out_W=None, out_X=None):
+                          with_sums=False, out_W=None, out_X=None):
         outs = [o for o in (out_W, out_X) if o is not None]
         extra = () if g_code is None else (g_code,)
         composed = lambda: super(TorchBackend, self).backward_products(
-            rows, cols, values, G, W, X, g_code, padded=padded, out_W=out_W, out_X=out_X)
+            rows, cols, values, G, W, X, g_code, padded=padded, with_sums=with_sums, out_W=out_W,
+            out_X=out_X)
         if (_fused(values, G, W, X, rows, cols, *extra) and W.dtype in (torch.float32, torch.float64)
                 and all(a.dtype == W.dtype for a in (values, G, X, *extra))
                 and all(a.is_contiguous() for a in (rows, cols, values, G, W, X, *extra))
@@ -213,11 +214,12 @@ class TorchBackend(StandardBackend):
             from ._triton_sparse import MAX_D, backward_products
 
             if W.shape[1] <= MAX_D:
-                # the three products latent by latent from one sort of the entries, each decoder
-                # row read once (composed: ~25 launches, three sorts, a decoder row per entry)
+                # the three products (and the sums) latent by latent from one sort of the
+                # entries, each decoder row read once (composed: ~35 launches, four sorts, a
+                # decoder row per entry)
                 return _kernel("backward_products", lambda: backward_products(
-                    rows, cols, values, G, W, X, g_code, padded=padded, out_W=out_W, out_X=out_X),
-                    composed)
+                    rows, cols, values, G, W, X, g_code, padded=padded, out_W=out_W,
+                    out_X=out_X)[:4 if with_sums else 3], composed)
         if not padded and _on_cpu(values, G, W, X, *extra, *outs) and all(a.is_contiguous() for a in (G, W, X, *outs)):
             # the NumPy backend's one-pass kernel on views
             view = lambda o: None if o is None else o.numpy()
@@ -225,8 +227,9 @@ class TorchBackend(StandardBackend):
             res = _numpy().backward_products(
                 rows.numpy(), cols.numpy(), values.numpy(), G.numpy(), W.numpy(), X.numpy(),
                 view(g_code), out_W=bufs[1], out_X=bufs[2])
-            return tuple(o if b is not None and r is b else torch.from_numpy(r)
-                         for r, b, o in zip(res, bufs, (None, out_W, out_X)))
+            out = tuple(o if b is not None and r is b else torch.from_numpy(r)
+                        for r, b, o in zip(res, bufs, (None, out_W, out_X)))
+            return out + (self.segment_sum(cols, out[0], W.shape[0]),) if with_sums else out
         return composed()
 
     def sddmm(self, a, b, a_index, b_index):

@@ -5,7 +5,8 @@ For a code ``f`` with entries ``values`` at ``(rows, cols)`` (shape (B, h)), dec
 :meth:`~sae_ref.backends.StandardBackend.backward_products` asks for
 
 - ``g_f[i] = G[rows[i]] . W[cols[i]]`` (plus ``g_code[i]``), the sampled product;
-- ``g_W = f^T G`` and ``g_X = g_f^T X``, both [h, d].
+- ``g_W = f^T G`` and ``g_X = g_f^T X``, both [h, d];
+- each latent's sum of ``g_f`` ([h], the encoder bias's gradient).
 
 The composed form on a GPU is cuSPARSE's sampled product and two CSR products, each with its
 own sort of the entries, CSR build and scatter back: about 25 launches, and every entry reads
@@ -14,7 +15,7 @@ latent once, and :func:`_latent_products_kernel` computes all three products lat
 a program holds its latent's decoder row ``W[j]`` in registers (the decoder is read once, not
 once per entry), and for each of the latent's entries loads the row of ``G``, takes the dot
 product (``g_f``), adds the row times ``f`` into ``g_W[j]``, then loads the row of ``X`` and adds
-it times ``g_f`` into ``g_X[j]``. No atomics: the same bits every run.
+it times ``g_f`` into ``g_X[j]`` (and ``g_f`` into the latent's sum). No atomics: the same bits every run.
 
 A latent that fires often would make one program long (a latent fires at most once per row,
 so up to B entries). Its entries are cut into parts of at most ``part`` entries, one program
@@ -47,7 +48,8 @@ MAX_D = 1 << 15
 @triton.jit
 def _latent_products_kernel(G_ptr, W_ptr, X_ptr, rows_ptr, values_ptr, code_ptr, pos_ptr, crow_ptr,
                             first_ptr, multi_first_ptr, slot_latent_ptr, g_f_ptr, out_W_ptr,
-                            out_X_ptr, part_W_ptr, part_X_ptr, h, d, n_slots, part,
+                            out_X_ptr, out_s_ptr, part_W_ptr, part_X_ptr, part_s_ptr, h, d, n_slots,
+                            part,
                             HAS_CODE: tl.constexpr, PADDED: tl.constexpr, BLOCK_L: tl.constexpr,
                             BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
     slot = tl.program_id(0).to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L).to(tl.int64)  # [L]
@@ -64,6 +66,7 @@ def _latent_products_kernel(G_ptr, W_ptr, X_ptr, rows_ptr, values_ptr, code_ptr,
     w = tl.load(W_ptr + j[:, None] * d + k[None, :], mask=row_mask, other=0.0)  # [L, D]
     acc_W = tl.zeros([BLOCK_L, BLOCK_D], dtype=w.dtype)
     acc_X = tl.zeros([BLOCK_L, BLOCK_D], dtype=w.dtype)
+    acc_s = tl.zeros([BLOCK_L], dtype=w.dtype)
     tiles = tl.max((end - start + BLOCK_E - 1) // BLOCK_E)
     for t in range(0, tiles):  # the part's entries, BLOCK_E at a time, in the sorted order
         e = start[:, None] + t * BLOCK_E + tl.arange(0, BLOCK_E).to(tl.int64)[None, :]  # [L, E]
@@ -79,21 +82,25 @@ def _latent_products_kernel(G_ptr, W_ptr, X_ptr, rows_ptr, values_ptr, code_ptr,
         if PADDED:  # listed but not kept: no gradient there
             g_f = tl.where(f != 0, g_f, 0.0)
         tl.store(g_f_ptr + tl.load(pos_ptr + e, mask=live, other=0), g_f, mask=live)
+        acc_s += tl.sum(g_f, axis=1)
         acc_W += tl.sum(f[:, :, None] * g, axis=1)
         acc_X += tl.sum(g_f[:, :, None] * tl.load(X_ptr + at, mask=m, other=0.0), axis=1)
     # a latent of one part: its rows; a part of a longer one: its partial rows
-    single = (hi - lo <= part)[:, None]
+    single = hi - lo <= part
     out = j[:, None] * d + k[None, :]
-    tl.store(out_W_ptr + out, acc_W, mask=row_mask & single)
-    tl.store(out_X_ptr + out, acc_X, mask=row_mask & single)
-    partial = (tl.load(multi_first_ptr + j, mask=busy, other=0) + which)[:, None] * d + k[None, :]
-    tl.store(part_W_ptr + partial, acc_W, mask=row_mask & ~single)
-    tl.store(part_X_ptr + partial, acc_X, mask=row_mask & ~single)
+    tl.store(out_W_ptr + out, acc_W, mask=row_mask & single[:, None])
+    tl.store(out_X_ptr + out, acc_X, mask=row_mask & single[:, None])
+    tl.store(out_s_ptr + j, acc_s, mask=busy & single)
+    at = tl.load(multi_first_ptr + j, mask=busy, other=0) + which
+    partial = at[:, None] * d + k[None, :]
+    tl.store(part_W_ptr + partial, acc_W, mask=row_mask & ~single[:, None])
+    tl.store(part_X_ptr + partial, acc_X, mask=row_mask & ~single[:, None])
+    tl.store(part_s_ptr + at, acc_s, mask=busy & ~single)
 
 
 @triton.jit
-def _sum_parts_kernel(crow_ptr, multi_first_ptr, part_W_ptr, part_X_ptr, out_W_ptr, out_X_ptr, h, d,
-                      part, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+def _sum_parts_kernel(crow_ptr, multi_first_ptr, part_W_ptr, part_X_ptr, part_s_ptr, out_W_ptr,
+                      out_X_ptr, out_s_ptr, h, d, part, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
     j = tl.program_id(0).to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L).to(tl.int64)
     here = j < h
     count = tl.load(crow_ptr + j + 1, mask=here, other=0) - tl.load(crow_ptr + j, mask=here, other=0)
@@ -103,14 +110,17 @@ def _sum_parts_kernel(crow_ptr, multi_first_ptr, part_W_ptr, part_X_ptr, out_W_p
     in_d = (k < d)[None, :]
     acc_W = tl.zeros([BLOCK_L, BLOCK_D], dtype=out_W_ptr.dtype.element_ty)
     acc_X = tl.zeros([BLOCK_L, BLOCK_D], dtype=out_W_ptr.dtype.element_ty)
+    acc_s = tl.zeros([BLOCK_L], dtype=out_W_ptr.dtype.element_ty)
     for t in range(0, tl.max(parts)):  # in order: the same bits every run
+        live = t < parts
         at = (first + t)[:, None] * d + k[None, :]
-        m = (t < parts)[:, None] & in_d
-        acc_W += tl.load(part_W_ptr + at, mask=m, other=0.0)
-        acc_X += tl.load(part_X_ptr + at, mask=m, other=0.0)
+        acc_W += tl.load(part_W_ptr + at, mask=live[:, None] & in_d, other=0.0)
+        acc_X += tl.load(part_X_ptr + at, mask=live[:, None] & in_d, other=0.0)
+        acc_s += tl.load(part_s_ptr + first + t, mask=live, other=0.0)
     out = j[:, None] * d + k[None, :]
     tl.store(out_W_ptr + out, acc_W, mask=(parts > 0)[:, None] & in_d)
     tl.store(out_X_ptr + out, acc_X, mask=(parts > 0)[:, None] & in_d)
+    tl.store(out_s_ptr + j, acc_s, mask=parts > 0)
 
 
 def _blocks(d: int) -> tuple[int, int, int, int]:
@@ -172,30 +182,34 @@ def plan(rows, cols, values, g_code, h: int, B: int, part: int | None = None) ->
 
 
 def products(p: Plan, G, W, X, *, padded: bool, out_W=None, out_X=None):
-    """``(g_f, g_W, g_X)`` from a :class:`Plan`: the two kernels' launches."""
+    """``(g_f, g_W, g_X, g_sums)`` from a :class:`Plan`: the two kernels' launches."""
     n, (h, d), B = p.values.shape[0], W.shape, G.shape[0]
     block_l, block_e, block_d, warps = _blocks(d)
     part_W = torch.empty((p.n_multi, d), dtype=W.dtype, device=W.device)
     part_X = torch.empty((p.n_multi, d), dtype=W.dtype, device=W.device)
+    part_s = torch.empty((p.n_multi,), dtype=W.dtype, device=W.device)
     g_f = torch.empty((n,), dtype=W.dtype, device=W.device)
+    g_s = torch.empty((h,), dtype=W.dtype, device=W.device)
     out_W, out_X = _into(out_W, h, d, W), _into(out_X, h, d, W)
     n_slots = p.slot_latent.shape[0]
     _latent_products_kernel[(triton.cdiv(n_slots, block_l),)](
         G, W, X, p.rows, p.values, g_f if p.code is None else p.code, p.order, p.crow, p.first,
-        p.multi_first, p.slot_latent, g_f, out_W, out_X, part_W, part_X, h, d, n_slots, p.part,
+        p.multi_first, p.slot_latent, g_f, out_W, out_X, g_s, part_W, part_X, part_s, h, d, n_slots,
+        p.part,
         HAS_CODE=p.code is not None, PADDED=padded, BLOCK_L=block_l, BLOCK_E=block_e,
         BLOCK_D=block_d, num_warps=warps)
     if min(n, B) > p.part:  # some latent may have two parts or more
         sum_l = max(1, (1 << 18) // block_d) if interpreting() else 1
         _sum_parts_kernel[(triton.cdiv(h, sum_l),)](
-            p.crow, p.multi_first, part_W, part_X, out_W, out_X, h, d, p.part, BLOCK_L=sum_l,
+            p.crow, p.multi_first, part_W, part_X, part_s, out_W, out_X, g_s, h, d, p.part, BLOCK_L=sum_l,
             BLOCK_D=block_d, num_warps=warps)
-    return g_f, out_W, out_X
+    return g_f, out_W, out_X, g_s
 
 
 def backward_products(rows, cols, values, G, W, X, g_code=None, *, padded: bool = False,
                       out_W=None, out_X=None, part: int | None = None):
-    """``(g_f, g_W, g_X)`` of :meth:`~sae_ref.backends.StandardBackend.backward_products` (module
+    """``(g_f, g_W, g_X, g_sums)`` of
+    :meth:`~sae_ref.backends.StandardBackend.backward_products` with ``with_sums=True`` (module
     docstring). ``G``, ``W``, ``X`` contiguous, one float dtype with ``values`` (and ``g_code``),
     ``d`` at most :data:`MAX_D`; ``rows`` and ``cols`` integer; places unique. ``part``: the
     most entries a program takes (default :data:`PART` on a GPU; under the interpreter the

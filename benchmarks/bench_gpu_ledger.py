@@ -232,7 +232,7 @@ def fused_kernels(ledger, be):
     def products(plan, G, W, X, *, padded, out_W=None, out_X=None):
         # the sorting and slotting (:func:`_triton_sparse.plan`) ran as recorded torch calls;
         # the kernels read each decoder row once and, per entry, its rows of G and X and its
-        # indices and values, and write both [h, d] results and g_f
+        # indices and values, and write both [h, d] results, g_f and the latents' sums
         n, (h, d) = plan.values.shape[0], W.shape
         size = W.element_size()
 
@@ -241,10 +241,10 @@ def fused_kernels(ledger, be):
             latent = torch.repeat_interleave(torch.arange(h, device=W.device), plan.crow.diff())
             return StandardBackend.backward_products(
                 be, unsorted(plan.rows), unsorted(latent), unsorted(plan.values), G, W, X,
-                unsorted(plan.code), padded=padded)
+                unsorted(plan.code), padded=padded, with_sums=True)
 
         read = h * d * size + 2 * n * d * size + n * 32 + plan.slot_latent.numel() * 8
-        return ledger.fused("backward_products", composed, read, 2 * h * d * size + n * size)
+        return ledger.fused("backward_products", composed, read, 2 * h * d * size + (n + h) * size)
 
     stand_ins = {_triton_select: {"group_keys": group_keys, "candidate_keys": candidate_keys,
                                   "row_top_block": row_top_block},

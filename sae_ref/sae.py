@@ -441,16 +441,16 @@ def backward(params: SAEParams, fwd: Forward, g_xhat, *, g_code=None, g_theta=No
     # g_z = g_f there; encoder (z = x_c W_enc + b_enc): g_W_enc^T = g_z^T x_c
     x_c = fwd.x - params.b_dec
     # a padded code's entries of value 0 are listed but not kept: no gradient there
-    g_f, g_W_dec, g_W_enc = be.backward_products(code.rows, code.cols, code.values, g_xhat,
-                                                  params.W_dec, x_c, g_code, padded=code.padded,
-                                                  out_W=buf("g_W_dec"), out_X=buf("g_W_enc"))
+    # (the gradient on z is g_f at the kept places, A.pass_through_backward: the encoder
+    # bias's gradient is its column sums)
+    g_f, g_W_dec, g_W_enc, g_b_enc = be.backward_products(
+        code.rows, code.cols, code.values, g_xhat, params.W_dec, x_c, g_code, padded=code.padded,
+        with_sums=True, out_W=buf("g_W_dec"), out_X=buf("g_W_enc"))
     if g_W_dec_extra is not None:
         g_W_dec += g_W_dec_extra  # a new array or the workspace's: ours to write
     if g_W_dec_sparse is not None:
         extra, G = g_W_dec_sparse
         g_W_dec = _add_transposed_product(xp, be, extra, G, g_W_dec)
-    g_pre = A.pass_through_backward(code, g_f)
-    g_b_enc = be.segment_sum(g_pre.cols, g_pre.values, h)
     if g_pre_extra is not None:  # its own product: its entries may fill a dense block (AuxK)
         g_W_enc = _add_transposed_product(xp, be, g_pre_extra, x_c, g_W_enc)
         g_b_enc = g_b_enc + _column_sums(xp, be, g_pre_extra)

@@ -156,7 +156,7 @@ def test_spmm_into_a_buffer_overwrites_it(backend, native, n_out):
 def test_backward_products_equal_their_definitions(backend, native, with_code_grad, into_buffers):
     """The backward pass's three products (fused passes over the latents on NumPy and torch-CPU)
     equal the sampled product and the two transposed products, duplicates and empty latents
-    included, whatever the buffers held."""
+    included, whatever the buffers held; with_sums adds each latent's sum of the first."""
     be = get_backend(backend.xp, native=native)
     r = np.random.default_rng(7)
     B, h, d, nnz = 9, 13, 6, 40
@@ -173,6 +173,11 @@ def test_backward_products_equal_their_definitions(backend, native, with_code_gr
     np.add.at(want_X, cols, want_f[:, None] * X[rows])
     for got, want in ((g_f, want_f), (g_W, want_W), (g_X, want_X)):
         np.testing.assert_allclose(to_numpy(got), want, rtol=1e-12, atol=1e-12)
+    *_, sums = be.backward_products(a(rows), a(cols), a(values), a(G), a(W), a(X),
+                                    None if g_code is None else a(g_code), with_sums=True)
+    want_sums = np.zeros(h)
+    np.add.at(want_sums, cols, want_f)
+    np.testing.assert_allclose(to_numpy(sums), want_sums, rtol=1e-12, atol=1e-12)
 
 
 def _steps(backend, n, *, hold_workspace):

@@ -188,7 +188,8 @@ for w in ("*fp32", "*fp64"):
                                                       "eps", "bc2_sqrt")})
     build(A._adam_flat, flat, {"BLOCK": 4096})
     products = {name: w for name in ("G_ptr", "W_ptr", "X_ptr", "values_ptr", "code_ptr", "g_f_ptr",
-                                     "out_W_ptr", "out_X_ptr", "part_W_ptr", "part_X_ptr")}
+                                     "out_W_ptr", "out_X_ptr", "out_s_ptr", "part_W_ptr", "part_X_ptr",
+                                     "part_s_ptr")}
     products.update({name: "*i64" for name in ("rows_ptr", "pos_ptr", "crow_ptr", "first_ptr",
                                                 "multi_first_ptr", "slot_latent_ptr")})
     products.update(h="i32", d="i32", n_slots="i32", part="i32")
@@ -196,7 +197,7 @@ for w in ("*fp32", "*fp64"):
         for d in (1024, 4096):  # d = 768, 2304
             build(P._latent_products_kernel, products,
                   {"HAS_CODE": flags[0], "PADDED": flags[1], "BLOCK_L": 1, "BLOCK_E": 8192 // d, "BLOCK_D": d})
-    sums = {name: w for name in ("part_W_ptr", "part_X_ptr", "out_W_ptr", "out_X_ptr")}
+    sums = {name: w for name in ("part_W_ptr", "part_X_ptr", "part_s_ptr", "out_W_ptr", "out_X_ptr", "out_s_ptr")}
     sums.update(crow_ptr="*i64", multi_first_ptr="*i64", h="i32", d="i32", part="i32")
     build(P._sum_parts_kernel, sums, {"BLOCK_L": 1, "BLOCK_D": 1024})
 print("compiled")

@@ -1,7 +1,7 @@
 """The backward pass's three sparse products as fused Triton kernels (``_triton_sparse``).
 
-- float64: ``g_f``, ``g_W`` and ``g_X`` equal their definitions (the sampled product and the
-  two transposed products, summed in float64 by NumPy) to float64 rounding, with ``g_code``,
+- float64: ``g_f``, ``g_W``, ``g_X`` and the latents' sums of ``g_f`` equal their definitions
+  (the sampled product, the two transposed products and the column sums, in float64 by NumPy) to float64 rounding, with ``g_code``,
   padded entries, latents without entries, codes without entries, and latents cut into parts
   of one, two or three entries (so the partial rows and their sum run);
 - float32: they equal the float64 definitions to float32 rounding;
@@ -57,14 +57,16 @@ def codes(draw):
 
 
 def _definitions(rows, cols, values, G, W, X, g_code, padded):
-    """``(g_f, g_W, g_X)`` by their definitions, in float64."""
+    """``(g_f, g_W, g_X, g_sums)`` by their definitions, in float64."""
     g_f = np.sum(G[rows] * W[cols], axis=1) + (0.0 if g_code is None else g_code)
     if padded:
         g_f = np.where(values != 0, g_f, 0.0)
     g_W, g_X = np.zeros(W.shape), np.zeros(W.shape)
     np.add.at(g_W, cols, values[:, None] * G[rows])
     np.add.at(g_X, cols, g_f[:, None] * X[rows])
-    return g_f, g_W, g_X
+    g_sums = np.zeros(W.shape[0])
+    np.add.at(g_sums, cols, g_f)
+    return g_f, g_W, g_X, g_sums
 
 
 def _fused(problem, dtype, device, padded, part=None):
@@ -80,7 +82,7 @@ def _fused(problem, dtype, device, padded, part=None):
 @settings(max_examples=25)
 def test_fused_backward_products_equal_their_definitions_float64(device, problem, padded, part):
     got = _fused(problem, torch.float64, device, padded, part)
-    for name, a, b in zip(("g_f", "g_W", "g_X"), got, _definitions(*problem, padded)):
+    for name, a, b in zip(("g_f", "g_W", "g_X", "g_sums"), got, _definitions(*problem, padded)):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12, err_msg=name)
 
 
@@ -96,7 +98,7 @@ def test_fused_backward_products_float32_match_float64_definitions_to_float32_ro
     magnitudes = _definitions(rows, cols, np.abs(values), np.abs(G), np.abs(W), np.abs(X),
                               None if g_code is None else np.abs(g_code), False)
     ulp = float(np.finfo(np.float32).eps)
-    for name, a, b, m in zip(("g_f", "g_W", "g_X"), got, _definitions(*problem, padded), magnitudes):
+    for name, a, b, m in zip(("g_f", "g_W", "g_X", "g_sums"), got, _definitions(*problem, padded), magnitudes):
         assert np.all(np.abs(a - b) <= 2 * (W.shape[1] + G.shape[0]) * ulp * m), name
 
 
@@ -117,8 +119,9 @@ def test_fused_backward_products_do_not_depend_on_the_cut_into_parts_and_repeat_
 def test_fused_backward_products_of_an_empty_code_are_zero(device):
     z = torch.zeros(0, dtype=torch.int64, device=device)
     G, W, X = (torch.randn(s, dtype=torch.float64, device=device) for s in ((5, 3), (7, 3), (5, 3)))
-    g_f, g_W, g_X = S.backward_products(z, z, torch.zeros(0, dtype=torch.float64, device=device), G, W, X)
+    g_f, g_W, g_X, g_s = S.backward_products(z, z, torch.zeros(0, dtype=torch.float64, device=device), G, W, X)
     assert g_f.shape == (0,) and torch.equal(g_W, torch.zeros_like(W)) and torch.equal(g_X, torch.zeros_like(W))
+    assert torch.equal(g_s, torch.zeros(7, dtype=torch.float64, device=device))
 
 
 @pytest.mark.parametrize("padded", [False, True], ids=["exact", "padded"])
@@ -140,8 +143,9 @@ def test_torch_backend_on_the_gpu_path_runs_the_kernels_into_the_buffers_and_equ
     bufs = {"out_W": torch.full((h, d), float("nan"), dtype=torch.float64),
             "out_X": torch.full((h, d), float("nan"), dtype=torch.float64)}
     with sync_free(True), triton_kernels(True):
-        got = be.backward_products(rows, cols, values, G, W, X, g_code, padded=padded, **bufs)
-        want = StandardBackend.backward_products(be, rows, cols, values, G, W, X, g_code, padded=padded)
+        got = be.backward_products(rows, cols, values, G, W, X, g_code, padded=padded, with_sums=True, **bufs)
+        want = StandardBackend.backward_products(be, rows, cols, values, G, W, X, g_code, padded=padded,
+                                                 with_sums=True)
     assert calls == [1]
     assert got[1] is bufs["out_W"] and got[2] is bufs["out_X"]
     for a, b in zip(got, want):
