@@ -39,8 +39,10 @@ import triton.language as tl
 
 from ._triton import interpreting
 
-#: the most entries one program takes on a GPU (a latent's part)
-PART = 256
+#: the most entries one program takes on a GPU (a latent's part): a program's loop is at most
+#: PART / 4 tiles long at d = 768, so a latent firing in every row of the batch is spread over
+#: B / PART programs instead of holding one for the whole kernel
+PART = 128
 #: the widest rows the kernels hold in registers
 MAX_D = 1 << 15
 
@@ -145,6 +147,13 @@ def _into(out, h: int, d: int, like):
     return torch.empty((h, d), dtype=like.dtype, device=like.device)
 
 
+def default_part(B: int) -> int:
+    """The most entries a program takes: :data:`PART` on a GPU; under the interpreter the batch
+    size (a latent fires at most once a row, so none has two parts and the second kernel is
+    not launched)."""
+    return max(B, 1) if interpreting() else PART
+
+
 class Plan(NamedTuple):
     """The entries sorted by latent and the programs' slots (:func:`plan`)."""
 
@@ -164,8 +173,7 @@ def plan(rows, cols, values, g_code, h: int, B: int, part: int | None = None) ->
     """The entries sorted by latent (stably: each latent sums its entries in the code's order)
     and cut into slots of at most ``part`` entries; every size depends on the shapes alone."""
     n = values.shape[0]
-    if part is None:
-        part = max(B, 1) if interpreting() else PART
+    part = default_part(B) if part is None else part
     order = torch.argsort(cols, stable=True)
     bounds = torch.arange(h + 1, dtype=cols.dtype, device=cols.device)
     crow = torch.searchsorted(cols.index_select(0, order), bounds)

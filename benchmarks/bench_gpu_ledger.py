@@ -244,12 +244,16 @@ def fused_kernels(ledger, be):
                 unsorted(plan.code), padded=padded, with_sums=True)
 
         read = h * d * size + 2 * n * d * size + n * 32 + plan.slot_latent.numel() * 8
-        return ledger.fused("backward_products", composed, read, 2 * h * d * size + (n + h) * size)
+        out = ledger.fused("backward_products", composed, read, 2 * h * d * size + (n + h) * size)
+        if min(n, G.shape[0]) > plan.part:  # the partial rows of long latents summed in order
+            partial = plan.n_multi * (2 * d + 1) * size
+            ledger.fused("sum_parts", lambda: None, partial + h * 16, partial)
+        return out
 
     stand_ins = {_triton_select: {"group_keys": group_keys, "candidate_keys": candidate_keys,
                                   "row_top_block": row_top_block},
                  _triton_adam: {"decoder_adam": decoder_adam, "adam": adam},
-                 _triton_sparse: {"products": products}}
+                 _triton_sparse: {"products": products, "default_part": lambda B: _triton_sparse.PART}}
     saved = _triton.usable, [(mod, name, getattr(mod, name)) for mod, fs in stand_ins.items() for name in fs]
     _triton.usable = lambda *tensors: True
     for mod, fs in stand_ins.items():
