@@ -205,6 +205,7 @@ class Forward:
     stats : Standardization or None
     window : JumpReLU only, the kernel's support (SparseCode)
     bandwidth : JumpReLU only, the kernel bandwidth the window was built with
+    x_c : x - b_dec, the encoder's input [B, d] (None: the backward pass forms it)
     """
 
     x: Any
@@ -214,6 +215,7 @@ class Forward:
     stats: Standardization | None = None
     window: SparseCode | None = None
     bandwidth: float | None = None
+    x_c: Any = None
 
     def output(self):
         """The reconstruction in the input's own space."""
@@ -294,13 +296,13 @@ def matmul_at(be, a, b, precision: str, out=None):
     return be.matmul_at(a, b, precision, out=out)
 
 
-def _pre(xp, params, x, ws=None, g: int = 1, precision: str = "highest"):
+def _pre(xp, params, x, ws=None, g: int = 1, precision: str = "highest", x_c=None):
     """``(z, maxima)``: z = (x - b_dec) W_enc + b_enc, into the workspace's [B, h] buffer when
     given, and with ``g > 1`` its column-group maxima for the selection's bracket, taken in
     the pass that adds the bias (None otherwise). ``precision``: the product's
-    (:class:`SAEConfig`)."""
+    (:class:`SAEConfig`); ``x_c``: ``x - b_dec`` when the caller has formed it."""
     be = get_backend(xp)
-    x_c = x - params.b_dec
+    x_c = x - params.b_dec if x_c is None else x_c
     buf = None if ws is None else ws.array("pre", xp, (x.shape[0], params.h), x.dtype, device_of(x))
     if g > 1:
         pre = matmul_at(be, x_c, params.W_enc, precision, out=buf)
@@ -357,7 +359,8 @@ def _forward(xp, params: SAEParams, x, config: SAEConfig, select=None, ws=None,
         x, stats = _standardize(xp, x, 1e-5)
     P.mark("standardize", x)
     g = _group(config, x, params.h) if select is None else 1
-    pre, maxima = _pre(xp, params, x, ws, g, config.precision)
+    x_c = x - params.b_dec  # kept for the backward pass: not formed twice
+    pre, maxima = _pre(xp, params, x, ws, g, config.precision, x_c=x_c)
     P.mark("encoder gemm", pre)
     code = _select(xp, pre, config, params, x, maxima) if select is None else select(pre)
     if exact:
@@ -369,7 +372,7 @@ def _forward(xp, params: SAEParams, x, config: SAEConfig, select=None, ws=None,
     P.mark("select", code.values)
     x_hat = _decode(xp, params, code, ws)
     P.mark("decode", x_hat)
-    return Forward(x, pre, code, x_hat, stats, window, bandwidth)
+    return Forward(x, pre, code, x_hat, stats, window, bandwidth, x_c)
 
 
 def reconstruct(params: SAEParams, x, config: SAEConfig):
@@ -439,7 +442,7 @@ def backward(params: SAEParams, fwd: Forward, g_xhat, *, g_code=None, g_theta=No
     # decoder (x_hat = f W_dec + b_dec): g_f = G W_dec^T at the kept places, g_W_dec = f^T G;
     # activation: pass-through at the kept places (JumpReLU: H(z - theta) = 1 there), so
     # g_z = g_f there; encoder (z = x_c W_enc + b_enc): g_W_enc^T = g_z^T x_c
-    x_c = fwd.x - params.b_dec
+    x_c = fwd.x - params.b_dec if fwd.x_c is None else fwd.x_c
     # a padded code's entries of value 0 are listed but not kept: no gradient there
     # (the gradient on z is g_f at the kept places, A.pass_through_backward: the encoder
     # bias's gradient is its column sums)
