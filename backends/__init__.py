@@ -30,9 +30,10 @@ from array_api_compat import (is_cupy_array, is_cupy_namespace, is_numpy_namespa
 from ._select import group_size, top_n_fixed, top_n_fixed_mask, top_n_indices, top_n_mask
 from ._standard import PRECISIONS, StandardBackend
 from ._switch import within
+from ._take import take
 from ._triton import triton_kernels
 
-__all__ = ["PRECISIONS", "StandardBackend", "get_backend", "group_size", "is_sync_free", "sync_free", "top_n_fixed", "top_n_fixed_mask",
+__all__ = ["PRECISIONS", "StandardBackend", "get_backend", "group_size", "is_sync_free", "sync_free", "take", "top_n_fixed", "top_n_fixed_mask",
            "top_n_indices", "top_n_mask", "triton_kernels", "uniform", "normal", "STANDARD"]
 
 STANDARD = StandardBackend()

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 from array_api_compat import array_namespace, device as device_of
 
+from ._take import take
+
 
 def top_n_mask(x, n: int, *, axis: int | None = None, backend=None, return_cut: bool = False):
     """Boolean mask of the ``n`` largest entries of ``x`` under the lower-index tie rule.
@@ -121,7 +123,7 @@ def top_n_indices(x, n: int, *, axis: int | None = None, backend=None, maxima=No
         lo = be.kth_largest(x, n, axis=axis)
     flat = xp.reshape(x, (-1,))
     cand = xp.astype(be.indices_at_least(x, lo, maxima=groups), xp.int64)
-    vals = xp.take(flat, cand)
+    vals = take(flat, cand)
     if per_row:
         # with g = 1 the bound is each row's n-th largest value itself: no sort needed
         keep, cut = _keep_per_row(xp, be, vals, cand // h, n, B, lo if g == 1 else None)
@@ -153,7 +155,7 @@ def _keep_per_row(xp, be, vals, rows, k, B, cut=None):
         # each row's candidates side by side in a [B, m] array padded with -inf (m the most
         # candidates of a row), and its k-th largest from the backend's per-row partition
         n = vals.shape[0]
-        pos = xp.arange(n, dtype=rows.dtype, device=dev) - xp.take(start, rows)
+        pos = xp.arange(n, dtype=rows.dtype, device=dev) - take(start, rows)
         count = xp.concat([start[1:], xp.asarray([n], dtype=start.dtype, device=dev)]) - start
         m = int(xp.max(count))
         present = xp.arange(m, dtype=count.dtype, device=dev)[None, :] < count[:, None]
@@ -162,7 +164,7 @@ def _keep_per_row(xp, be, vals, rows, k, B, cut=None):
         cut = be.kth_largest(side, k, axis=-1)[:, 0]
     else:
         cut = xp.reshape(cut, (-1,))
-    c = xp.take(cut, rows)
+    c = take(cut, rows)
     gt = vals > c
     eq = vals == c
     need = k - _row_counts(xp, be, gt, rows, B)
@@ -171,8 +173,8 @@ def _keep_per_row(xp, be, vals, rows, k, B, cut=None):
     # rank of each tie within its row, in column order: a running count minus the row's start
     running = xp.cumulative_sum(xp.astype(eq, xp.int64))
     before = xp.concat([xp.zeros((1,), dtype=xp.int64, device=device_of(rows)), running])
-    rank = running - xp.take(xp.take(before, start), rows)
-    return gt | (eq & (rank <= xp.take(need, rows))), cut[:, None]
+    rank = running - take(take(before, start), rows)
+    return gt | (eq & (rank <= take(need, rows))), cut[:, None]
 
 
 def _row_counts(xp, be, flags, rows, B):
@@ -263,14 +265,14 @@ def _top_n_fixed_keyed(xp, be, x, n: int, axis, g: int):
     top = be.top_indices(cand, n, axis=axis)
     if per_row:
         rows = xp.arange(B, dtype=xp.int64, device=dev)[:, None]
-        kept = xp.reshape(xp.take(xp.reshape(cand, (-1,)), xp.reshape(rows * (n * g) + top, (-1,))), (B, n))
+        kept = xp.reshape(take(xp.reshape(cand, (-1,)), xp.reshape(rows * (n * g) + top, (-1,))), (B, n))
         pos = _position(kept)  # each row's columns
         last = _position(xp.min(kept, axis=-1, keepdims=True))
         flat_pos = xp.reshape(rows * h + xp.sort(pos, axis=-1), (-1,))
-        return flat_pos, xp.take(xp.reshape(x, (-1,)), xp.reshape(rows * h + last, (-1,)))[:, None]
-    kept = xp.take(cand, top)
+        return flat_pos, take(xp.reshape(x, (-1,)), xp.reshape(rows * h + last, (-1,)))[:, None]
+    kept = take(cand, top)
     last = _position(xp.min(kept))
-    return xp.sort(_position(kept)), xp.take(xp.reshape(x, (-1,)), xp.reshape(last, (1,)))[0]
+    return xp.sort(_position(kept)), take(xp.reshape(x, (-1,)), xp.reshape(last, (1,)))[0]
 
 
 #: the largest run of group keys bracketed by its maximum (:func:`_top_keys`)
@@ -296,11 +298,11 @@ def _top_keys(xp, be, keys, n: int):
     runs = be.top_indices(xp.max(xp.reshape(keys, lead + (m // r, r)), axis=-1), n, axis=axis)
     at = xp.reshape(runs[..., None] * r + xp.arange(r, dtype=runs.dtype, device=dev), lead + (n * r,))
     if axis is None:
-        return xp.take(at, be.top_indices(xp.take(keys, at), n))
+        return take(at, be.top_indices(take(keys, at), n))
     rows = xp.arange(keys.shape[0], dtype=at.dtype, device=dev)[:, None]
-    inside = xp.reshape(xp.take(xp.reshape(keys, (-1,)), xp.reshape(rows * m + at, (-1,))), at.shape)
+    inside = xp.reshape(take(xp.reshape(keys, (-1,)), xp.reshape(rows * m + at, (-1,))), at.shape)
     top = be.top_indices(inside, n, axis=-1)
-    return xp.reshape(xp.take(xp.reshape(at, (-1,)), xp.reshape(rows * (n * r) + top, (-1,))), top.shape)
+    return xp.reshape(take(xp.reshape(at, (-1,)), xp.reshape(rows * (n * r) + top, (-1,))), top.shape)
 
 
 def _position(keys):
@@ -388,11 +390,11 @@ def _top_n_fixed_bracketed(xp, be, x, n: int, g: int):
     s = xp.arange(g, dtype=q.dtype, device=dev)
     cand = xp.reshape(b[:, None] * h + s[None, :] * w + j[:, None], (-1,))  # [n g], flat indices
     flat = xp.reshape(x, (-1,))
-    vals = xp.take(flat, cand)
+    vals = take(flat, cand)
     v = be.kth_largest(vals, n)
     gt = vals > v
     past = xp.full((1,), size, dtype=cand.dtype, device=dev)
-    above = xp.take(xp.concat([cand, past]), be.compact(gt, n))  # the entries > v, then size
+    above = take(xp.concat([cand, past]), be.compact(gt, n))  # the entries > v, then size
     need = n - xp.count_nonzero(gt)
     ties = be.compact(flat == v, n)  # the first n ties in index order (padded with size)
     ties = xp.where(xp.arange(n, dtype=ties.dtype, device=dev) < need, ties, past[0])

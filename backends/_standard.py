@@ -14,6 +14,8 @@ from contextlib import contextmanager
 import numpy as np
 from array_api_compat import array_namespace, device as device_of
 
+from ._take import take
+
 #: Rows of an (nnz, d) gather processed at once by the chunked sparse products.
 CHUNK = 1 << 14
 
@@ -70,10 +72,10 @@ class StandardBackend:
         if out_index.shape[0] == 0:
             return xp.zeros((n_out, d), dtype=dense.dtype, device=dev)
         order = xp.argsort(out_index, stable=False)
-        oi = xp.take(out_index, order)
-        ii = xp.take(in_index, order)
-        v = xp.take(values, order)
-        contrib = v[:, None] * xp.take(dense, ii, axis=0)
+        oi = take(out_index, order)
+        ii = take(in_index, order)
+        v = take(values, order)
+        contrib = v[:, None] * take(dense, ii, axis=0)
         return _segment_sums(xp, oi, contrib, n_out, dev)
 
     def sddmm(self, a, b, a_index, b_index):
@@ -88,7 +90,7 @@ class StandardBackend:
             e = min(s + CHUNK, n)  # the standard leaves out-of-range slice stops unspecified
             ai = a_index[s:e]
             bi = b_index[s:e]
-            parts.append(xp.sum(xp.take(a, ai, axis=0) * xp.take(b, bi, axis=0), axis=1))
+            parts.append(xp.sum(take(a, ai, axis=0) * take(b, bi, axis=0), axis=1))
         if not parts:
             return xp.zeros((0,), dtype=a.dtype, device=device_of(a))
         return xp.concat(parts) if len(parts) > 1 else parts[0]
@@ -220,10 +222,10 @@ class StandardBackend:
             n = q.shape[1]
             cols = xp.reshape(q[:, :, None] + slab[None, None, :], (B, n * g))
             rows = xp.arange(B, dtype=xp.int64, device=dev)[:, None]
-            vals = xp.reshape(xp.take(flat, xp.reshape(rows * h + cols, (-1,))), (B, n * g))
+            vals = xp.reshape(take(flat, xp.reshape(rows * h + cols, (-1,))), (B, n * g))
             return _keys(xp, self, vals, cols)
         cand = xp.reshape((q // w * h + q % w)[:, None] + slab[None, :], (-1,))
-        return _keys(xp, self, xp.take(flat, cand), cand)
+        return _keys(xp, self, take(flat, cand), cand)
 
     def add_rows_at(self, out, cols, rows):
         """``out[cols[i]] += rows[i]`` for a 2-D ``out`` and ``rows`` [n, d]; returns the sum,
@@ -244,7 +246,7 @@ class StandardBackend:
 
         xp = array_namespace(pre)
         ninf = xp.full((), -xp.inf, dtype=pre.dtype, device=device_of(pre))
-        sub = xp.where(real[None, :], xp.take(pre, cols, axis=1), ninf)
+        sub = xp.where(real[None, :], take(pre, cols, axis=1), ninf)
         kept = (sub > 0) & top_n_fixed_mask(sub, k, axis=-1, backend=self)
         return xp.where(kept, sub, xp.zeros((), dtype=pre.dtype, device=device_of(pre)))
 
@@ -288,7 +290,7 @@ class StandardBackend:
         if index.shape[0] == 0:
             return xp.zeros((n,), dtype=values.dtype, device=dev)
         order = xp.argsort(index, stable=False)
-        out = _segment_sums(xp, xp.take(index, order), xp.take(values, order)[:, None], n, dev)
+        out = _segment_sums(xp, take(index, order), take(values, order)[:, None], n, dev)
         return out[:, 0]
 
     def segment_count(self, index, flags, n: int, dtype):
@@ -307,13 +309,13 @@ class StandardBackend:
             return xp.zeros(shape, dtype=values.dtype, device=dev)
         flat = rows * h + cols
         order = xp.argsort(flat, stable=False)
-        flat = xp.take(flat, order)
-        vals = xp.take(values, order)
+        flat = take(flat, order)
+        vals = take(values, order)
         p = xp.arange(B * h, dtype=flat.dtype, device=dev)
         pos = xp.clip(xp.searchsorted(flat, p), max=flat.shape[0] - 1)
-        hit = xp.take(flat, pos) == p
+        hit = take(flat, pos) == p
         zero = xp.zeros((), dtype=values.dtype, device=dev)
-        return xp.reshape(xp.where(hit, xp.take(vals, pos), zero), shape)
+        return xp.reshape(xp.where(hit, take(vals, pos), zero), shape)
 
     # -- optimiser ---------------------------------------------------------------------------
     def adam(self, p, g, m, v, *, lr: float, b1: float, b2: float, eps: float, t: int,
@@ -467,7 +469,7 @@ def _segment_sums(xp, sorted_index, contrib, n_out, dev):
         add = xp.where(same[:, None], acc[:-s, :], zero)
         acc = xp.concat([acc[:s, :], acc[s:, :] + add], axis=0)
         s *= 2
-    last = xp.take(acc, xp.clip(end - 1, min=0), axis=0)
+    last = take(acc, xp.clip(end - 1, min=0), axis=0)
     return xp.where((end > start)[:, None], last, zero)
 
 

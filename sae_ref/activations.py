@@ -31,7 +31,7 @@ from __future__ import annotations
 from array_api_compat import array_namespace, device as device_of
 
 from sae_ref import _checks as C
-from sae_ref.backends import get_backend, is_sync_free, top_n_fixed
+from sae_ref.backends import get_backend, is_sync_free, take, top_n_fixed
 from sae_ref.sparse import SparseCode
 
 
@@ -90,7 +90,7 @@ def _code_at(pre, idx, drop_nonpositive: bool) -> SparseCode:
     entries when asked (a selection whose cut is not positive keeps only positive values)."""
     xp = array_namespace(pre)
     B, h = pre.shape
-    values = xp.take(xp.reshape(pre, (-1,)), idx)
+    values = take(xp.reshape(pre, (-1,)), idx)
     if drop_nonpositive:
         positive = values > 0
         idx, values = idx[positive], values[positive]
@@ -102,7 +102,7 @@ def _padded_code_at(pre, idx) -> SparseCode:
     zero instead of dropped (the sync-free mode: its size stays known without a host read)."""
     xp = array_namespace(pre)
     B, h = pre.shape
-    values = xp.take(xp.reshape(pre, (-1,)), idx)
+    values = take(xp.reshape(pre, (-1,)), idx)
     values = xp.where(values > 0, values, xp.zeros((), dtype=values.dtype, device=device_of(values)))
     return SparseCode(idx // h, idx % h, values, (B, h), padded=True)
 
@@ -241,7 +241,7 @@ def jumprelu_theta_backward(window: SparseCode, theta, bandwidth: float, g_windo
     """
     xp = array_namespace(theta, g_window)
     eps = C.positive_number("jumprelu_theta_backward", "bandwidth", bandwidth)
-    per_entry = g_window * (-xp.take(theta, window.cols) / eps)
+    per_entry = g_window * (-take(theta, window.cols) / eps)
     return get_backend(xp).segment_sum(window.cols, per_entry, window.shape[1])
 
 

@@ -29,6 +29,7 @@ from typing import Any
 from array_api_compat import device as device_of
 
 from sae_ref import _checks as C
+from sae_ref.backends import take
 from sae_ref.sparse import SparseCode
 
 RULES = ("nearest", "first_exceeding")
@@ -108,7 +109,7 @@ def f_tilde_norm(code: SparseCode, W_dec, b_dec):
     from sae_ref.backends import get_backend
 
     norms = xp.linalg.vector_norm(W_dec, axis=1)
-    scaled = code.values * xp.take(norms, code.cols)
+    scaled = code.values * take(norms, code.cols)
     sq = get_backend(xp).segment_sum(code.rows, scaled * scaled, code.shape[0])
     return xp.sqrt(sq + xp.sum(b_dec * b_dec))
 
@@ -169,9 +170,9 @@ def _top_afa(xp, pre, scale, target, rule: str, sentinel: bool) -> SparseCode:
     keep_sorted = (j[None, :] < k[:, None]) & (s_sorted > 0)
     (flat_sorted,) = xp.nonzero(xp.reshape(keep_sorted, (-1,)))
     rows = flat_sorted // h
-    cols = xp.take(xp.reshape(order, (-1,)), flat_sorted)
+    cols = take(xp.reshape(order, (-1,)), flat_sorted)
     flat = xp.sort(xp.astype(rows * h + cols, xp.int64), stable=False)  # row-major order
-    return SparseCode(flat // h, flat % h, xp.take(xp.reshape(pre, (-1,)), flat), (B, h))
+    return SparseCode(flat // h, flat % h, take(xp.reshape(pre, (-1,)), flat), (B, h))
 
 
 def afa_loss(code: SparseCode, target):
@@ -202,4 +203,4 @@ def _afa_loss(xp, code: SparseCode, target):
     value = xp.sum(r * r) / B
     safe = xp.where(norm > 0, norm, xp.ones_like(norm))
     coef = xp.where(norm > 0, 2.0 * r / (B * safe), xp.zeros_like(norm))
-    return value, xp.take(coef, code.rows) * code.values, -2.0 * r / B
+    return value, take(coef, code.rows) * code.values, -2.0 * r / B

@@ -28,7 +28,7 @@ from typing import Any
 from array_api_compat import device as device_of
 
 from sae_ref import _checks as C
-from sae_ref.backends import get_backend, is_sync_free, top_n_fixed
+from sae_ref.backends import get_backend, is_sync_free, take, top_n_fixed
 from sae_ref.sparse import ColumnBlock, SparseCode, empty_code
 from sae_ref.activations import _padded_code_at, _topk
 from sae_ref.sae import matmul_at
@@ -159,12 +159,12 @@ def _auxk(xp, pre, dead, residual, W_dec, k_aux, convention, detach_residual,
     # is ascending, so the lower-index tie rule in the subset is the rule in the full matrix
     (dead_idx,) = xp.nonzero(dead)
     dead_idx = xp.astype(dead_idx, xp.int64)
-    sub = xp.take(pre, dead_idx, axis=1)
+    sub = take(pre, dead_idx, axis=1)
     k = min(k_aux, n_dead)
     if allow_block and k >= BLOCK_MIN_FILL * n_dead:
         return _auxk_block(xp, be, sub, dead_idx, k, W_dec, loss, buf, precision)
     top = _topk(sub, k)
-    code = SparseCode(top.rows, xp.take(dead_idx, top.cols), top.values, (B, h))
+    code = SparseCode(top.rows, take(dead_idx, top.cols), top.values, (B, h))
     value, g_ehat, g_res = loss(be.spmm(code.rows, code.cols, code.values, W_dec, B, out=buf))
     g_values = be.sddmm(g_ehat, W_dec, code.rows, code.cols)
     g_W_dec = be.spmm(code.cols, code.rows, code.values, g_ehat, h) if want_g_W_dec else None
@@ -226,7 +226,7 @@ def _auxk_block(xp, be, sub, dead_idx, k, W_dec, loss, buf=None, precision="high
         kept = (be.to_dense(idx // n, idx % n, ones, (B, n)) > 0) & positive
     zero = xp.zeros((), dtype=sub.dtype, device=dev)
     a = xp.where(kept, sub, zero)
-    W_d = xp.take(W_dec, dead_idx, axis=0)
+    W_d = take(W_dec, dead_idx, axis=0)
     value, g_ehat, g_res = loss(matmul_at(be, a, W_d, precision, out=buf))
     g_a = xp.where(kept, matmul_at(be, g_ehat, xp.matrix_transpose(W_d), precision), zero)
     shape = (B, W_dec.shape[0])
@@ -292,12 +292,12 @@ def _auxk_capacity(xp, be, pre, dead, W_dec, k_aux, loss, cap, precision, buf=No
     cols = be.compact(dead, cap)  # the dead columns, then h
     real = cols < h
     cols = xp.where(real, cols, xp.zeros_like(cols))
-    W_d = xp.take(W_dec, cols, axis=0)
+    W_d = take(W_dec, cols, axis=0)
     k = min(k_aux, cap)
     if k < cap:
         a = be.row_top_block(pre, cols, real, k)
     else:
-        sub = xp.take(pre, cols, axis=1)
+        sub = take(pre, cols, axis=1)
         a = xp.where(real[None, :] & (sub > 0), sub, zero)
     kept = a > 0
     value, g_ehat, g_res = loss(matmul_at(be, a, W_d, precision, out=buf))

@@ -27,7 +27,7 @@ from array_api_compat import array_namespace
 
 from sae_ref import _checks as C
 from sae_ref.activations import _as_theta, _check_pre, _window
-from sae_ref.backends import get_backend
+from sae_ref.backends import get_backend, take
 from sae_ref.sparse import SparseCode
 
 UNITS = ("element", "sample")
@@ -135,7 +135,7 @@ def l1(code: SparseCode, W_dec=None):
     C.floating("l1", xp, "W_dec", W_dec, ndim=2, shape=(h, None))
     C.same_dtype("l1", values=code.values, W_dec=W_dec)
     norms = xp.linalg.vector_norm(W_dec, axis=1)
-    w = xp.take(norms, code.cols)
+    w = take(norms, code.cols)
     per_latent = get_backend(xp).segment_sum(code.cols, code.values, h) / B
     safe = xp.where(norms > 0, norms, xp.ones_like(norms))
     g_W_dec = (per_latent / safe)[:, None] * W_dec

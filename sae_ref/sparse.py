@@ -18,7 +18,7 @@ from typing import Any
 
 from array_api_compat import array_namespace, device as device_of
 
-from sae_ref.backends import get_backend
+from sae_ref.backends import get_backend, take
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ class SparseCode:
         # boolean-mask gather, which both scan all B*h entries
         (flat,) = xp.nonzero(xp.reshape(mask, (-1,)))
         flat = xp.astype(flat, xp.int64)
-        values = xp.take(xp.reshape(z, (-1,)), flat)
+        values = take(xp.reshape(z, (-1,)), flat)
         return cls(flat // h, flat % h, values, (B, h))
 
     def exact(self) -> SparseCode:
@@ -147,9 +147,9 @@ def values_at(src: SparseCode, dst: SparseCode):
     flat_src = src.rows * h + src.cols
     flat_dst = dst.rows * h + dst.cols
     pos = xp.clip(xp.searchsorted(flat_src, flat_dst), max=src.nnz - 1)
-    hit = xp.take(flat_src, pos) == flat_dst
+    hit = take(flat_src, pos) == flat_dst
     zero = xp.zeros((), dtype=src.values.dtype, device=device_of(src.values))
-    return xp.where(hit, xp.take(src.values, pos), zero)
+    return xp.where(hit, take(src.values, pos), zero)
 
 
 def empty_code(xp, shape, dtype, device) -> SparseCode:

@@ -73,7 +73,7 @@ from array_api_compat import device as device_of
 from sae_ref import _checks as C
 from sae_ref import activations as A
 from sae_ref.arrays import to_numpy
-from sae_ref.backends import get_backend, top_n_mask
+from sae_ref.backends import get_backend, take, top_n_mask
 from sae_ref.dist.comm import Comm
 from sae_ref.sparse import SparseCode
 
@@ -263,7 +263,7 @@ def _narrow(xp, s, n, comm, pivots, lo, hi, above):
     else:
         step = -(-m // pivots)
         at = xp.clip(xp.arange(pivots, dtype=xp.int64, device=device_of(s)) * step, max=m - 1)
-        mine = xp.take(s, at)
+        mine = take(s, at)
     p = xp.reshape(comm.all_gather(mine), (-1,))
     ge = m - xp.astype(xp.searchsorted(s, p, side="left"), xp.int64)  # local count of s >= p
     total = above + comm.all_reduce_sum(ge)  # global count of z >= p (every p lies in (lo, hi))
@@ -304,13 +304,13 @@ def _allot_ties(xp, eq, need: int, comm, layout):
     cum = xp.cumulative_sum(comm.all_reduce_sum(e))
     row = _first_reaching(xp, cum, need)
     quota = need - _before_row(xp, cum, row)
-    before = _before_me(xp, comm, xp.take(e, row))
+    before = _before_me(xp, comm, take(e, row))
     return _ties_through(xp, eq, row, xp.clip(quota - before, min=0))
 
 
 def _before_row(xp, cum, row):
     """``cum[row - 1]`` (0 for row 0): ties in the rows before ``row``."""
-    prev = xp.take(cum, xp.clip(row - 1, min=0))
+    prev = take(cum, xp.clip(row - 1, min=0))
     return xp.where(row > 0, prev, xp.zeros_like(prev))
 
 
@@ -328,7 +328,7 @@ def _before_me(xp, comm, x):
 def _ties_through(xp, eq, row, q_row):
     """Every tie in rows before ``row`` and the first ``q_row`` ties of row ``row``."""
     rows = xp.arange(eq.shape[0], dtype=xp.int64, device=device_of(eq))[:, None]
-    in_row = xp.cumulative_sum(xp.astype(xp.take(eq, row, axis=0), xp.int64), axis=1) <= q_row
+    in_row = xp.cumulative_sum(xp.astype(take(eq, row, axis=0), xp.int64), axis=1) <= q_row
     return eq & ((rows < row) | ((rows == row) & in_row))
 
 
@@ -458,4 +458,4 @@ def _count(xp, mask):
 def _take(xp, a, mask):
     """The entries of 1-D ``a`` where ``mask`` holds, in order."""
     (at,) = xp.nonzero(mask)
-    return xp.take(a, at)
+    return take(a, at)
