@@ -169,6 +169,57 @@ class Plan(NamedTuple):
     part: int              # the most entries a slot takes
 
 
+@triton.jit
+def _slots_kernel(crow_ptr, first_ptr, multi_first_ptr, slot_latent_ptr, h, n_slots, part,
+                  CHUNK: tl.constexpr):
+    """One program: the latents CHUNK at a time, each chunk's running sums carried over."""
+    carry = tl.zeros([1], dtype=tl.int64)
+    carry_multi = tl.zeros([1], dtype=tl.int64)
+    for j0 in range(0, h, CHUNK):
+        j = j0 + tl.arange(0, CHUNK).to(tl.int64)
+        inside = j < h
+        count = tl.load(crow_ptr + j + 1, mask=inside, other=0) - tl.load(crow_ptr + j, mask=inside, other=0)
+        parts = tl.where(inside, tl.maximum((count + part - 1) // part, 1), 0).to(tl.int64)
+        multi = tl.where(parts > 1, parts, 0)
+        first = carry + tl.cumsum(parts, 0) - parts
+        tl.store(first_ptr + j, first, mask=inside)
+        tl.store(multi_first_ptr + j, carry_multi + tl.cumsum(multi, 0) - multi, mask=inside)
+        for t in range(0, tl.max(parts)):  # each latent's slots name it
+            tl.store(slot_latent_ptr + first + t, j, mask=t < parts)
+        carry += tl.sum(parts)
+        carry_multi += tl.sum(multi)
+    total = tl.sum(carry)
+    for s0 in range(0, n_slots, CHUNK):  # the slots past the last latent's: none (h)
+        slot = s0 + tl.arange(0, CHUNK).to(tl.int64)
+        tl.store(slot_latent_ptr + slot, tl.zeros([CHUNK], dtype=tl.int64) + h,
+                 mask=(slot >= total) & (slot < n_slots))
+
+
+def slots(crow, n_slots: int, part: int, *, chunk: int | None = None):
+    """``(first, multi_first, slot_latent)`` of :class:`Plan` from the segments' bounds, in
+    one launch (one program: about ten small kernels composed, :func:`slots_composed`);
+    ``chunk``: the latents the program takes at a time (a power of two)."""
+    h = crow.shape[0] - 1
+    first = torch.empty((h,), dtype=torch.int64, device=crow.device)
+    multi_first = torch.empty((h,), dtype=torch.int64, device=crow.device)
+    slot_latent = torch.empty((n_slots,), dtype=torch.int64, device=crow.device)
+    chunk = chunk or (1 << 16 if interpreting() else 1024)
+    _slots_kernel[(1,)](crow, first, multi_first, slot_latent, h, n_slots, part, CHUNK=chunk, num_warps=4)
+    return first, multi_first, slot_latent
+
+
+def slots_composed(crow, n_slots: int, part: int):
+    """:func:`slots` in torch's composed kernels: each latent's parts (an empty latent has one:
+    its rows of zeros), its first slot and first partial row (latents of two parts or more),
+    and each slot's latent (``h`` past the last)."""
+    counts = crow[1:] - crow[:-1]
+    parts = torch.clamp_min((counts + part - 1) // part, 1)
+    last = torch.cumsum(parts, 0)
+    multi = torch.where(parts > 1, parts, 0)
+    at = torch.arange(n_slots, dtype=last.dtype, device=last.device)
+    return last - parts, torch.cumsum(multi, 0) - multi, torch.searchsorted(last, at, right=True)
+
+
 def plan(rows, cols, values, g_code, h: int, B: int, part: int | None = None) -> Plan:
     """The entries sorted by latent (stably: each latent sums its entries in the code's order)
     and cut into slots of at most ``part`` entries; every size depends on the shapes alone."""
@@ -177,15 +228,9 @@ def plan(rows, cols, values, g_code, h: int, B: int, part: int | None = None) ->
     order = torch.argsort(cols, stable=True)
     bounds = torch.arange(h + 1, dtype=cols.dtype, device=cols.device)
     crow = torch.searchsorted(cols.index_select(0, order), bounds)
-    counts = crow[1:] - crow[:-1]
-    parts = torch.clamp_min((counts + part - 1) // part, 1)  # an empty latent: one slot of zeros
-    last = torch.cumsum(parts, 0)
-    multi = torch.where(parts > 1, parts, 0)
     n_slots = h + n // part + 1  # > the sum of ceil(count / part) over the latents
-    slots = torch.arange(n_slots, dtype=last.dtype, device=last.device)
     sort = lambda a: None if a is None else a.index_select(0, order)
-    return Plan(order, sort(rows), sort(values), sort(g_code), crow, last - parts,
-                torch.cumsum(multi, 0) - multi, torch.searchsorted(last, slots, right=True),
+    return Plan(order, sort(rows), sort(values), sort(g_code), crow, *slots(crow, n_slots, part),
                 min(n_slots, 2 * n // part + 1), part)  # > the slots of latents of two parts or more
 
 

@@ -250,10 +250,16 @@ def fused_kernels(ledger, be):
             ledger.fused("sum_parts", lambda: None, partial + h * 16, partial)
         return out
 
+    def slots(crow, n_slots, part):
+        h = crow.shape[0] - 1
+        return ledger.fused("slots", lambda: _triton_sparse.slots_composed(crow, n_slots, part),
+                            (h + 1) * 8, (2 * h + n_slots) * 8)
+
     stand_ins = {_triton_select: {"group_keys": group_keys, "candidate_keys": candidate_keys,
                                   "row_top_block": row_top_block},
                  _triton_adam: {"decoder_adam": decoder_adam, "adam": adam},
-                 _triton_sparse: {"products": products, "default_part": lambda B: _triton_sparse.PART}}
+                 _triton_sparse: {"products": products, "slots": slots,
+                                  "default_part": lambda B: _triton_sparse.PART}}
     saved = _triton.usable, [(mod, name, getattr(mod, name)) for mod, fs in stand_ins.items() for name in fs]
     _triton.usable = lambda *tensors: True
     for mod, fs in stand_ins.items():

@@ -200,6 +200,8 @@ for w in ("*fp32", "*fp64"):
     sums = {name: w for name in ("part_W_ptr", "part_X_ptr", "part_s_ptr", "out_W_ptr", "out_X_ptr", "out_s_ptr")}
     sums.update(crow_ptr="*i64", multi_first_ptr="*i64", h="i32", d="i32", part="i32")
     build(P._sum_parts_kernel, sums, {"BLOCK_L": 1, "BLOCK_D": 1024})
+build(P._slots_kernel, {"crow_ptr": "*i64", "first_ptr": "*i64", "multi_first_ptr": "*i64",
+                        "slot_latent_ptr": "*i64", "h": "i32", "n_slots": "i32", "part": "i32"}, {"CHUNK": 1024})
 print("compiled")
 """
 

@@ -7,6 +7,7 @@
 - float32: they equal the float64 definitions to float32 rounding;
 - the results do not depend on the cut into parts beyond rounding, and are the same bits on
   a second run;
+- the one-program kernel that cuts the latents into slots equals its composed form;
 - the torch backend on the GPU path runs them and gives what its composed form gives, into
   the caller's buffers when they fit.
 
@@ -113,6 +114,24 @@ def test_fused_backward_products_do_not_depend_on_the_cut_into_parts_and_repeat_
         for a, b, c in zip(whole, cut, again):
             np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-12)
             np.testing.assert_array_equal(b, c)
+
+
+@DEVICES
+@given(counts=st.lists(st.integers(0, 40), min_size=1, max_size=300), part=st.integers(1, 9),
+       sparse=st.booleans())
+@settings(max_examples=25)
+def test_fused_slots_equal_the_composed_slots(device, counts, part, sparse):
+    """Each latent's first slot and first partial row, and each slot's latent (h past the
+    last), from the one-program kernel and from torch's composed kernels."""
+    counts = torch.as_tensor(counts, dtype=torch.int64, device=device)
+    if sparse:
+        counts[::2] = 0
+    crow = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+    n_slots = counts.shape[0] + int(crow[-1]) // part + 1
+    want = S.slots_composed(crow, n_slots, part)
+    for chunk in (None, 8):  # one chunk, or many with the running sums carried
+        for got, w in zip(S.slots(crow, n_slots, part, chunk=chunk), want):
+            assert torch.equal(got, w)
 
 
 @DEVICES
