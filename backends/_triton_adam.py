@@ -141,30 +141,37 @@ def _decoder_adam_rows(W_ptr, g_ptr, m_ptr, v_ptr, h, d,
     tl.store(v_ptr + offs, v, mask=inside)
 
 
-def _check(W, g, m, v, order: str) -> None:
-    """ValueError naming the argument unless ``W``, ``g``, ``m``, ``v`` are contiguous 2-D
-    float32/float64 torch tensors of one shape, dtype and device, and ``order`` is known."""
-    op = "decoder_adam"
-    named = {"W": W, "g": g, "m": m, "v": v}
+def _check_alike(op: str, named: dict) -> None:
+    """TypeError or ValueError naming the argument unless the tensors ``named`` (the first is
+    the parameter) are float32/float64 torch tensors of one shape, dtype and device."""
     for name, x in named.items():
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{op}: argument '{name}' must be a torch tensor, got {type(x).__name__}")
-    if W.ndim != 2:
-        raise ValueError(f"{op}: argument 'W' must be 2-D [h, d], got shape {tuple(W.shape)}")
-    if W.dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"{op}: argument 'W' must be float32 or float64, got {W.dtype}")
+    first, p = next(iter(named.items()))
+    if p.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"{op}: argument '{first}' must be float32 or float64, got {p.dtype}")
     for name, x in named.items():
-        if x.shape != W.shape:
+        if x.shape != p.shape:
             raise ValueError(f"{op}: argument '{name}' has shape {tuple(x.shape)}, "
-                             f"expected W's {tuple(W.shape)}")
-        if x.dtype != W.dtype:
-            raise ValueError(f"{op}: argument '{name}' has dtype {x.dtype}, expected W's {W.dtype}")
-        if x.device != W.device:
-            raise ValueError(f"{op}: argument '{name}' is on {x.device}, expected W's {W.device}")
+                             f"expected {first}'s {tuple(p.shape)}")
+        if x.dtype != p.dtype:
+            raise ValueError(f"{op}: argument '{name}' has dtype {x.dtype}, expected {first}'s {p.dtype}")
+        if x.device != p.device:
+            raise ValueError(f"{op}: argument '{name}' is on {x.device}, expected {first}'s {p.device}")
+
+
+def _check(W, g, m, v, order: str) -> None:
+    """ValueError naming the argument unless ``W``, ``g``, ``m``, ``v`` are contiguous 2-D
+    float32/float64 torch tensors of one shape, dtype and device, and ``order`` is known."""
+    named = {"W": W, "g": g, "m": m, "v": v}
+    if isinstance(W, torch.Tensor) and W.ndim != 2:
+        raise ValueError(f"decoder_adam: argument 'W' must be 2-D [h, d], got shape {tuple(W.shape)}")
+    _check_alike("decoder_adam", named)
+    for name, x in named.items():
         if not x.is_contiguous():
-            raise ValueError(f"{op}: argument '{name}' must be contiguous (row-major)")
+            raise ValueError(f"decoder_adam: argument '{name}' must be contiguous (row-major)")
     if order not in ORDERS:
-        raise ValueError(f"{op}: argument 'order' must be one of {ORDERS}, got {order!r}")
+        raise ValueError(f"decoder_adam: argument 'order' must be one of {ORDERS}, got {order!r}")
 
 
 def decoder_adam(W, g, m, v, *, lr: float, b1: float, b2: float, eps: float, t: int, order: str,
@@ -204,26 +211,14 @@ def _check_flat(p, g, m, v) -> None:
     """TypeError or ValueError naming the argument unless ``p``, ``g``, ``m``, ``v`` are
     float32/float64 torch tensors of one shape, dtype, device and strides, in a layout that
     :func:`_flat` views flat."""
-    op = "adam"
     named = {"p": p, "g": g, "m": m, "v": v}
+    _check_alike("adam", named)
     for name, x in named.items():
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{op}: argument '{name}' must be a torch tensor, got {type(x).__name__}")
-    if p.dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"{op}: argument 'p' must be float32 or float64, got {p.dtype}")
-    for name, x in named.items():
-        if x.shape != p.shape:
-            raise ValueError(f"{op}: argument '{name}' has shape {tuple(x.shape)}, "
-                             f"expected p's {tuple(p.shape)}")
-        if x.dtype != p.dtype:
-            raise ValueError(f"{op}: argument '{name}' has dtype {x.dtype}, expected p's {p.dtype}")
-        if x.device != p.device:
-            raise ValueError(f"{op}: argument '{name}' is on {x.device}, expected p's {p.device}")
         if _flat(x) is None:
-            raise ValueError(f"{op}: argument '{name}' must be contiguous or the transpose of a "
+            raise ValueError(f"adam: argument '{name}' must be contiguous or the transpose of a "
                              f"contiguous tensor, got strides {x.stride()} for shape {tuple(x.shape)}")
         if x.stride() != p.stride():
-            raise ValueError(f"{op}: argument '{name}' has strides {x.stride()}, expected p's {p.stride()}")
+            raise ValueError(f"adam: argument '{name}' has strides {x.stride()}, expected p's {p.stride()}")
 
 
 def adam(p, g, m, v, *, lr: float, b1: float, b2: float, eps: float, t: int) -> None:

@@ -30,8 +30,6 @@ Runs on CPU tensors under Triton's interpreter and, with a GPU, on CUDA.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 from hypothesis import given
@@ -39,19 +37,12 @@ from hypothesis import strategies as st
 
 pytest.importorskip("triton")
 torch = pytest.importorskip("torch")
-if not torch.cuda.is_available():  # before the kernels are defined
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from sae_ref.backends import STANDARD  # noqa: E402
 from sae_ref.backends._triton_adam import adam, decoder_adam  # noqa: E402
 from sae_ref.decoder import TINY  # noqa: E402
+from triton_devices import DEVICES  # noqa: E402
 
-DEVICES = pytest.mark.parametrize("device", [
-    pytest.param("cpu", marks=pytest.mark.skipif(
-        os.environ.get("TRITON_INTERPRET") != "1", reason="CPU tensors need Triton's interpreter")),
-    pytest.param("cuda", marks=pytest.mark.skipif(
-        not torch.cuda.is_available(), reason="no CUDA device")),
-])
 ORDERS = pytest.mark.parametrize("order", ["before", "after"])
 
 

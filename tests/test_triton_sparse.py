@@ -25,18 +25,10 @@ from hypothesis import strategies as st
 
 pytest.importorskip("triton")
 torch = pytest.importorskip("torch")
-if not torch.cuda.is_available():  # before the kernels are defined
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from sae_ref.backends import StandardBackend, get_backend, sync_free, triton_kernels  # noqa: E402
 from sae_ref.backends import _triton_sparse as S  # noqa: E402
-
-DEVICES = pytest.mark.parametrize("device", [
-    pytest.param("cpu", marks=pytest.mark.skipif(
-        os.environ.get("TRITON_INTERPRET") != "1", reason="CPU tensors need Triton's interpreter")),
-    pytest.param("cuda", marks=pytest.mark.skipif(
-        not torch.cuda.is_available(), reason="no CUDA device")),
-])
+from triton_devices import DEVICES  # noqa: E402
 
 
 @st.composite
