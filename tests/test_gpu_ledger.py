@@ -67,3 +67,15 @@ def test_composed_model_charges_the_sampled_product_at_its_measured_rate(warmed)
     phase, name, read, written, flops, seconds = rows[0]
     assert phase == "backward" and written > 0
     assert seconds >= B * k * d * L.MEASURED["sampled"]
+
+
+def test_kernel_bench_times_every_fused_kernel_beside_its_composed_form_and_model(capsys):
+    """benchmarks/bench_kernels.py (on the CPU a smoke test in Triton's interpreter): a row for
+    each fused kernel, with the ledger's bytes and modeled time and both measured times."""
+    import bench_kernels
+
+    bench_kernels.main(["--small", "--repeats", "1"])
+    rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()[3:]}
+    assert set(rows) == {name.split(":")[1] for name in FUSED} - {"slots", "sum_parts"}
+    for name, (model, fused, composed, ratio, bandwidth) in rows.items():
+        assert float(model) > 0 and float(fused) > 0 and float(composed) > 0, name
