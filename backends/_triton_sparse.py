@@ -8,20 +8,22 @@ For a code ``f`` with entries ``values`` at ``(rows, cols)`` (shape (B, h)), dec
 - ``g_W = f^T G`` and ``g_X = g_f^T X``, both [h, d];
 - each latent's sum of ``g_f`` ([h], the encoder bias's gradient).
 
-The composed form on a GPU is cuSPARSE's sampled product and two CSR products, each with its
-own sort of the entries, CSR build and scatter back: about 25 launches, and every entry reads
-a decoder row, a row of ``G`` and a row of ``X`` from memory. Here the entries are sorted by
-latent once, and :func:`_latent_products_kernel` computes all three products latent by latent:
-a program holds its latent's decoder row ``W[j]`` in registers (the decoder is read once, not
-once per entry), and for each of the latent's entries loads the row of ``G``, takes the dot
-product (``g_f``), adds the row times ``f`` into ``g_W[j]``, then loads the row of ``X`` and adds
-it times ``g_f`` into ``g_X[j]`` (and ``g_f`` into the latent's sum). No atomics: the same bits every run.
+The composed form on a GPU is cuSPARSE's sampled product and three CSR products (the sums
+are one too), each with its own sort of the entries, CSR build and scatter back: about 35
+launches, and every entry reads a decoder row, a row of ``G`` and a row of ``X`` from memory.
+Here the entries are sorted by latent once, and :func:`_latent_products_kernel` computes
+everything latent by latent: a program holds its latent's decoder row ``W[j]`` in registers
+(the decoder is read once, not once per entry), and for each of the latent's entries loads
+the row of ``G``, takes the dot product (``g_f``), adds the row times ``f`` into ``g_W[j]``,
+then loads the row of ``X`` and adds it times ``g_f`` into ``g_X[j]`` (and ``g_f`` into the
+latent's sum). No atomics: the same bits every run.
 
 A latent that fires often would make one program long (a latent fires at most once per row,
 so up to B entries). Its entries are cut into parts of at most ``part`` entries, one program
-each; a latent of one part writes its rows of ``g_W`` and ``g_X`` directly, the parts of a
-longer one write partial rows that :func:`_sum_parts_kernel` adds in order. The parts' count
-is bounded by ``h + nnz / part``, so the launch sizes depend on the shapes alone.
+(a slot) each; a latent of one part writes its rows of ``g_W`` and ``g_X`` directly, the parts
+of a longer one write partial rows that :func:`_sum_parts_kernel` adds in order. The slots'
+count is bounded by ``h + nnz / part``, so the launch sizes depend on the shapes alone, and
+:func:`_slots_kernel`, one program, lays them out.
 
 A padded code (entries of value 0 listed but not kept) gets ``g_f = 0`` at those entries, as
 :meth:`~sae_ref.backends.StandardBackend.backward_products` defines.
