@@ -129,9 +129,8 @@ def _sum_parts_kernel(crow_ptr, multi_first_ptr, part_W_ptr, part_X_ptr, part_s_
 
 def _blocks(d: int) -> tuple[int, int, int, int]:
     """(latent slots, entries, columns, warps) of a program: on a GPU one slot, whole rows
-    and a few entries at a time (a tile of 4096 elements, 16 a thread: 104 to 128 registers
-    and no spills for sm_90 at d = 256 to 8192, by ptxas); under the interpreter, whose cost
-    is per program and per operation, many slots at once."""
+    and a few entries at a time (a tile of 4096 elements, 16 a thread); under the
+    interpreter, whose cost is per program and per operation, many slots at once."""
     block_d = triton.next_power_of_2(max(d, 1))
     block_e = max(1, min(16, 4096 // block_d))
     warps = max(4, min(16, block_e * block_d // 512))

@@ -347,6 +347,9 @@ def report(rows, B, d, h, precision, label):
     print(f"  host launches at {HOST_PER_LAUNCH * 1e6:.0f} us each: eager {host * 1e3:.2f} ms "
           f"(step {max(s, host) * 1e3:.2f} ms), with the pass as a CUDA graph {host_graphed * 1e3:.2f} ms "
           f"(step {max(s, host_graphed) * 1e3:.2f} ms)")
+    small = [row[5] for row in rows if row[5] <= 2 * KERNEL_FLOOR]
+    print(f"  small kernels (at most {2 * KERNEL_FLOOR * 1e6:.0f} us each): {len(small)} launches, "
+          f"{sum(small) * 1e3:.2f} ms")
 
 
 def main(argv=None):
