@@ -33,7 +33,6 @@ from bench_core import machine  # noqa: E402
 from bench_gpu_ledger import Ledger, fused_kernels  # noqa: E402
 
 from sae_ref.backends import get_backend, sync_free, triton_kernels  # noqa: E402
-from sae_ref.decoder import TINY  # noqa: E402
 
 HYPER = dict(lr=1e-4, b1=0.9, b2=0.999, eps=1e-8, t=10)
 
