@@ -78,6 +78,20 @@ class StandardBackend:
         contrib = v[:, None] * take(dense, ii, axis=0)
         return _segment_sums(xp, oi, contrib, n_out, dev)
 
+    def decode_residual(self, rows, cols, values, W, b, x, scale: float, *, out=None):
+        """A code decoded against its input, with the squared error's parts: for a code ``f``
+        (entries ``values`` at ``(rows, cols)``, shape (B, h), ``rows`` ascending as in every
+        code the selection makes), the decoder ``W`` ([h, d]) and bias ``b`` ([d]), returns
+        ``(r, g, ss)``: the residual ``r = f W + b - x`` ([B, d]; in ``out`` where the backend
+        can), ``g = scale * r`` and ``ss``, the sum of the squares of ``r`` (0-D). A backend
+        may form the three in one pass over the rows (and rely on the rows' order)."""
+        xp = array_namespace(values, W, x)
+        r = self.spmm(rows, cols, values, W, x.shape[0], out=out)
+        r += b  # the product's own array (or the caller's buffer): ours to write
+        r -= x
+        flat = xp.reshape(r, (-1,))
+        return r, r * scale, xp.vecdot(flat, flat)
+
     def sddmm(self, a, b, a_index, b_index):
         """``out[i] = a[a_index[i]] . b[b_index[i]]``: a dense-dense product sampled at nnz places.
 

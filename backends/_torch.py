@@ -232,6 +232,24 @@ class TorchBackend(StandardBackend):
             return out + (self.segment_sum(cols, out[0], W.shape[0]),) if with_sums else out
         return composed()
 
+    def decode_residual(self, rows, cols, values, W, b, x, scale, *, out=None):
+        composed = lambda: super(TorchBackend, self).decode_residual(rows, cols, values, W, b, x, scale,
+                                                                     out=out)
+        if (_fused(values, W, b, x, rows, cols) and W.dtype in (torch.float32, torch.float64)
+                and all(a.dtype == W.dtype for a in (values, b, x))
+                and all(a.is_contiguous() for a in (rows, cols, values, W, b, x))
+                and not rows.is_floating_point() and not cols.is_floating_point()):
+            from ._triton_decode import decode_residual
+            from ._triton_sparse import MAX_D
+
+            if W.shape[1] <= MAX_D:
+                # the decoding, the bias, the residual, its scaled copy and the rows' sums of
+                # squares in one pass over the rows (composed: a sort of the entries, a CSR
+                # build and product, then four passes over [B, d])
+                return _kernel("decode_residual", lambda: decode_residual(
+                    rows, cols, values, W, b, x, scale, out=out), composed)
+        return composed()
+
     def sddmm(self, a, b, a_index, b_index):
         if _on_cpu(a, b) and a.dtype == b.dtype:
             return torch.from_numpy(_numpy().sddmm(a.numpy(), b.numpy(), a_index.numpy(), b_index.numpy()))

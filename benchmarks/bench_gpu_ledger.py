@@ -192,7 +192,8 @@ def fused_kernels(ledger, be):
     """The fused Triton kernels that a CUDA step runs (:mod:`sae_ref.backends._triton`), each
     recorded by :meth:`Ledger.fused` with the bytes it moves; their values from the composed
     forms (which the tests check the kernels against)."""
-    from sae_ref.backends import StandardBackend, _triton, _triton_adam, _triton_select, _triton_sparse
+    from sae_ref.backends import (StandardBackend, _triton, _triton_adam, _triton_decode, _triton_select,
+                                  _triton_sparse)
 
     def group_keys(x, g, *, per_row):
         B, h = x.shape
@@ -250,6 +251,21 @@ def fused_kernels(ledger, be):
             ledger.fused("sum_parts", lambda: None, partial + h * 16, partial)
         return out
 
+    def rows_residual(crow, cols, values, W, b, x, scale, r, g, ss):
+        # the kernel reads each entry's index, value and decoder row, the input and the bias,
+        # and writes the residual, its scaled copy and the rows' sums of squares
+        (B, d), n, size = x.shape, values.shape[0], x.element_size()
+
+        def composed():
+            rows = torch.repeat_interleave(torch.arange(B, device=x.device), crow.diff())
+            outs = StandardBackend.decode_residual(be, rows, cols, values, W, b, x, float(scale[0]))
+            r.copy_(outs[0])
+            g.copy_(outs[1])
+            ss.copy_((outs[0] * outs[0]).sum(1))
+
+        read = n * (d * size + 8 + size) + (B * d + d) * size + (B + 1) * 8
+        return ledger.fused("decode_residual", composed, read, 2 * B * d * size + B * size)
+
     def slots(crow, n_slots, part):
         h = crow.shape[0] - 1
         return ledger.fused("slots", lambda: _triton_sparse.slots_composed(crow, n_slots, part),
@@ -258,6 +274,7 @@ def fused_kernels(ledger, be):
     stand_ins = {_triton_select: {"group_keys": group_keys, "candidate_keys": candidate_keys,
                                   "row_top_block": row_top_block},
                  _triton_adam: {"decoder_adam": decoder_adam, "adam": adam},
+                 _triton_decode: {"rows_residual": rows_residual},
                  _triton_sparse: {"products": products, "slots": slots,
                                   "default_part": lambda B: _triton_sparse.PART}}
     saved = _triton.usable, [(mod, name, getattr(mod, name)) for mod, fs in stand_ins.items() for name in fs]

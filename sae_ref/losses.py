@@ -57,9 +57,14 @@ def mse(x_hat, x, *, unit: str = "element"):
     return _mse(xp, x_hat, x, unit)
 
 
-def _mse(xp, x_hat, x, unit):
+def _mse_count(x, unit) -> int:
+    """The MSE's normaliser: the elements of ``x`` (``unit="element"``) or its rows."""
     B, d = x.shape
-    n = B * d if unit == "element" else B
+    return B * d if unit == "element" else B
+
+
+def _mse(xp, x_hat, x, unit):
+    n = _mse_count(x, unit)
     r = x_hat - x
     flat = xp.reshape(r, (-1,))
     value = xp.vecdot(flat, flat) / n  # vecdot: no [B, d] temporary

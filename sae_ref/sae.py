@@ -340,6 +340,17 @@ def _decode(xp, params, code, ws=None):
     return x_hat
 
 
+def _decode_residual(xp, params, code, x, scale: float, ws=None):
+    """``(r, scale * r, sum of r^2)`` for the residual ``r = x_hat - x`` of the code's
+    decoding (:meth:`~sae_ref.backends.StandardBackend.decode_residual`: on a GPU one pass
+    over the rows); ``r`` in the workspace's reconstruction buffer when given. The code's
+    rows ascend, as in every code :func:`_select` makes."""
+    be = get_backend(xp)
+    B = code.shape[0]
+    buf = None if ws is None else ws.array("x_hat", xp, (B, params.d), params.W_dec.dtype, device_of(params.W_dec))
+    return be.decode_residual(code.rows, code.cols, code.values, params.W_dec, params.b_dec, x, scale, out=buf)
+
+
 def forward(params: SAEParams, x, config: SAEConfig) -> Forward:
     """Encode and decode ``x``, keeping what :func:`backward` needs."""
     xp = _check_params("forward", params, x, config)
@@ -347,13 +358,14 @@ def forward(params: SAEParams, x, config: SAEConfig) -> Forward:
 
 
 def _forward(xp, params: SAEParams, x, config: SAEConfig, select=None, ws=None,
-             exact: bool = True) -> Forward:
+             exact: bool = True, decode: bool = True) -> Forward:
     """:func:`forward` without the argument checks (training loops check once). ``select``,
     if given, replaces the selection (``select(pre) -> SparseCode``: data-parallel BatchTopK
     finds its cut across ranks); ``ws`` (a :class:`~sae_ref.workspace.Workspace`) holds the
     pre-activations, which then live only until the workspace's next use. ``exact=False``
     (the training step) keeps a padded code as it is (no host read); otherwise the code is
-    the exact one (:meth:`SparseCode.exact`)."""
+    the exact one (:meth:`SparseCode.exact`). ``decode=False``: no decoding (``x_hat`` is
+    None; the training step decodes with its loss, :func:`_decode_residual`)."""
     stats = None
     if config.standardize:
         x, stats = _standardize(xp, x, 1e-5)
@@ -370,8 +382,10 @@ def _forward(xp, params: SAEParams, x, config: SAEConfig, select=None, ws=None,
         bandwidth = config.bandwidth
         window = A._window(xp, pre, params.theta, bandwidth)
     P.mark("select", code.values)
-    x_hat = _decode(xp, params, code, ws)
-    P.mark("decode", x_hat)
+    x_hat = None
+    if decode:
+        x_hat = _decode(xp, params, code, ws)
+        P.mark("decode", x_hat)
     return Forward(x, pre, code, x_hat, stats, window, bandwidth, x_c)
 
 

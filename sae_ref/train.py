@@ -53,7 +53,8 @@ from sae_ref import optim as O
 from sae_ref import profile as P
 from sae_ref import theta as T
 from sae_ref.backends import PRECISIONS, get_backend, is_sync_free
-from sae_ref.sae import SAEConfig, SAEParams, _check_params, _forward, _standardize, backward, init_params
+from sae_ref.sae import (SAEConfig, SAEParams, _check_params, _decode_residual, _forward, _standardize, backward,
+                         init_params)
 from sae_ref.workspace import Workspace
 
 #: The smallest JumpReLU threshold a linear (not log) parameterisation is clipped to.
@@ -527,8 +528,15 @@ def _grads(xp, config: TrainConfig, params: SAEParams, since_fired, k_aux: int, 
     (``config``, ``k_aux``, the batch size) or given (``coeff``, ``aux_capacity``), never the
     step number: on a GPU it is what a captured graph replays."""
     B = x.shape[0] if dp is None else dp.B
-    fwd = _forward(xp, params, x, config.sae_config(), None if dp is None else dp.select, ws, exact=False)
-    mse, g_xhat = L._mse(xp, fwd.x_hat, fwd.x, config.loss_unit)
+    fwd = _forward(xp, params, x, config.sae_config(), None if dp is None else dp.select, ws, exact=False,
+                   decode=dp is not None)
+    if dp is None:  # decoded with the loss: the residual x_hat - x, the gradient, the sum of squares
+        n = L._mse_count(fwd.x, config.loss_unit)
+        residual, g_xhat, ss = _decode_residual(xp, params, fwd.code, fwd.x, 2.0 / n, ws)
+        P.mark("decode", residual)
+        mse = ss / n
+    else:
+        mse, g_xhat = L._mse(xp, fwd.x_hat, fwd.x, config.loss_unit)
     sparsity, g_code, g_theta, g_W_sp = _sparsity(xp, config, fwd, params, coeff)
     afa_value, g_code, g_b_dec_afa = _afa(xp, config, fwd, params, g_code)
     P.mark("loss", g_xhat)
@@ -543,9 +551,8 @@ def _grads(xp, config: TrainConfig, params: SAEParams, since_fired, k_aux: int, 
         # the gradients come scaled by the coefficient, the [B, d] reconstruction in the
         # workspace, and -g_ehat (the residual's gradient, "authors") is not formed
         c = config.aux_coeff
-        if dp is None:  # x_hat is not read again: it becomes x_hat - x in place
-            residual, negated = fwd.x_hat, True
-            residual -= fwd.x
+        if dp is None:  # x_hat - x from the decoding
+            negated = True
         else:
             residual, negated = fwd.x - fwd.x_hat, False
         aux = K._auxk(xp, fwd.pre, dead, residual, params.W_dec, k_aux,

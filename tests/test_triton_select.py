@@ -156,7 +156,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from sae_ref.backends import _triton_adam as A, _triton_select as S, _triton_sparse as P
+from sae_ref.backends import _triton_adam as A, _triton_decode as D, _triton_select as S, _triton_sparse as P
 
 target = GPUTarget("cuda", 90, 32)  # an H100/H200's architecture
 
@@ -200,6 +200,10 @@ for w in ("*fp32", "*fp64"):
     sums = {name: w for name in ("part_W_ptr", "part_X_ptr", "part_s_ptr", "out_W_ptr", "out_X_ptr", "out_s_ptr")}
     sums.update(crow_ptr="*i64", multi_first_ptr="*i64", h="i32", d="i32", part="i32")
     build(P._sum_parts_kernel, sums, {"BLOCK_L": 1, "BLOCK_D": 1024})
+    decode = {name: w for name in ("values_ptr", "W_ptr", "b_ptr", "x_ptr", "scale_ptr", "r_ptr", "g_ptr", "ss_ptr")}
+    decode.update(crow_ptr="*i64", cols_ptr="*i64", B="i32", d="i32")
+    for d in (1024, 4096):
+        build(D._decode_residual_kernel, decode, {"BLOCK_R": 1, "BLOCK_E": max(1, 4096 // d), "BLOCK_D": d})
 build(P._slots_kernel, {"crow_ptr": "*i64", "first_ptr": "*i64", "multi_first_ptr": "*i64",
                         "slot_latent_ptr": "*i64", "h": "i32", "n_slots": "i32", "part": "i32"}, {"CHUNK": 1024})
 print("compiled")
