@@ -78,6 +78,20 @@ class StandardBackend:
         contrib = v[:, None] * take(dense, ii, axis=0)
         return _segment_sums(xp, oi, contrib, n_out, dev)
 
+    def standardize(self, x, b, eps: float):
+        """Per-row standardisation, with the encoder's centred input: for ``x`` [B, d] returns
+        ``(x_std, mean, scale, x_std - b)`` with each row's mean and scale (its sample
+        standard deviation plus ``eps``), both [B, 1], and ``x_std = (x - mean) / scale``; the
+        last None when ``b`` ([d]) is. A backend may form them in one pass over the rows."""
+        xp = array_namespace(x)
+        # four passes and one new [B, d] array: the centred rows, divided in place
+        mean = xp.mean(x, axis=1, keepdims=True)
+        centred = x - mean
+        var = xp.vecdot(centred, centred, axis=-1)[:, None] / (x.shape[1] - 1)
+        scale = xp.sqrt(var) + eps
+        centred /= scale
+        return centred, mean, scale, None if b is None else centred - b
+
     def decode_residual(self, rows, cols, values, W, b, x, scale: float, *, out=None):
         """A code decoded against its input, with the squared error's parts: for a code ``f``
         (entries ``values`` at ``(rows, cols)``, shape (B, h), ``rows`` ascending as in every

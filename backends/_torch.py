@@ -232,6 +232,18 @@ class TorchBackend(StandardBackend):
             return out + (self.segment_sum(cols, out[0], W.shape[0]),) if with_sums else out
         return composed()
 
+    def standardize(self, x, b, eps):
+        composed = lambda: super(TorchBackend, self).standardize(x, b, eps)
+        if (b is not None and _fused(x, b) and x.dtype in (torch.float32, torch.float64) and b.dtype == x.dtype
+                and x.is_contiguous() and b.is_contiguous() and x.ndim == 2 and x.shape[0] > 0):
+            from ._triton_standardize import MAX_D, standardize
+
+            if x.shape[1] <= MAX_D:
+                # the rows' statistics, the standardised rows and the centred input in one pass
+                # (composed: seven launches, four passes over [B, d])
+                return _kernel("standardize", lambda: standardize(x, b, eps), composed)
+        return composed()
+
     def decode_residual(self, rows, cols, values, W, b, x, scale, *, out=None):
         composed = lambda: super(TorchBackend, self).decode_residual(rows, cols, values, W, b, x, scale,
                                                                      out=out)

@@ -108,6 +108,15 @@ class Ledger(TorchFunctionMode):
         self.pending.append((f"triton:{name}", read, written, 0, seconds))
         return out
 
+    @contextlib.contextmanager
+    def quiet(self):
+        """Torch calls the model makes for itself (not the step's): not recorded."""
+        before, self.paused = self.paused, True
+        try:
+            yield
+        finally:
+            self.paused = before
+
     def mark(self, phase: str):
         self.rows += [(phase, *call) for call in self.pending]
         self.pending = []
@@ -193,7 +202,7 @@ def fused_kernels(ledger, be):
     recorded by :meth:`Ledger.fused` with the bytes it moves; their values from the composed
     forms (which the tests check the kernels against)."""
     from sae_ref.backends import (StandardBackend, _triton, _triton_adam, _triton_decode, _triton_select,
-                                  _triton_sparse)
+                                  _triton_sparse, _triton_standardize)
 
     def group_keys(x, g, *, per_row):
         B, h = x.shape
@@ -207,7 +216,9 @@ def fused_kernels(ledger, be):
 
     def row_top_block(pre, cols, real, k):
         (B, h), cap = pre.shape, cols.shape[0]
-        gathered = min(B * cap * SECTOR, B * h * pre.element_size())  # sectors, at most the rows
+        with ledger.quiet():  # the sectors the block's columns lie in (a row's program reads each once)
+            sectors = torch.unique(cols[real] // (SECTOR // pre.element_size())).numel()
+        gathered = B * sectors * SECTOR
         return ledger.fused("row_top_block", lambda: StandardBackend.row_top_block(be, pre, cols, real, k),
                             cap * 8 + gathered, B * cap * pre.element_size())
 
@@ -266,6 +277,12 @@ def fused_kernels(ledger, be):
         read = n * (d * size + 8 + size) + (B * d + d) * size + (B + 1) * 8
         return ledger.fused("decode_residual", composed, read, 2 * B * d * size + B * size)
 
+    def standardize(x, b, eps):
+        # one read of the batch and the bias; the two [B, d] results and the rows' statistics
+        (B, d), size = x.shape, x.element_size()
+        return ledger.fused("standardize", lambda: StandardBackend.standardize(be, x, b, eps),
+                            (B * d + d) * size, (2 * B * d + 2 * B) * size)
+
     def slots(crow, n_slots, part):
         h = crow.shape[0] - 1
         return ledger.fused("slots", lambda: _triton_sparse.slots_composed(crow, n_slots, part),
@@ -275,6 +292,7 @@ def fused_kernels(ledger, be):
                                   "row_top_block": row_top_block},
                  _triton_adam: {"decoder_adam": decoder_adam, "adam": adam},
                  _triton_decode: {"rows_residual": rows_residual},
+                 _triton_standardize: {"standardize": standardize},
                  _triton_sparse: {"products": products, "slots": slots,
                                   "default_part": lambda B: _triton_sparse.PART}}
     saved = _triton.usable, [(mod, name, getattr(mod, name)) for mod, fs in stand_ins.items() for name in fs]

@@ -179,13 +179,8 @@ def standardize(x, *, eps: float = 1e-5):
 
 
 def _standardize(xp, x, eps):
-    # four passes and one new [B, d] array: the centred rows, divided in place
-    mean = xp.mean(x, axis=1, keepdims=True)
-    centred = x - mean
-    var = xp.vecdot(centred, centred, axis=-1)[:, None] / (x.shape[1] - 1)
-    scale = xp.sqrt(var) + eps
-    centred /= scale
-    return centred, Standardization(mean, scale)
+    s, mean, scale, _ = get_backend(xp).standardize(x, None, eps)
+    return s, Standardization(mean, scale)
 
 
 def unstandardize(y, stats: Standardization):
@@ -367,11 +362,13 @@ def _forward(xp, params: SAEParams, x, config: SAEConfig, select=None, ws=None,
     the exact one (:meth:`SparseCode.exact`). ``decode=False``: no decoding (``x_hat`` is
     None; the training step decodes with its loss, :func:`_decode_residual`)."""
     stats = None
-    if config.standardize:
-        x, stats = _standardize(xp, x, 1e-5)
+    if config.standardize:  # with x - b_dec, kept for the backward pass (not formed twice)
+        x, mean, scale, x_c = get_backend(xp).standardize(x, params.b_dec, 1e-5)
+        stats = Standardization(mean, scale)
+    else:
+        x_c = x - params.b_dec
     P.mark("standardize", x)
     g = _group(config, x, params.h) if select is None else 1
-    x_c = x - params.b_dec  # kept for the backward pass: not formed twice
     pre, maxima = _pre(xp, params, x, ws, g, config.precision, x_c=x_c)
     P.mark("encoder gemm", pre)
     code = _select(xp, pre, config, params, x, maxima) if select is None else select(pre)
@@ -470,7 +467,7 @@ def backward(params: SAEParams, fwd: Forward, g_xhat, *, g_code=None, g_theta=No
         g_W_dec = _add_transposed_product(xp, be, extra, G, g_W_dec)
     if g_pre_extra is not None:  # its own product: its entries may fill a dense block (AuxK)
         g_W_enc = _add_transposed_product(xp, be, g_pre_extra, x_c, g_W_enc)
-        g_b_enc = g_b_enc + _column_sums(xp, be, g_pre_extra)
+        g_b_enc = _add_column_sums(xp, be, g_pre_extra, g_b_enc)
     g_W_enc = g_W_enc.T
     g_b_dec = xp.sum(g_xhat, axis=0) - params.W_enc @ g_b_enc
     g_th = None
@@ -494,12 +491,16 @@ def _add_transposed_product(xp, be, M, dense, out):
     return be.spmm(M.cols, M.rows, M.values, dense, h, out=out, accumulate=True)
 
 
-def _column_sums(xp, be, M):
-    """Each column's sum of a (B, h) SparseCode or ColumnBlock, shape [h]."""
+def _add_column_sums(xp, be, M, out):
+    """``out`` ([h]) plus each column's sum of a (B, h) SparseCode or ColumnBlock (a block's
+    sums added at its columns alone, as its rows are in :func:`_add_transposed_product`)."""
     if isinstance(M, ColumnBlock):
         sums = xp.sum(M.values, axis=0)
-        return sums if M.every else be.segment_sum(M.cols, sums, M.shape[1])
-    return be.segment_sum(M.cols, M.values, M.shape[1])
+        if M.every:
+            return out + sums
+        h, n = out.shape[0], sums.shape[0]
+        return xp.reshape(be.add_rows_at(xp.reshape(out, (h, 1)), M.cols, xp.reshape(sums, (n, 1))), (h,))
+    return out + be.segment_sum(M.cols, M.values, M.shape[1])
 
 
 def _theta_grad(xp, be, params, fwd, g_xhat, g_code):

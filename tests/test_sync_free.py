@@ -200,7 +200,7 @@ def test_auxk_block_sized_by_a_bound_gives_the_exact_products(backend, n_dead, c
     padding that repeats column 0 with zero values) gives the exact AuxK's loss and the same
     (B, h) activations and gradient as a dense matrix, and the same decoder gradient, encoder
     gradient and column sums through the backward pass's block products."""
-    from sae_ref.sae import _add_transposed_product, _column_sums
+    from sae_ref.sae import _add_column_sums, _add_transposed_product
     from sae_ref.sparse import ColumnBlock
 
     rng = np.random.default_rng(n_dead + cap)
@@ -229,13 +229,13 @@ def test_auxk_block_sized_by_a_bound_gives_the_exact_products(backend, n_dead, c
 
     assert_close(dense(a), backend.numpy(exact.code.to_dense()), rtol=1e-12, atol=1e-12)
     assert_close(dense(g_a), backend.numpy(g_pre.to_dense()), rtol=1e-12, atol=1e-12)
-    zeros = lambda: xp.zeros((h, d), dtype=W.dtype, device=backend.device)
+    zeros = lambda *shape: xp.zeros(shape or (h, d), dtype=W.dtype, device=backend.device)
     with sync_free(True):
         products = [_add_transposed_product(xp, be, a, got.g_ehat, zeros()),
-                    _add_transposed_product(xp, be, g_a, X, zeros()), _column_sums(xp, be, g_a)]
+                    _add_transposed_product(xp, be, g_a, X, zeros()), _add_column_sums(xp, be, g_a, zeros(h))]
     with sync_free(False):
         wanted = [_add_transposed_product(xp, be, exact.code, exact.g_ehat, zeros()),
-                  _add_transposed_product(xp, be, g_pre, X, zeros()), _column_sums(xp, be, g_pre)]
+                  _add_transposed_product(xp, be, g_pre, X, zeros()), _add_column_sums(xp, be, g_pre, zeros(h))]
     for p, w in zip(products, wanted):
         assert_close(backend.numpy(p), backend.numpy(w), rtol=1e-12, atol=1e-12)
 

@@ -157,6 +157,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from sae_ref.backends import _triton_adam as A, _triton_decode as D, _triton_select as S, _triton_sparse as P
+from sae_ref.backends import _triton_standardize as Z
 
 target = GPUTarget("cuda", 90, 32)  # an H100/H200's architecture
 
@@ -204,6 +205,9 @@ for w in ("*fp32", "*fp64"):
     decode.update(crow_ptr="*i64", cols_ptr="*i64", B="i32", d="i32")
     for d in (1024, 4096):
         build(D._decode_residual_kernel, decode, {"BLOCK_R": 1, "BLOCK_E": max(1, 4096 // d), "BLOCK_D": d})
+    rows = {name: w for name in ("x_ptr", "b_ptr", "s_ptr", "c_ptr", "mean_ptr", "scale_ptr")}
+    rows.update(B="i32", d="i32", eps="fp64")
+    build(Z._standardize_kernel, rows, {"BLOCK_R": 1, "BLOCK_D": 1024})
 build(P._slots_kernel, {"crow_ptr": "*i64", "first_ptr": "*i64", "multi_first_ptr": "*i64",
                         "slot_latent_ptr": "*i64", "h": "i32", "n_slots": "i32", "part": "i32"}, {"CHUNK": 1024})
 print("compiled")
