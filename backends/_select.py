@@ -249,23 +249,33 @@ def _top_n_fixed_keyed(xp, be, x, n: int, axis, g: int):
     maximal entry, :meth:`~StandardBackend.group_argmax`, keyed by its position). Each of the
     n largest entries lies in one of the n groups with the largest keys: a group outside
     them has n groups above it, each with an entry above every entry of that group. So the
-    top n of the n g entries of those groups is the answer. Work: one pass for the group
-    keys (:meth:`~StandardBackend.group_keys`), a top-k over ``B h / g`` keys, the chosen
-    groups' entries keyed (:meth:`~StandardBackend.candidate_keys`) and a top-k over ``n g``
-    (per row: each row's top ``n`` groups, then each row's top ``n`` of its ``n g``
-    candidates). The kept entries' positions are read off their keys' low bits, and the cut
-    is the entry with the smallest kept key.
+    top n of the n g entries of those groups is the answer.
+
+    The same argument brackets those n g entries once more: cut each chosen group into
+    subgroups of ``s`` slabs (:func:`_subgroup`, four a group). A subgroup outside the chosen
+    groups has a key below the n chosen groups' keys, each of which is a subgroup's key, so
+    the n largest subgroups of the whole array lie among the chosen groups' ``n g / s``, and
+    the answer is the top n of the ``n s`` entries of those n subgroups. Work: one pass for
+    the group keys (:meth:`~StandardBackend.group_keys`), a top-k over ``B h / g`` keys
+    (:func:`_top_keys`), the chosen groups' subgroup keys
+    (:meth:`~StandardBackend.subgroup_keys`) and a top-k over ``n g / s``, the chosen
+    subgroups' entries keyed (:meth:`~StandardBackend.subgroup_entry_keys`) and a top-k over
+    ``n s`` (at g = 16: two top-k over 4n keys where one over 16n was). Per row, each step
+    takes each row's top n. The kept entries' positions are read off their keys' low bits,
+    and the cut is the entry with the smallest kept key.
     """
     B, h = x.shape
     dev = device_of(x)
     per_row = axis is not None
     keys = be.group_keys(x, g, per_row=per_row)  # [B, h/g]
     q = _top_keys(xp, be, keys if per_row else xp.reshape(keys, (-1,)), n)
-    cand = be.candidate_keys(x, q, g, per_row=per_row)  # [n g], or [B, n g]
+    s = _subgroup(g)
+    sub = be.subgroup_keys(x, q, g, s, per_row=per_row)  # [n g/s], or [B, n g/s]
+    cand = be.subgroup_entry_keys(x, _take_top(xp, be, sub, n, axis), g, s, per_row=per_row)  # [n s]
     top = be.top_indices(cand, n, axis=axis)
     if per_row:
         rows = xp.arange(B, dtype=xp.int64, device=dev)[:, None]
-        kept = xp.reshape(take(xp.reshape(cand, (-1,)), xp.reshape(rows * (n * g) + top, (-1,))), (B, n))
+        kept = xp.reshape(take(xp.reshape(cand, (-1,)), xp.reshape(rows * (n * s) + top, (-1,))), (B, n))
         pos = _position(kept)  # each row's columns
         last = _position(xp.min(kept, axis=-1, keepdims=True))
         flat_pos = xp.reshape(rows * h + xp.sort(pos, axis=-1), (-1,))
@@ -273,6 +283,23 @@ def _top_n_fixed_keyed(xp, be, x, n: int, axis, g: int):
     kept = take(cand, top)
     last = _position(xp.min(kept))
     return xp.sort(_position(kept)), take(xp.reshape(x, (-1,)), xp.reshape(last, (1,)))[0]
+
+
+def _subgroup(g: int) -> int:
+    """The slabs of a subgroup in :func:`_top_n_fixed_keyed`'s second bracket: four subgroups
+    a group (one slab each below 4 slabs)."""
+    return max(1, g // 4)
+
+
+def _take_top(xp, be, keys, n: int, axis):
+    """The ``n`` largest of the distinct ``keys`` (1-D, or each row's of a 2-D array), in no
+    particular order."""
+    top = be.top_indices(keys, n, axis=axis)
+    if axis is None:
+        return take(keys, top)
+    B, m = keys.shape
+    rows = xp.arange(B, dtype=top.dtype, device=device_of(keys))[:, None]
+    return xp.reshape(take(xp.reshape(keys, (-1,)), xp.reshape(rows * m + top, (-1,))), top.shape)
 
 
 #: the largest run of group keys bracketed by its maximum (:func:`_top_keys`)

@@ -255,6 +255,42 @@ class StandardBackend:
         cand = xp.reshape((q // w * h + q % w)[:, None] + slab[None, :], (-1,))
         return _keys(xp, self, take(flat, cand), cand)
 
+    def subgroup_keys(self, x, q, g: int, s: int, *, per_row: bool):
+        """The key of each subgroup's largest entry, for the chosen column groups ``q`` (as in
+        :meth:`candidate_keys`) cut into ``g / s`` subgroups of ``s`` consecutive slabs (slabs
+        ``u s .. u s + s - 1``): [n g/s] over the whole array (group ``i``'s subgroup ``u`` at
+        ``i g/s + u``), [B, n g/s] per row. The keys are distinct, so a subgroup's key is its
+        largest entry's key, which names the entry."""
+        xp = array_namespace(x)
+        keys = self.candidate_keys(x, q, g, per_row=per_row)
+        lead = keys.shape[:-1]
+        m = keys.shape[-1] // s
+        return xp.max(xp.reshape(keys, lead + (m, s)), axis=-1)
+
+    def subgroup_entry_keys(self, x, top, g: int, s: int, *, per_row: bool):
+        """The keys of every entry of the subgroups (of ``s`` slabs, :meth:`subgroup_keys`)
+        whose largest entries have the keys ``top`` ([n], or [B, n] per row): [n s] (the
+        subgroup of ``top[i]`` at ``i s .. i s + s - 1``, slabs in order), or [B, n s]."""
+        from ._select import _keys, _position
+
+        xp = array_namespace(x)
+        B, h = x.shape
+        w = h // g
+        dev = device_of(x)
+        pos = _position(top)  # the flat index, or per row the column
+        col = pos if per_row else pos % h
+        first = (col // w) // s * s  # the subgroup's first slab
+        slab = xp.arange(s, dtype=xp.int64, device=dev)
+        cols = (col % w)[..., None] + (first[..., None] + slab) * w
+        flat = xp.reshape(x, (-1,))
+        if per_row:
+            n = top.shape[1]
+            rows = xp.arange(B, dtype=xp.int64, device=dev)[:, None, None]
+            vals = xp.reshape(take(flat, xp.reshape(rows * h + cols, (-1,))), (B, n * s))
+            return _keys(xp, self, vals, xp.reshape(cols, (B, n * s)))
+        at = xp.reshape((pos // h * h)[:, None] + cols, (-1,))
+        return _keys(xp, self, take(flat, at), at)
+
     def add_rows_at(self, out, cols, rows):
         """``out[cols[i]] += rows[i]`` for a 2-D ``out`` and ``rows`` [n, d]; returns the sum,
         in ``out`` where the library allows. ``cols`` are unique but for repeats whose rows are

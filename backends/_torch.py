@@ -397,12 +397,22 @@ class TorchBackend(StandardBackend):
             return _kernel("group_keys", lambda: group_keys(x, g, per_row=per_row), composed)  # one pass
         return composed()
 
-    def candidate_keys(self, x, q, g, *, per_row):
-        composed = lambda: super(TorchBackend, self).candidate_keys(x, q, g, per_row=per_row)
+    def subgroup_keys(self, x, q, g, s, *, per_row):
+        composed = lambda: super(TorchBackend, self).subgroup_keys(x, q, g, s, per_row=per_row)
         if _fused(x, q) and x.dtype in _KEYED and x.is_contiguous() and g <= 64:
-            from ._triton_select import candidate_keys
+            from ._triton_select import subgroup_keys
 
-            return _kernel("candidate_keys", lambda: candidate_keys(x, q, g, per_row=per_row), composed)
+            # the chosen groups' entries keyed and their subgroups' maxima taken in registers
+            return _kernel("subgroup_keys", lambda: subgroup_keys(x, q, g, s, per_row=per_row), composed)
+        return composed()
+
+    def subgroup_entry_keys(self, x, top, g, s, *, per_row):
+        composed = lambda: super(TorchBackend, self).subgroup_entry_keys(x, top, g, s, per_row=per_row)
+        if _fused(x, top) and x.dtype in _KEYED and x.is_contiguous() and g <= 64:
+            from ._triton_select import subgroup_entry_keys
+
+            return _kernel("subgroup_entry_keys", lambda: subgroup_entry_keys(x, top, g, s, per_row=per_row),
+                           composed)
         return composed()
 
     def add_rows_at(self, out, cols, rows):

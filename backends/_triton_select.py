@@ -1,11 +1,13 @@
-"""The keyed selection's two passes over the data as fused Triton kernels.
+"""The keyed selection's passes over the data as fused Triton kernels.
 
 :func:`group_keys` reads the [B, h] pre-activations once and writes the [B, h/g] int64 keys
 of the column groups' first maximal entries; the composed form
 (:meth:`~sae_ref.backends.StandardBackend.group_keys`) is a max-with-argmax pass and about a
-dozen elementwise passes over the group arrays. :func:`candidate_keys` gathers the chosen
-groups' entries and keys them in one pass (composed: index arithmetic, a gather and the same
-dozen passes). Both write exactly the composed form's keys, bit for bit (the tests check it):
+dozen elementwise passes over the group arrays. :func:`subgroup_keys` gathers the chosen
+groups' entries, keys them and keeps each subgroup's largest key in one pass, and
+:func:`subgroup_entry_keys` gathers and keys the entries of the chosen subgroups, named by
+their keys (composed: index arithmetic, a gather and the same dozen passes). Each writes
+exactly the composed form's keys, bit for bit (the tests check it):
 
 - a value is widened to float32, ``-0.0`` made ``+0.0`` (the two are equal values), and its
   bits made order-preserving as a signed integer (a negative value's magnitude bits flipped);
@@ -64,8 +66,8 @@ def _group_keys_kernel(x_ptr, out_ptr, total, h, w, per_row: tl.constexpr, G: tl
 
 
 @triton.jit
-def _candidate_keys_kernel(x_ptr, q_ptr, out_ptr, total, n, h, w, per_row: tl.constexpr,
-                           G: tl.constexpr, BLOCK: tl.constexpr):
+def _subgroup_keys_kernel(x_ptr, q_ptr, out_ptr, total, n, h, w, per_row: tl.constexpr,
+                          G: tl.constexpr, S: tl.constexpr, BLOCK: tl.constexpr):
     p = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)  # r n + i
     s = tl.arange(0, G).to(tl.int64)
     inside = p < total
@@ -78,8 +80,30 @@ def _candidate_keys_kernel(x_ptr, q_ptr, out_ptr, total, n, h, w, per_row: tl.co
         at = (q // w * h + q % w)[:, None] + s[None, :] * w
         pos = at
     val = tl.load(x_ptr + at, mask=inside[:, None], other=0.0).to(tl.float32)
-    key = _ordered_key(_ordered_bits(val), pos)
-    tl.store(out_ptr + p[:, None] * G + s[None, :], key, mask=inside[:, None])
+    key = tl.max(tl.reshape(_ordered_key(_ordered_bits(val), pos), [BLOCK, G // S, S]), axis=2)
+    u = tl.arange(0, G // S).to(tl.int64)
+    tl.store(out_ptr + p[:, None] * (G // S) + u[None, :], key, mask=inside[:, None])
+
+
+@triton.jit
+def _subgroup_entry_keys_kernel(x_ptr, top_ptr, out_ptr, total, n, h, w, per_row: tl.constexpr,
+                                S: tl.constexpr, BLOCK: tl.constexpr):
+    p = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)  # r n + i
+    inside = p < total
+    top = tl.load(top_ptr + p, mask=inside, other=0)
+    pos = 4294967295 - (top & 4294967295)  # the subgroup's largest entry
+    if per_row:
+        row = p // n
+        col = pos
+    else:
+        row = pos // h
+        col = pos % h
+    first = (col // w) // S * S  # the subgroup's first slab
+    c = (col % w)[:, None] + (first[:, None] + tl.arange(0, S).to(tl.int64)[None, :]) * w  # [BLOCK, S]
+    at = (row * h)[:, None] + c
+    val = tl.load(x_ptr + at, mask=inside[:, None], other=0.0).to(tl.float32)
+    key = _ordered_key(_ordered_bits(val), c if per_row else at)
+    tl.store(out_ptr + p[:, None] * S + tl.arange(0, S).to(tl.int64)[None, :], key, mask=inside[:, None])
 
 
 def _block(g: int) -> int:
@@ -100,18 +124,30 @@ def group_keys(x, g: int, *, per_row: bool):
     return out
 
 
-def candidate_keys(x, q, g: int, *, per_row: bool):
-    """:meth:`~sae_ref.backends.StandardBackend.candidate_keys` in one kernel."""
+def subgroup_keys(x, q, g: int, s: int, *, per_row: bool):
+    """:meth:`~sae_ref.backends.StandardBackend.subgroup_keys` in one kernel."""
     B, h = x.shape
-    w = h // g
     q = q.contiguous()
     n = q.shape[-1]
-    out = torch.empty(q.shape + (g,), dtype=torch.int64, device=x.device)
+    out = torch.empty(q.shape + (g // s,), dtype=torch.int64, device=x.device)
     block = _block(g)
-    _candidate_keys_kernel[(triton.cdiv(q.numel(), block),)](x, q, out, q.numel(), n, h, w,
-                                                             per_row=per_row, G=g, BLOCK=block,
-                                                             enable_fp_fusion=False)
-    return out.reshape(B, n * g) if per_row else out.reshape(-1)
+    _subgroup_keys_kernel[(triton.cdiv(q.numel(), block),)](x, q, out, q.numel(), n, h, h // g,
+                                                            per_row=per_row, G=g, S=s, BLOCK=block,
+                                                            enable_fp_fusion=False)
+    return out.reshape(B, n * (g // s)) if per_row else out.reshape(-1)
+
+
+def subgroup_entry_keys(x, top, g: int, s: int, *, per_row: bool):
+    """:meth:`~sae_ref.backends.StandardBackend.subgroup_entry_keys` in one kernel."""
+    B, h = x.shape
+    top = top.contiguous()
+    n = top.shape[-1]
+    out = torch.empty(top.shape + (s,), dtype=torch.int64, device=x.device)
+    block = _block(s)
+    _subgroup_entry_keys_kernel[(triton.cdiv(top.numel(), block),)](x, top, out, top.numel(), n, h, h // g,
+                                                                    per_row=per_row, S=s, BLOCK=block,
+                                                                    enable_fp_fusion=False)
+    return out.reshape(B, n * s) if per_row else out.reshape(-1)
 
 
 #: the widest block :func:`row_top_block` keeps a row of in registers

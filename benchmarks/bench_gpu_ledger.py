@@ -209,10 +209,17 @@ def fused_kernels(ledger, be):
         return ledger.fused("group_keys", lambda: StandardBackend.group_keys(be, x, g, per_row=per_row),
                             x.numel() * x.element_size(), B * (h // g) * 8)
 
-    def candidate_keys(x, q, g, *, per_row):
+    def subgroup_keys(x, q, g, s, *, per_row):
         m = q.numel() * g  # entries gathered, each from its own sector
-        return ledger.fused("candidate_keys", lambda: StandardBackend.candidate_keys(be, x, q, g, per_row=per_row),
-                            q.numel() * 8 + m * SECTOR, m * 8)
+        return ledger.fused("subgroup_keys",
+                            lambda: StandardBackend.subgroup_keys(be, x, q, g, s, per_row=per_row),
+                            q.numel() * 8 + m * SECTOR, m // s * 8)
+
+    def subgroup_entry_keys(x, top, g, s, *, per_row):
+        m = top.numel() * s
+        return ledger.fused("subgroup_entry_keys",
+                            lambda: StandardBackend.subgroup_entry_keys(be, x, top, g, s, per_row=per_row),
+                            top.numel() * 8 + m * SECTOR, m * 8)
 
     def row_top_block(pre, cols, real, k):
         (B, h), cap = pre.shape, cols.shape[0]
@@ -288,7 +295,8 @@ def fused_kernels(ledger, be):
         return ledger.fused("slots", lambda: _triton_sparse.slots_composed(crow, n_slots, part),
                             (h + 1) * 8, (2 * h + n_slots) * 8)
 
-    stand_ins = {_triton_select: {"group_keys": group_keys, "candidate_keys": candidate_keys,
+    stand_ins = {_triton_select: {"group_keys": group_keys, "subgroup_keys": subgroup_keys,
+                                  "subgroup_entry_keys": subgroup_entry_keys,
                                   "row_top_block": row_top_block},
                  _triton_adam: {"decoder_adam": decoder_adam, "adam": adam},
                  _triton_decode: {"rows_residual": rows_residual},

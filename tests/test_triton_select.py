@@ -61,9 +61,12 @@ def test_fused_group_keys_equal_composed_keys_bit_for_bit(device, dtype, data, p
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", list(DTYPES))
-@given(data=tied_matrices(), per_row=st.booleans(), seed=st.integers(0, 2**16))
+@given(data=tied_matrices(), per_row=st.booleans(), seed=st.integers(0, 2**16), s=st.sampled_from([1, 2, 4]))
 @settings(max_examples=15)
-def test_fused_candidate_keys_equal_composed_keys_bit_for_bit(device, dtype, data, per_row, seed):
+def test_fused_subgroup_keys_and_their_entries_keys_equal_composed_bit_for_bit(device, dtype, data, per_row,
+                                                                               seed, s):
+    """The chosen groups' subgroup keys, then the keys of the entries of some of those
+    subgroups (named by their keys), from the kernels and from the composed forms."""
     x_np, g = data
     x = torch.as_tensor(x_np).to(DTYPES[dtype]).to(device)
     B, h = x.shape
@@ -76,9 +79,19 @@ def test_fused_candidate_keys_equal_composed_keys_bit_for_bit(device, dtype, dat
         n = int(torch.randint(1, B * w + 1, (1,), generator=gen))
         q = torch.randperm(B * w, generator=gen)[:n]
     q = q.to(device)
-    want = _composed("candidate_keys", x, q, g, per_row=per_row)
-    got = _fused("candidate_keys", x, q, g, per_row=per_row)
+    want = _composed("subgroup_keys", x, q, g, s, per_row=per_row)
+    got = _fused("subgroup_keys", x, q, g, s, per_row=per_row)
+    assert got.shape == (B, n * g // s) if per_row else (n * g // s,)
     assert torch.equal(got.cpu(), want.cpu())
+    m = int(torch.randint(1, n * g // s + 1, (1,), generator=gen))  # some subgroups, in any order
+    pick = torch.stack([torch.randperm(n * g // s, generator=gen)[:m] for _ in range(B)]) if per_row else \
+        torch.randperm(n * g // s, generator=gen)[:m]
+    top = torch.gather(want, 1, pick.to(device)) if per_row else want[pick.to(device)]
+    want = _composed("subgroup_entry_keys", x, top, g, s, per_row=per_row)
+    got = _fused("subgroup_entry_keys", x, top, g, s, per_row=per_row)
+    assert torch.equal(got.cpu(), want.cpu())
+    # each subgroup's largest entry key is the key that named it
+    assert torch.equal(want.reshape(*top.shape, s).amax(-1).cpu(), top.cpu())
 
 
 def _oracle(x, n, per_row):
@@ -171,9 +184,6 @@ for per_row in (True, False):
     for x in ("*fp32", "*fp16", "*bf16"):
         build(S._group_keys_kernel, {"x_ptr": x, "out_ptr": "*i64", "total": "i64", "h": "i32", "w": "i32"},
               {"per_row": per_row, "G": 16, "BLOCK": 128})
-        build(S._candidate_keys_kernel, {"x_ptr": x, "q_ptr": "*i64", "out_ptr": "*i64", "total": "i64",
-                                         "n": "i32", "h": "i32", "w": "i32"},
-              {"per_row": per_row, "G": 16, "BLOCK": 128})
 for block in (256, 8192):
     build(S._row_top_block_kernel, {"pre_ptr": "*fp32", "cols_ptr": "*i64", "out_ptr": "*fp32", "B": "i32",
                                     "h": "i32", "cap": "i32", "n": "i32"}, {"ROWS": 1, "BLOCK": block})
@@ -206,6 +216,11 @@ for w in ("*fp32", "*fp64"):
     for d in (1024, 4096):
         build(D._decode_residual_kernel, decode, {"BLOCK_R": 1, "BLOCK_E": max(1, 4096 // d), "BLOCK_D": d})
     rows = {name: w for name in ("x_ptr", "b_ptr", "s_ptr", "c_ptr", "mean_ptr", "scale_ptr")}
+    for x in ("*fp32", "*bf16"):
+        common = {"x_ptr": x, "out_ptr": "*i64", "total": "i64", "n": "i32", "h": "i32", "w": "i32"}
+        for per_row in (True, False):
+            build(S._subgroup_keys_kernel, {**common, "q_ptr": "*i64"}, {"per_row": per_row, "G": 16, "S": 4, "BLOCK": 128})
+            build(S._subgroup_entry_keys_kernel, {**common, "top_ptr": "*i64"}, {"per_row": per_row, "S": 4, "BLOCK": 128})
     rows.update(B="i32", d="i32", eps="fp64")
     build(Z._standardize_kernel, rows, {"BLOCK_R": 1, "BLOCK_D": 1024})
 build(P._slots_kernel, {"crow_ptr": "*i64", "first_ptr": "*i64", "multi_first_ptr": "*i64",
