@@ -414,6 +414,21 @@ class StandardBackend:
         W, m, v = self.adam(W, g, m, v, lr=lr, b1=b1, b2=b2, eps=eps, t=t, inplace=inplace)
         return _unit(xp, W), m, v
 
+    def adam_sums(self, p, g, m, v, *, lr: float, b1: float, b2: float, eps: float, t: int,
+                  inplace: bool = False):
+        """:meth:`adam` with the gradient's :meth:`sum_squares` (a term of the global norm):
+        ``(p, m, v, sum of g^2)``. A backend may take the sum in the step's own pass."""
+        ss = self.sum_squares(g)
+        return (*self.adam(p, g, m, v, lr=lr, b1=b1, b2=b2, eps=eps, t=t, inplace=inplace), ss)
+
+    def decoder_adam_sums(self, W, g, m, v, *, lr: float, b1: float, b2: float, eps: float, t: int,
+                          order: str, inplace: bool = False):
+        """:meth:`decoder_adam` with the sum of squares of ``g`` as given (before the
+        projection): ``(W, m, v, sum of g^2)``, as :meth:`adam_sums`."""
+        ss = self.sum_squares(g)
+        return (*self.decoder_adam(W, g, m, v, lr=lr, b1=b1, b2=b2, eps=eps, t=t, order=order,
+                                   inplace=inplace), ss)
+
     def sum_squares(self, g):
         """:math:`\\sum g^2` over every entry of ``g``, a 0-D array."""
         xp = array_namespace(g)

@@ -328,9 +328,7 @@ class TorchBackend(StandardBackend):
                   eps=eps, amsgrad=False, maximize=False)
             return p, m, v
 
-        if (_fused(p, g, m, v) and (p.is_contiguous() or self.is_column_major(p))
-                and all(a.shape == p.shape and a.dtype == p.dtype and a.device == p.device
-                        and a.stride() == p.stride() for a in (g, m, v))):
+        if self._adam_kernel(p, g, m, v):
             from ._triton_adam import adam
 
             def fused():
@@ -342,6 +340,26 @@ class TorchBackend(StandardBackend):
             return _kernel("adam", fused, composed)
         return composed()
 
+    def _adam_kernel(self, p, g, m, v) -> bool:
+        """Whether the fused Adam kernel takes these tensors."""
+        return (_fused(p, g, m, v) and p.dtype in (torch.float32, torch.float64)
+                and (p.is_contiguous() or self.is_column_major(p))
+                and all(a.shape == p.shape and a.dtype == p.dtype and a.device == p.device
+                        and a.stride() == p.stride() for a in (g, m, v)))
+
+    def adam_sums(self, p, g, m, v, *, lr, b1, b2, eps, t, inplace=False):
+        if self._adam_kernel(p, g, m, v):
+            from ._triton_adam import adam
+
+            if not inplace:
+                p, m, v = (a.clone(memory_format=torch.preserve_format) for a in (p, m, v))
+            # the sum of g^2 from the step's own pass: the gradient is read once, not twice
+            fused = lambda: (p, m, v, adam(p, g, m, v, lr=lr, b1=b1, b2=b2, eps=eps, t=t, sums=True))
+            composed = lambda: super(TorchBackend, self).adam_sums(p, g, m, v, lr=lr, b1=b1, b2=b2, eps=eps,
+                                                                   t=t, inplace=True)
+            return _kernel("adam", fused, composed)
+        return super().adam_sums(p, g, m, v, lr=lr, b1=b1, b2=b2, eps=eps, t=t, inplace=inplace)
+
     def decoder_adam(self, W, g, m, v, *, lr, b1, b2, eps, t, order, inplace=False):
         if _on_cpu(W, g, m, v) and all(a.is_contiguous() for a in (W, g, m, v)):
             if not inplace:
@@ -349,26 +367,43 @@ class TorchBackend(StandardBackend):
             out = _numpy().decoder_adam(W.numpy(), g.numpy(), m.numpy(), v.numpy(), lr=lr, b1=b1,
                                         b2=b2, eps=eps, t=t, order=order, inplace=True)
             return tuple(torch.from_numpy(a) for a in out)  # views of W, m, v when fused
-        if (_fused(W, g, m, v) and W.dtype in (torch.float32, torch.float64)
-                and all(a.dtype == W.dtype and a.is_contiguous() for a in (g, m, v)) and W.is_contiguous()):
-            from sae_ref.decoder import TINY
-
-            from ._triton_adam import decoder_adam
-
-            if not inplace:
-                W, m, v = W.clone(), m.clone(), v.clone()
-
-            def fused():
-                # one kernel: each row's norm, projection, Adam step (and renormalisation) in
-                # registers, where the composed form makes about ten passes over [h, d]
-                decoder_adam(W, g, m, v, lr=lr, b1=b1, b2=b2, eps=eps, t=t, order=order, tiny=TINY)
-                return W, m, v
-
-            composed = lambda: super(TorchBackend, self).decoder_adam(
-                W, g, m, v, lr=lr, b1=b1, b2=b2, eps=eps, t=t, order=order, inplace=True)
-            return _kernel("decoder_adam", fused, composed)
+        if self._decoder_adam_kernel(W, g, m, v):
+            return self._decoder_adam_fused(W, g, m, v, lr=lr, b1=b1, b2=b2, eps=eps, t=t, order=order,
+                                            inplace=inplace, sums=False)
         return super().decoder_adam(W, g, m, v, lr=lr, b1=b1, b2=b2, eps=eps, t=t, order=order,
                                     inplace=inplace)
+
+    def decoder_adam_sums(self, W, g, m, v, *, lr, b1, b2, eps, t, order, inplace=False):
+        if self._decoder_adam_kernel(W, g, m, v):
+            return self._decoder_adam_fused(W, g, m, v, lr=lr, b1=b1, b2=b2, eps=eps, t=t, order=order,
+                                            inplace=inplace, sums=True)
+        return super().decoder_adam_sums(W, g, m, v, lr=lr, b1=b1, b2=b2, eps=eps, t=t, order=order,
+                                         inplace=inplace)
+
+    @staticmethod
+    def _decoder_adam_kernel(W, g, m, v) -> bool:
+        """Whether the fused decoder Adam kernel takes these tensors."""
+        return (_fused(W, g, m, v) and W.dtype in (torch.float32, torch.float64)
+                and all(a.dtype == W.dtype and a.is_contiguous() for a in (g, m, v)) and W.is_contiguous())
+
+    def _decoder_adam_fused(self, W, g, m, v, *, lr, b1, b2, eps, t, order, inplace, sums):
+        from sae_ref.decoder import TINY
+
+        from ._triton_adam import decoder_adam
+
+        if not inplace:
+            W, m, v = W.clone(), m.clone(), v.clone()
+
+        def fused():
+            # one kernel: each row's norm, projection, Adam step (and renormalisation) in
+            # registers, where the composed form makes about ten passes over [h, d]; with
+            # ``sums`` the gradient's sum of squares from the same pass
+            ss = decoder_adam(W, g, m, v, lr=lr, b1=b1, b2=b2, eps=eps, t=t, order=order, tiny=TINY, sums=sums)
+            return (W, m, v, ss) if sums else (W, m, v)
+
+        plain = super().decoder_adam_sums if sums else super().decoder_adam
+        composed = lambda: plain(W, g, m, v, lr=lr, b1=b1, b2=b2, eps=eps, t=t, order=order, inplace=True)
+        return _kernel("decoder_adam", fused, composed)
 
     def add_row_vector(self, x, v):
         if _on_cpu(x, v) and x.is_contiguous():  # the NumPy kernel on views, in place

@@ -89,16 +89,18 @@ def _adam_math(p, g, m, v, lr_t, b1, one_minus_b1, b2, one_minus_b2, eps, bc2_sq
 
 
 @triton.jit
-def _adam_flat(p_ptr, g_ptr, m_ptr, v_ptr, n,
+def _adam_flat(p_ptr, g_ptr, m_ptr, v_ptr, ss_ptr, n,
                lr_t: tl.float64, b1: tl.float64, one_minus_b1: tl.float64,
                b2: tl.float64, one_minus_b2: tl.float64, eps: tl.float64,
-               bc2_sqrt: tl.float64, BLOCK: tl.constexpr):
+               bc2_sqrt: tl.float64, SUMS: tl.constexpr, BLOCK: tl.constexpr):
     """``BLOCK`` elements of the flat arrays ``p``, ``m`` and ``v`` (n elements) per program,
-    updated in place from ``g``."""
+    updated in place from ``g``; with ``SUMS``, the program's sum of ``g^2`` at ``ss[program]``."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < n
     p = tl.load(p_ptr + offs, mask=inside, other=0.0)
     g = tl.load(g_ptr + offs, mask=inside, other=0.0)
+    if SUMS:
+        tl.store(ss_ptr + tl.program_id(0), tl.sum(g * g, axis=0))
     m = tl.load(m_ptr + offs, mask=inside, other=0.0)
     v = tl.load(v_ptr + offs, mask=inside, other=0.0)
     p, m, v = _adam_math(p, g, m, v, lr_t, b1, one_minus_b1, b2, one_minus_b2, eps, bc2_sqrt)
@@ -108,13 +110,14 @@ def _adam_flat(p_ptr, g_ptr, m_ptr, v_ptr, n,
 
 
 @triton.jit
-def _decoder_adam_rows(W_ptr, g_ptr, m_ptr, v_ptr, h, d,
+def _decoder_adam_rows(W_ptr, g_ptr, m_ptr, v_ptr, ss_ptr, h, d,
                        lr_t: tl.float64, b1: tl.float64, one_minus_b1: tl.float64,
                        b2: tl.float64, one_minus_b2: tl.float64, eps: tl.float64,
                        bc2_sqrt: tl.float64, tiny: tl.float64,
-                       AFTER: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+                       AFTER: tl.constexpr, SUMS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
     """``BLOCK_H`` whole rows of ``W``, ``m`` and ``v`` [h, d] (row-major) per program,
-    updated in place."""
+    updated in place; with ``SUMS``, the program's sum of ``g^2`` (the gradient as given) at
+    ``ss[program]``."""
     dtype = W_ptr.dtype.element_ty
     rows = tl.program_id(0).to(tl.int64) * BLOCK_H + tl.arange(0, BLOCK_H)
     cols = tl.arange(0, BLOCK_D)
@@ -124,6 +127,8 @@ def _decoder_adam_rows(W_ptr, g_ptr, m_ptr, v_ptr, h, d,
     g = tl.load(g_ptr + offs, mask=inside, other=0.0)
     m = tl.load(m_ptr + offs, mask=inside, other=0.0)
     v = tl.load(v_ptr + offs, mask=inside, other=0.0)
+    if SUMS:
+        tl.store(ss_ptr + tl.program_id(0), tl.sum(tl.sum(g * g, axis=1), axis=0))
     tiny = _as(tiny, dtype)
     s = _inverse_norm(w, tiny)
     dot = tl.sum(g * w, axis=1)[:, None]
@@ -174,27 +179,37 @@ def _check(W, g, m, v, order: str) -> None:
         raise ValueError(f"decoder_adam: argument 'order' must be one of {ORDERS}, got {order!r}")
 
 
+def _partials(sums: bool, programs: int, g):
+    """The buffer of the programs' sums of squares of ``g`` (each program writes its own), or
+    with ``sums`` off ``g`` itself, which the kernel then never writes."""
+    return torch.empty((programs,), dtype=g.dtype, device=g.device) if sums else g
+
+
 def decoder_adam(W, g, m, v, *, lr: float, b1: float, b2: float, eps: float, t: int, order: str,
-                 tiny: float) -> None:
+                 tiny: float, sums: bool = False):
     """The decoder's constrained Adam step at step ``t``, in place on ``W``, ``m`` and ``v``
-    (``g`` is read only): one kernel launch for the whole [h, d] matrix (module docstring)."""
+    (``g`` is read only): one kernel launch for the whole [h, d] matrix (module docstring).
+    Returns None, or with ``sums`` the sum of ``g^2`` (0-D), from the same pass."""
     _check(W, g, m, v, order)
     h, d = W.shape
     if h == 0 or d == 0:
-        return
+        return torch.zeros((), dtype=W.dtype, device=W.device) if sums else None
     lr, b1, b2, eps, tiny = float(lr), float(b1), float(b2), float(eps), float(tiny)
     block_d = triton.next_power_of_2(d)
     # narrow rows share a program (a block of about 4096 elements); under the interpreter,
     # whose cost is per program, a program takes up to 2^16 elements
     per_program = 1 << 16 if interpreting() else 4096
     block_h = max(1, min(triton.next_power_of_2(h), per_program // block_d))
-    _decoder_adam_rows[(triton.cdiv(h, block_h),)](
-        W, g, m, v, h, d,
+    programs = triton.cdiv(h, block_h)
+    ss = _partials(sums, programs, g)
+    _decoder_adam_rows[(programs,)](
+        W, g, m, v, ss, h, d,
         lr / (1.0 - b1**t), b1, 1.0 - b1, b2, 1.0 - b2, eps, (1.0 - b2**t) ** 0.5, tiny,
-        AFTER=order == "after", BLOCK_H=block_h, BLOCK_D=block_d,
+        AFTER=order == "after", SUMS=sums, BLOCK_H=block_h, BLOCK_D=block_d,
         num_warps=min(16, max(1, block_h * block_d // 256)),  # a few elements per thread
         enable_fp_fusion=True,  # fused multiply-adds, as the NumPy backend's kernel allows
     )
+    return torch.sum(ss) if sums else None
 
 
 def _flat(x):
@@ -221,21 +236,25 @@ def _check_flat(p, g, m, v) -> None:
             raise ValueError(f"adam: argument '{name}' has strides {x.stride()}, expected p's {p.stride()}")
 
 
-def adam(p, g, m, v, *, lr: float, b1: float, b2: float, eps: float, t: int) -> None:
+def adam(p, g, m, v, *, lr: float, b1: float, b2: float, eps: float, t: int, sums: bool = False):
     """One Adam step at step ``t`` (:meth:`StandardBackend.adam`'s arithmetic), in place on
     ``p``, ``m`` and ``v`` (``g`` is read only): one kernel launch over their storage, of any
-    shape (0-D and 1-D included) in row-major or transposed layout (module docstring)."""
+    shape (0-D and 1-D included) in row-major or transposed layout (module docstring).
+    Returns None, or with ``sums`` the sum of ``g^2`` (0-D), from the same pass."""
     _check_flat(p, g, m, v)
     n = p.numel()
     if n == 0:
-        return
+        return torch.zeros((), dtype=p.dtype, device=p.device) if sums else None
     lr, b1, b2, eps = float(lr), float(b1), float(b2), float(eps)
     # a few elements per thread on a GPU; under the interpreter, whose cost is per program,
     # up to 2^16 elements a program
     block = min(1 << 16, triton.next_power_of_2(n)) if interpreting() else 4096
-    _adam_flat[(triton.cdiv(n, block),)](
-        *(_flat(x) for x in (p, g, m, v)), n,
+    programs = triton.cdiv(n, block)
+    ss = _partials(sums, programs, g)
+    _adam_flat[(programs,)](
+        *(_flat(x) for x in (p, g, m, v)), ss, n,
         lr / (1.0 - b1**t), b1, 1.0 - b1, b2, 1.0 - b2, eps, (1.0 - b2**t) ** 0.5,
-        BLOCK=block, num_warps=8,
+        SUMS=sums, BLOCK=block, num_warps=8,
         enable_fp_fusion=True,  # as decoder_adam's kernel
     )
+    return torch.sum(ss) if sums else None

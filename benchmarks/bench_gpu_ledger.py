@@ -229,7 +229,16 @@ def fused_kernels(ledger, be):
         return ledger.fused("row_top_block", lambda: StandardBackend.row_top_block(be, pre, cols, real, k),
                             cap * 8 + gathered, B * cap * pre.element_size())
 
-    def decoder_adam(W, g, m, v, *, lr, b1, b2, eps, t, order, tiny):
+    def sum_of_partials(g, sums):
+        """With ``sums``, the kernel's per-program sums of g^2 (taken from the registers it
+        holds: no bytes more) reduced by one recorded launch."""
+        if not sums:
+            return None
+        with ledger.quiet():
+            partials = torch.sum(g * g).reshape(1)
+        return torch.sum(partials)
+
+    def decoder_adam(W, g, m, v, *, lr, b1, b2, eps, t, order, tiny, sums=False):
         def composed():  # into the caller's W, m and v, as the kernel writes
             outs = StandardBackend.decoder_adam(be, W, g, m, v, lr=lr, b1=b1, b2=b2, eps=eps, t=t,
                                                 order=order)
@@ -237,16 +246,18 @@ def fused_kernels(ledger, be):
                 a.copy_(b)
 
         size = W.numel() * W.element_size()
-        return ledger.fused("decoder_adam", composed, 4 * size, 3 * size)
+        ledger.fused("decoder_adam", composed, 4 * size, 3 * size)
+        return sum_of_partials(g, sums)
 
-    def adam(p, g, m, v, *, lr, b1, b2, eps, t):
+    def adam(p, g, m, v, *, lr, b1, b2, eps, t, sums=False):
         def composed():
             for a, b in zip((p, m, v), StandardBackend.adam(be, p, g, m, v, lr=lr, b1=b1, b2=b2,
                                                             eps=eps, t=t)):
                 a.copy_(b)
 
         size = p.numel() * p.element_size()
-        return ledger.fused("adam", composed, 4 * size, 3 * size)
+        ledger.fused("adam", composed, 4 * size, 3 * size)
+        return sum_of_partials(g, sums)
 
     def products(plan, G, W, X, *, padded, out_W=None, out_X=None):
         # the sorting and slotting (:func:`_triton_sparse.plan`) ran as recorded torch calls;

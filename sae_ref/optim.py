@@ -48,8 +48,11 @@ def adam_init(params: SAEParams) -> AdamState:
 
 def adam_update(params: SAEParams, grads: SAEParams, state: AdamState, *, lr: float, t: int,
                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                frozen: tuple[str, ...] = (), inplace: bool = False) -> tuple[SAEParams, AdamState]:
+                frozen: tuple[str, ...] = (), inplace: bool = False,
+                sums: dict | None = None) -> tuple[SAEParams, AdamState]:
     """One Adam step (``t`` counts from 1); parameters named in ``frozen`` are left alone.
+    ``sums``: a dict that receives each stepped parameter's gradient's sum of squares (the
+    terms of :func:`global_norm`), taken in the step's own pass where the backend can.
 
     A frozen parameter keeps its value and its moments, as PyTorch does for a parameter whose
     gradient is ``None``. The arithmetic is the backend's ``adam``
@@ -63,9 +66,13 @@ def adam_update(params: SAEParams, grads: SAEParams, state: AdamState, *, lr: fl
     for name, p in params.arrays().items():
         if name in frozen:
             continue
-        new_p[name], new_m[name], new_v[name] = be.adam(
-            p, getattr(grads, name), getattr(state.m, name), getattr(state.v, name),
-            lr=lr, b1=b1, b2=b2, eps=eps, t=t, inplace=inplace)
+        args = (p, getattr(grads, name), getattr(state.m, name), getattr(state.v, name))
+        if sums is None:
+            new_p[name], new_m[name], new_v[name] = be.adam(*args, lr=lr, b1=b1, b2=b2, eps=eps, t=t,
+                                                            inplace=inplace)
+        else:
+            new_p[name], new_m[name], new_v[name], sums[name] = be.adam_sums(
+                *args, lr=lr, b1=b1, b2=b2, eps=eps, t=t, inplace=inplace)
     return replace(params, **new_p), AdamState(replace(state.m, **new_m), replace(state.v, **new_v))
 
 

@@ -649,7 +649,10 @@ def _update(xp, state, params, grads, t, donate=False):
     frozen = ("b_enc",) if config.freeze_b_enc else ()
     if frozen:  # a frozen parameter has no gradient (it counts in no norm)
         grads = replace(grads, b_enc=xp.zeros_like(grads.b_enc))
-    grad_norm = O.global_norm(grads)
+    log_theta = config.arch == "jumprelu" and config.log_theta
+    # unclipped, Adam reads the gradients as they are: the norm's sums come from its passes
+    sums = {} if config.max_grad_norm is None and not log_theta else None
+    grad_norm = O.global_norm(grads) if sums is None else None
     if config.max_grad_norm is not None and config.clip_first:
         grads, grad_norm = O.clip_by_global_norm(grads, config.max_grad_norm)
     fused = order != "none" and (config.max_grad_norm is None or config.clip_first)
@@ -660,7 +663,6 @@ def _update(xp, state, params, grads, t, donate=False):
     elif order == "after" and not fused:
         grads = replace(grads, W_dec=D._project(xp, params.W_dec, grads.W_dec))
     P.mark("clip + decoder constraint", grads.W_dec)
-    log_theta = config.arch == "jumprelu" and config.log_theta
     if log_theta:  # Adam on log(theta): d/dlog(theta) = theta * d/dtheta
         grads = replace(grads, theta=grads.theta * params.theta)
         params = replace(params, theta=xp.log(params.theta))
@@ -670,12 +672,17 @@ def _update(xp, state, params, grads, t, donate=False):
     b1, b2 = config.betas
     opt = state.opt
     if fused:
-        W, m, v = get_backend(xp).decoder_adam(
+        be = get_backend(xp)
+        W, m, v, *ss = (be.decoder_adam if sums is None else be.decoder_adam_sums)(
             params.W_dec, grads.W_dec, opt.m.W_dec, opt.v.W_dec, lr=lr, b1=b1, b2=b2,
             eps=config.adam_eps, t=t, order=order, inplace=donate)
+        if sums is not None:
+            sums["W_dec"] = ss[0]
     params, opt = O.adam_update(params, grads, opt, lr=lr, t=t, betas=config.betas,
                                 eps=config.adam_eps, frozen=frozen + (("W_dec",) if fused else ()),
-                                inplace=donate)
+                                inplace=donate, sums=sums)
+    if sums is not None:  # global_norm's sum, in its order (a frozen gradient's zero left out)
+        grad_norm = xp.sqrt(sum(sums[name] for name in grads.arrays() if name in sums))
     if fused:
         params = replace(params, W_dec=W)
         opt = O.AdamState(replace(opt.m, W_dec=m), replace(opt.v, W_dec=v))

@@ -174,6 +174,31 @@ def test_clip_by_global_norm_equals_torch_clip_grad_norm():
             assert_close(a, t.grad.numpy(), rtol=1e-12, atol=1e-15)
 
 
+@pytest.mark.parametrize("kw", [{}, {"max_grad_norm": 1e9, "clip_first": True}, {"freeze_b_enc": True},
+                                {"decoder_order": "none"},
+                                {"arch": "jumprelu", "log_theta": True}],
+                         ids=["unclipped", "clipped", "frozen-b_enc", "no-constraint", "log-theta"])
+def test_step_grad_norm_metric_is_the_global_norm_of_the_step_gradients(backend, kw):
+    """The step's ``grad_norm`` is the global norm of the pass's gradients, whether the update
+    takes it before Adam (clipping the raw gradients, log-theta) or from Adam's own passes over
+    the gradients."""
+    from sae_ref.train import _grads, _sparsity_coeff
+
+    config = _small(**kw)
+    x = backend.asarray(X_ALL[:256], dtype="float64")
+    state = init_state(config, x)
+    for _ in range(2):
+        state, _ = step(state, x, check=False)
+    xp = backend.xp
+    out = _grads(xp, config, state.params, state.since_fired, state.k_aux, x, _sparsity_coeff(config, state.t + 1))
+    grads = out.grads
+    if config.freeze_b_enc:
+        grads = replace(grads, b_enc=xp.zeros_like(grads.b_enc))
+    want = float(O.global_norm(grads))
+    _, m = step(state, x, check=False)
+    assert math.isclose(float(m["grad_norm"]), want, rel_tol=1e-12)
+
+
 # --- state, constraint, non-finite batches -----------------------------------------------------
 def test_state_round_trips_through_arrays_bit_for_bit(backend):
     """A training state saved as plain arrays and metadata and read back is the same state, bit for

@@ -20,6 +20,8 @@ transpose of a contiguous matrix, as ``W_enc``):
   gradients (where ``eps`` dominates) included;
 - float32: it equals the float64 composed form on the same inputs to float32 rounding;
 - it writes ``p``, ``m`` and ``v`` in place, leaves ``g`` and the memory around them alone;
+- with ``sums=True`` both kernels return the gradient's sum of squares from the same pass
+  (its float64 definition) and take the same step;
 - bad arguments raise TypeError or ValueError naming the argument;
 - torch's backend runs it on the GPU path (its result is the composed one), falls back to
   torch's fused Adam with a warning when it fails, and leaves layouts it does not take to the
@@ -245,6 +247,27 @@ def test_fused_adam_equals_composed_form_float64(device, problem):
     for name, a, b in zip("pmv", got, _adam_composed(arrays, hyper)):
         assert np.all(np.isfinite(a)), name
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14 * np.abs(b).max(initial=0.0), err_msg=name)
+
+
+@DEVICES
+@given(problem=adam_problems(), order=st.sampled_from([None, "before", "after"]))
+def test_fused_steps_with_sums_give_the_same_step_and_the_gradient_sum_of_squares(device, problem, order):
+    """``sums=True``: the step is the one without, and the returned 0-D sum of ``g^2`` (the
+    gradient as given, before the decoder's projection) is its float64 definition."""
+    (p, g, m, v), transposed, hyper = problem
+    if order is not None:  # the decoder's step takes [h, d] rows
+        p, g, m, v = (np.atleast_2d(a) for a in (p, g, m, v))
+        transposed = False
+    arrays = (p, g, m, v)
+    _, plain = _placed(arrays, torch.float64, device, transposed)
+    _, with_sums = _placed(arrays, torch.float64, device, transposed)
+    step = adam if order is None else lambda *a, **k: decoder_adam(*a, order=order, tiny=TINY, **k)
+    assert step(*plain, **hyper) is None
+    ss = step(*with_sums, sums=True, **hyper)
+    assert ss.shape == () and ss.dtype == torch.float64
+    np.testing.assert_allclose(float(ss), float(np.sum(g * g)), rtol=1e-12)
+    for a, b in zip(plain, with_sums):
+        assert torch.equal(a, b)
 
 
 @DEVICES

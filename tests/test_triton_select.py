@@ -188,16 +188,18 @@ for block in (256, 8192):
     build(S._row_top_block_kernel, {"pre_ptr": "*fp32", "cols_ptr": "*i64", "out_ptr": "*fp32", "B": "i32",
                                     "h": "i32", "cap": "i32", "n": "i32"}, {"ROWS": 1, "BLOCK": block})
 for w in ("*fp32", "*fp64"):
-    signature = {name: w for name in ("W_ptr", "g_ptr", "m_ptr", "v_ptr")}
+    signature = {name: w for name in ("W_ptr", "g_ptr", "m_ptr", "v_ptr", "ss_ptr")}
     signature.update(h="i32", d="i32")
     signature.update({name: "fp64" for name in ("lr_t", "b1", "one_minus_b1", "b2", "one_minus_b2", "eps",
                                                 "bc2_sqrt", "tiny")})
     for after in (True, False):
-        build(A._decoder_adam_rows, signature, {"AFTER": after, "BLOCK_H": 4, "BLOCK_D": 1024})
-    flat = {name: w for name in ("p_ptr", "g_ptr", "m_ptr", "v_ptr")}
+        for sums in (True, False):
+            build(A._decoder_adam_rows, signature, {"AFTER": after, "SUMS": sums, "BLOCK_H": 4, "BLOCK_D": 1024})
+    flat = {name: w for name in ("p_ptr", "g_ptr", "m_ptr", "v_ptr", "ss_ptr")}
     flat.update(n="i64", **{name: "fp64" for name in ("lr_t", "b1", "one_minus_b1", "b2", "one_minus_b2",
                                                       "eps", "bc2_sqrt")})
-    build(A._adam_flat, flat, {"BLOCK": 4096})
+    for sums in (True, False):
+        build(A._adam_flat, flat, {"SUMS": sums, "BLOCK": 4096})
     products = {name: w for name in ("G_ptr", "W_ptr", "X_ptr", "values_ptr", "code_ptr", "g_f_ptr",
                                      "out_W_ptr", "out_X_ptr", "out_s_ptr", "part_W_ptr", "part_X_ptr",
                                      "part_s_ptr")}
