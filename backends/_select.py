@@ -184,10 +184,11 @@ def _row_counts(xp, be, flags, rows, B):
 
 
 
-def top_n_fixed(x, n: int, *, axis: int | None = None, backend=None):
+def top_n_fixed(x, n: int, *, axis: int | None = None, backend=None, with_cut: bool = True):
     """:func:`top_n_indices` without reading anything back to the host: the same indices
     (the ``n`` largest, or each row's ``n`` largest, under the lower-index tie rule,
-    ascending) and the cut, computed with shapes known in advance.
+    ascending) and the cut, computed with shapes known in advance. ``with_cut=False``: the
+    cut may be None where it costs work of its own (a caller that keeps the indices alone).
 
     The cut ``v`` comes from the backend's ``kth_largest`` (a top-k on a GPU); then one
     mask keeps every entry ``> v`` and the first ``n - count(> v)`` entries equal to ``v``
@@ -208,7 +209,7 @@ def top_n_fixed(x, n: int, *, axis: int | None = None, backend=None):
     B, h = x.shape
     g = _keyed_group(xp, be, x, n, axis)
     if g:
-        return _top_n_fixed_keyed(xp, be, x, n, axis, g)
+        return _top_n_fixed_keyed(xp, be, x, n, axis, g, with_cut)
     g = _fixed_group(h, B, n) if axis is None else 1
     if g > 1:
         return _top_n_fixed_bracketed(xp, be, x, n, g)
@@ -239,7 +240,7 @@ def _keys(xp, be, vals, pos):
     return xp.astype(bits, xp.int64) * 2**32 + (2**32 - 1 - pos)
 
 
-def _top_n_fixed_keyed(xp, be, x, n: int, axis, g: int):
+def _top_n_fixed_keyed(xp, be, x, n: int, axis, g: int, with_cut: bool = True):
     """:func:`top_n_fixed` by distinct keys (:func:`_keys`): with no two keys equal there are
     no ties, so a top-k of the keys is the tie rule's selection, and no pass over the ties is
     needed.
@@ -277,10 +278,14 @@ def _top_n_fixed_keyed(xp, be, x, n: int, axis, g: int):
         rows = xp.arange(B, dtype=xp.int64, device=dev)[:, None]
         kept = xp.reshape(take(xp.reshape(cand, (-1,)), xp.reshape(rows * (n * s) + top, (-1,))), (B, n))
         pos = _position(kept)  # each row's columns
-        last = _position(xp.min(kept, axis=-1, keepdims=True))
         flat_pos = xp.reshape(rows * h + xp.sort(pos, axis=-1), (-1,))
+        if not with_cut:
+            return flat_pos, None
+        last = _position(xp.min(kept, axis=-1, keepdims=True))
         return flat_pos, take(xp.reshape(x, (-1,)), xp.reshape(rows * h + last, (-1,)))[:, None]
     kept = take(cand, top)
+    if not with_cut:
+        return xp.sort(_position(kept)), None
     last = _position(xp.min(kept))
     return xp.sort(_position(kept)), take(xp.reshape(x, (-1,)), xp.reshape(last, (1,)))[0]
 
@@ -347,7 +352,7 @@ def top_n_fixed_mask(x, n: int, *, axis: int | None = None, backend=None):
     be = backend if backend is not None else get_backend(xp)
     B, h = x.shape
     if _keyed_group(xp, be, x, n, axis) or (axis is None and _fixed_group(h, B, n) > 1):
-        idx, _ = top_n_fixed(x, n, axis=axis, backend=be)
+        idx, _ = top_n_fixed(x, n, axis=axis, backend=be, with_cut=False)
         ones = xp.ones(idx.shape, dtype=x.dtype, device=device_of(x))
         return be.to_dense(idx // h, idx % h, ones, (B, h)) > 0
     return _plain_mask(xp, be, x, n, axis)[0]

@@ -255,6 +255,17 @@ class StandardBackend:
         cand = xp.reshape((q // w * h + q % w)[:, None] + slab[None, :], (-1,))
         return _keys(xp, self, take(flat, cand), cand)
 
+    def code_at(self, x, idx):
+        """The padded code of ``x`` ([B, h]) at the flat indices ``idx``: ``(rows, cols,
+        values)`` with ``rows = idx // h``, ``cols = idx % h`` and the values of ``x`` there,
+        the non-positive ones 0 (listed but not kept). A backend may form the three in one
+        pass over the indices."""
+        xp = array_namespace(x)
+        h = x.shape[1]
+        values = take(xp.reshape(x, (-1,)), idx)
+        values = xp.where(values > 0, values, xp.zeros((), dtype=values.dtype, device=device_of(values)))
+        return idx // h, idx % h, values
+
     def subgroup_keys(self, x, q, g: int, s: int, *, per_row: bool):
         """The key of each subgroup's largest entry, for the chosen column groups ``q`` (as in
         :meth:`candidate_keys`) cut into ``g / s`` subgroups of ``s`` consecutive slabs (slabs

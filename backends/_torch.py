@@ -432,6 +432,16 @@ class TorchBackend(StandardBackend):
             return _kernel("group_keys", lambda: group_keys(x, g, per_row=per_row), composed)  # one pass
         return composed()
 
+    def code_at(self, x, idx):
+        composed = lambda: super(TorchBackend, self).code_at(x, idx)
+        if _fused(x, idx) and x.is_floating_point() and x.is_contiguous() and idx.dtype == torch.int64:
+            from ._triton_select import code_at
+
+            # the gather, the rows, the columns and the non-positive values zeroed in one pass
+            # (composed: six launches)
+            return _kernel("code_at", lambda: code_at(x, idx.contiguous()), composed)
+        return composed()
+
     def subgroup_keys(self, x, q, g, s, *, per_row):
         composed = lambda: super(TorchBackend, self).subgroup_keys(x, q, g, s, per_row=per_row)
         if _fused(x, q) and x.dtype in _KEYED and x.is_contiguous() and g <= 64:

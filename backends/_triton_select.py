@@ -150,6 +150,29 @@ def subgroup_entry_keys(x, top, g: int, s: int, *, per_row: bool):
     return out.reshape(B, n * s) if per_row else out.reshape(-1)
 
 
+@triton.jit
+def _code_at_kernel(x_ptr, idx_ptr, rows_ptr, cols_ptr, values_ptr, n, h, BLOCK: tl.constexpr):
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    inside = i < n
+    at = tl.load(idx_ptr + i, mask=inside, other=0).to(tl.int64)
+    val = tl.load(x_ptr + at, mask=inside, other=0.0)
+    tl.store(rows_ptr + i, at // h, mask=inside)
+    tl.store(cols_ptr + i, at % h, mask=inside)
+    keep = val.to(tl.float32) > 0  # compared widened (half precision included)
+    tl.store(values_ptr + i, tl.where(keep, val, tl.zeros_like(val)), mask=inside)
+
+
+def code_at(x, idx):
+    """:meth:`~sae_ref.backends.StandardBackend.code_at` in one kernel (``x`` contiguous,
+    ``idx`` int64)."""
+    n, h = idx.shape[0], x.shape[1]
+    rows, cols = torch.empty_like(idx), torch.empty_like(idx)
+    values = torch.empty((n,), dtype=x.dtype, device=x.device)
+    block = max(1024, min(1 << 16, triton.next_power_of_2(max(n, 1)))) if interpreting() else 1024
+    _code_at_kernel[(triton.cdiv(n, block),)](x, idx, rows, cols, values, n, h, BLOCK=block)
+    return rows, cols, values
+
+
 #: the widest block :func:`row_top_block` keeps a row of in registers
 MAX_ROW_BLOCK = 8192
 

@@ -221,6 +221,11 @@ def fused_kernels(ledger, be):
                             lambda: StandardBackend.subgroup_entry_keys(be, x, top, g, s, per_row=per_row),
                             top.numel() * 8 + m * SECTOR, m * 8)
 
+    def code_at(x, idx):
+        n = idx.shape[0]  # each index's value from its own sector; rows, columns and values written
+        return ledger.fused("code_at", lambda: StandardBackend.code_at(be, x, idx), n * (8 + SECTOR),
+                            n * (16 + x.element_size()))
+
     def row_top_block(pre, cols, real, k):
         (B, h), cap = pre.shape, cols.shape[0]
         with ledger.quiet():  # the sectors the block's columns lie in (a row's program reads each once)
@@ -307,7 +312,7 @@ def fused_kernels(ledger, be):
                             (h + 1) * 8, (2 * h + n_slots) * 8)
 
     stand_ins = {_triton_select: {"group_keys": group_keys, "subgroup_keys": subgroup_keys,
-                                  "subgroup_entry_keys": subgroup_entry_keys,
+                                  "subgroup_entry_keys": subgroup_entry_keys, "code_at": code_at,
                                   "row_top_block": row_top_block},
                  _triton_adam: {"decoder_adam": decoder_adam, "adam": adam},
                  _triton_decode: {"rows_residual": rows_residual},

@@ -82,6 +82,7 @@ def cases(d: int, h: int, k: int, B: int, device):
         ("group_keys", lambda: be.group_keys(pre, g_groups, per_row=False)),
         ("subgroup_keys", lambda: be.subgroup_keys(pre, q, g_groups, 4, per_row=False)),
         ("subgroup_entry_keys", lambda: be.subgroup_entry_keys(pre, top, g_groups, 4, per_row=False)),
+        ("code_at", lambda: be.code_at(pre, torch.sort(q).values)),
         ("row_top_block", lambda: be.row_top_block(pre, dead, real, min(512, dead.shape[0]))),
         ("backward_products", lambda: be.backward_products(rows, cols, values, G, W, X, padded=True,
                                                            with_sums=True)),

@@ -80,7 +80,7 @@ def _topk(pre, k: int, backend=None, maxima=None) -> SparseCode:
     """``maxima``: optional group maxima of ``pre`` (:func:`sae_ref.backends.group_size`)."""
     be = backend if backend is not None else get_backend(array_namespace(pre))
     if is_sync_free(pre):
-        return _padded_code_at(pre, top_n_fixed(pre, k, axis=-1, backend=be)[0])
+        return _padded_code_at(pre, top_n_fixed(pre, k, axis=-1, backend=be, with_cut=False)[0])
     idx, cut = be.top_n_indices(pre, k, axis=-1, maxima=maxima)
     return _code_at(pre, idx, not bool(array_namespace(pre).all(cut > 0)))
 
@@ -100,11 +100,8 @@ def _code_at(pre, idx, drop_nonpositive: bool) -> SparseCode:
 def _padded_code_at(pre, idx) -> SparseCode:
     """The code of ``pre`` at the flat indices ``idx`` with the non-positive entries set to
     zero instead of dropped (the sync-free mode: its size stays known without a host read)."""
-    xp = array_namespace(pre)
-    B, h = pre.shape
-    values = take(xp.reshape(pre, (-1,)), idx)
-    values = xp.where(values > 0, values, xp.zeros((), dtype=values.dtype, device=device_of(values)))
-    return SparseCode(idx // h, idx % h, values, (B, h), padded=True)
+    rows, cols, values = get_backend(array_namespace(pre)).code_at(pre, idx)
+    return SparseCode(rows, cols, values, pre.shape, padded=True)
 
 
 # --- BatchTopK --------------------------------------------------------------------------------
@@ -133,7 +130,7 @@ def _batch_topk(pre, k: int, backend=None, maxima=None) -> SparseCode:
     """``maxima``: optional group maxima of ``pre`` (:func:`sae_ref.backends.group_size`)."""
     be = backend if backend is not None else get_backend(array_namespace(pre))
     if is_sync_free(pre):
-        return _padded_code_at(pre, top_n_fixed(pre, pre.shape[0] * k, backend=be)[0])
+        return _padded_code_at(pre, top_n_fixed(pre, pre.shape[0] * k, backend=be, with_cut=False)[0])
     idx, cut = be.top_n_indices(pre, pre.shape[0] * k, maxima=maxima)
     return _code_at(pre, idx, not bool(cut > 0))  # cut <= 0: fewer than B*k positive entries
 

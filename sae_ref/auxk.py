@@ -252,7 +252,7 @@ def _auxk_fixed(xp, be, pre, dead, W_dec, k_aux, loss, want_g_W_dec, buf=None, b
     dev = device_of(pre)
     k = min(k_aux, h)
     masked = xp.where(dead, pre, xp.full((), -xp.inf, dtype=pre.dtype, device=dev))
-    code = _padded_code_at(masked, top_n_fixed(masked, k, axis=-1, backend=be)[0])
+    code = _padded_code_at(masked, top_n_fixed(masked, k, axis=-1, backend=be, with_cut=False)[0])
     any_dead = xp.any(dead)
     zero = xp.zeros((), dtype=pre.dtype, device=dev)
     if block_precision is not None:

@@ -22,7 +22,7 @@ from sae_ref.train import step  # noqa: E402
 #: per parameter other than the decoder, which has its own; the batch of 256 rows is longer
 #: than the backward kernel's part, so the partial rows' sum runs)
 FUSED = {"triton:group_keys": 1, "triton:subgroup_keys": 1, "triton:subgroup_entry_keys": 1,
-         "triton:row_top_block": 1,
+         "triton:row_top_block": 1, "triton:code_at": 1,
          "triton:slots": 1, "triton:backward_products": 1, "triton:sum_parts": 1, "triton:decoder_adam": 1,
          "triton:decode_residual": 1, "triton:standardize": 1,
          "triton:adam": 3}

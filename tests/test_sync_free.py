@@ -69,6 +69,10 @@ def test_top_n_fixed_keeps_the_tie_rule_set_in_ascending_order_with_its_fixed_si
     kth = np.sort(z.astype(np.float64), axis=None if axis is None else -1)
     kth = kth[-n] if axis is None else kth[:, [-n]]
     np.testing.assert_array_equal(backend.numpy(cut).astype(np.float64), kth)
+    # without the cut: the same indices, and the cut None or the same
+    alone, cut2 = top_n_fixed(x, n, axis=axis, backend=get_backend(backend.xp, native=native), with_cut=False)
+    np.testing.assert_array_equal(backend.numpy(alone).astype(np.int64), idx)
+    assert cut2 is None or np.array_equal(backend.numpy(cut2).astype(np.float64), kth)
 
 
 @pytest.mark.parametrize("axis", [None, -1], ids=["whole", "per_row"])

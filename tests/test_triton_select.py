@@ -94,6 +94,25 @@ def test_fused_subgroup_keys_and_their_entries_keys_equal_composed_bit_for_bit(d
     assert torch.equal(want.reshape(*top.shape, s).amax(-1).cpu(), top.cpu())
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@given(data=tied_matrices(), seed=st.integers(0, 2**16))
+@settings(max_examples=15)
+def test_fused_code_at_equals_composed_bit_for_bit(device, dtype, data, seed):
+    """The padded code at flat indices: rows, columns and the values, the non-positive ones
+    (signed zeros among them) 0."""
+    x_np, _ = data
+    x = torch.as_tensor(x_np).to(DTYPES[dtype]).to(device)
+    gen = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(0, x.numel() + 1, (1,), generator=gen))
+    idx = torch.sort(torch.randperm(x.numel(), generator=gen)[:n]).values.to(device)
+    want = _composed("code_at", x, idx)
+    got = _fused("code_at", x, idx)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and torch.equal(a.cpu(), b.cpu())
+        assert torch.equal(torch.signbit(a.cpu()), torch.signbit(b.cpu()))
+
+
 def _oracle(x, n, per_row):
     """The tie rule by a stable sort: largest first, the lower index first among equals."""
     a = x.astype(np.float64)
@@ -113,8 +132,10 @@ def test_selection_through_fused_kernels_is_the_tie_rule_and_its_cut_the_last_ke
     n = max(1, int(frac * (h if per_row else B * h)))
     with sync_free(True), triton_kernels(True):
         idx, cut = top_n_fixed(x, n, axis=-1 if per_row else None)
+        alone, no_cut = top_n_fixed(x, n, axis=-1 if per_row else None, with_cut=False)
     x32 = x.cpu().numpy()
     assert np.array_equal(idx.cpu().numpy(), _oracle(x32, n, per_row))
+    assert torch.equal(alone, idx) and (no_cut is None or torch.equal(no_cut, cut))
     kept = x32.ravel()[idx.cpu().numpy()]
     if per_row:
         assert np.array_equal(cut.cpu().numpy()[:, 0], kept.reshape(B, n).min(axis=1))
@@ -217,6 +238,8 @@ for w in ("*fp32", "*fp64"):
     decode.update(crow_ptr="*i64", cols_ptr="*i64", B="i32", d="i32")
     for d in (1024, 4096):
         build(D._decode_residual_kernel, decode, {"BLOCK_R": 1, "BLOCK_E": max(1, 4096 // d), "BLOCK_D": d})
+    build(S._code_at_kernel, {"x_ptr": w, "idx_ptr": "*i64", "rows_ptr": "*i64", "cols_ptr": "*i64",
+                              "values_ptr": w, "n": "i32", "h": "i32"}, {"BLOCK": 1024})
     rows = {name: w for name in ("x_ptr", "b_ptr", "s_ptr", "c_ptr", "mean_ptr", "scale_ptr")}
     for x in ("*fp32", "*bf16"):
         common = {"x_ptr": x, "out_ptr": "*i64", "total": "i64", "n": "i32", "h": "i32", "w": "i32"}
