@@ -375,6 +375,20 @@ class StandardBackend:
         xp = array_namespace(flags)
         return self.segment_sum(index, xp.astype(flags, dtype), n)
 
+    def dead_counters(self, cols, values, since, B: int, threshold: int, dtype):
+        """The dead-latent counters after a batch whose code has entries ``values`` at latents
+        ``cols``: ``(new, dead, n_dead, nnz)`` with ``new`` each latent's tokens since it last
+        fired (0 where one of its entries is nonzero, else ``since + B``), ``dead = new >=
+        threshold``, and the dead count and the code's nonzero entries as 0-D arrays of
+        ``dtype``. A backend may form them in a pass over the entries and one over the
+        latents."""
+        xp = array_namespace(values, since)
+        fired = self.segment_count(cols, values != 0, since.shape[0], values.dtype) > 0
+        new = xp.where(fired, xp.zeros_like(since), since + B)
+        dead = new >= threshold
+        nnz = xp.sum(xp.astype(values != 0, values.dtype))
+        return new, dead, xp.astype(xp.count_nonzero(dead), dtype), xp.astype(nnz, dtype)
+
     def to_dense(self, rows, cols, values, shape: tuple[int, int]):
         """The dense (B, h) array with ``values`` at ``(rows, cols)`` (positions unique), 0 elsewhere."""
         xp = array_namespace(values)

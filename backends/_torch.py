@@ -432,6 +432,18 @@ class TorchBackend(StandardBackend):
             return _kernel("group_keys", lambda: group_keys(x, g, per_row=per_row), composed)  # one pass
         return composed()
 
+    def dead_counters(self, cols, values, since, B, threshold, dtype):
+        composed = lambda: super(TorchBackend, self).dead_counters(cols, values, since, B, threshold, dtype)
+        if (_fused(cols, values, since) and cols.dtype == torch.int64 and not since.is_floating_point()
+                and cols.is_contiguous() and values.is_contiguous() and since.is_contiguous()):
+            from ._triton_counters import dead_counters
+
+            # integer atomics into the latents' counts, then one pass over the latents
+            # (composed: about fifteen small launches)
+            return _kernel("dead_counters", lambda: dead_counters(cols, values, since, B, threshold, dtype),
+                           composed)
+        return composed()
+
     def code_at(self, x, idx):
         composed = lambda: super(TorchBackend, self).code_at(x, idx)
         if _fused(x, idx) and x.is_floating_point() and x.is_contiguous() and idx.dtype == torch.int64:

@@ -201,8 +201,8 @@ def fused_kernels(ledger, be):
     """The fused Triton kernels that a CUDA step runs (:mod:`sae_ref.backends._triton`), each
     recorded by :meth:`Ledger.fused` with the bytes it moves; their values from the composed
     forms (which the tests check the kernels against)."""
-    from sae_ref.backends import (StandardBackend, _triton, _triton_adam, _triton_decode, _triton_select,
-                                  _triton_sparse, _triton_standardize)
+    from sae_ref.backends import (StandardBackend, _triton, _triton_adam, _triton_counters, _triton_decode,
+                                  _triton_select, _triton_sparse, _triton_standardize)
 
     def group_keys(x, g, *, per_row):
         B, h = x.shape
@@ -220,6 +220,22 @@ def fused_kernels(ledger, be):
         return ledger.fused("subgroup_entry_keys",
                             lambda: StandardBackend.subgroup_entry_keys(be, x, top, g, s, per_row=per_row),
                             top.numel() * 8 + m * SECTOR, m * 8)
+
+    def count(cols, values, counts):
+        n = cols.shape[0]  # each entry's latent and value read, an int32 atomic add into its count
+        ledger.fused("count", lambda: counts.add_(StandardBackend.segment_count(
+            be, cols, values != 0, counts.shape[0], torch.float64).to(counts.dtype)),
+            n * (8 + values.element_size()), n * 4)
+
+    def update(counts, since, B, threshold):
+        h = since.shape[0]  # one program over the latents: counts and counters in, counters, mask out
+
+        def composed():
+            new = torch.where(counts > 0, torch.zeros_like(since), since + B)
+            dead = new >= threshold
+            return new, dead, torch.stack([dead.sum(), counts.sum().to(torch.int64)])
+
+        return ledger.fused("update", composed, h * (4 + since.element_size()), h * (since.element_size() + 1) + 16)
 
     def code_at(x, idx):
         n = idx.shape[0]  # each index's value from its own sector; rows, columns and values written
@@ -317,6 +333,7 @@ def fused_kernels(ledger, be):
                  _triton_adam: {"decoder_adam": decoder_adam, "adam": adam},
                  _triton_decode: {"rows_residual": rows_residual},
                  _triton_standardize: {"standardize": standardize},
+                 _triton_counters: {"count": count, "update": update},
                  _triton_sparse: {"products": products, "slots": slots,
                                   "default_part": lambda B: _triton_sparse.PART}}
     saved = _triton.usable, [(mod, name, getattr(mod, name)) for mod, fs in stand_ins.items() for name in fs]

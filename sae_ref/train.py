@@ -541,10 +541,14 @@ def _grads(xp, config: TrainConfig, params: SAEParams, since_fired, k_aux: int, 
     afa_value, g_code, g_b_dec_afa = _afa(xp, config, fwd, params, g_code)
     P.mark("loss", g_xhat)
     # dead-latent counters: tokens since each latent last fired, the current batch included
-    counts = fwd.code.latent_counts()
-    fired = (counts if dp is None else dp.sum(counts)) > 0
-    since = xp.where(fired, xp.zeros_like(since_fired), since_fired + B)
-    dead = since >= _dead_after_tokens(config, B)
+    # (and the dead count and the code's nonzero entries, for the metrics)
+    if dp is None:
+        since, dead, n_dead, l0 = get_backend(xp).dead_counters(
+            fwd.code.cols, fwd.code.values, since_fired, B, _dead_after_tokens(config, B), x.dtype)
+    else:
+        fired = dp.sum(fwd.code.latent_counts()) > 0
+        since = xp.where(fired, xp.zeros_like(since_fired), since_fired + B)
+        dead = since >= _dead_after_tokens(config, B)
     aux_value = xp.zeros((), dtype=x.dtype, device=device_of(x))
     g_pre_extra, g_W_extra, g_W_aux = None, g_W_sp, None
     if _aux_on(config, B):
@@ -587,10 +591,9 @@ def _grads(xp, config: TrainConfig, params: SAEParams, since_fired, k_aux: int, 
     nmse = _nmse_from_mse(xp, mse, fwd.x, config.loss_unit) if dp is None else dp.nmse(fwd.x_hat, fwd.x)
     if dp is not None:  # every rank reports the global batch's values
         mse, sparsity, aux_value, afa_value = dp.means(mse, sparsity, aux_value, afa_value)
-    # the code's nonzero entries: each row's L0 summed, without the per-row sums
-    l0 = xp.sum(xp.astype(fwd.code.values != 0, fwd.code.values.dtype))
-    l0 = l0 if dp is None else dp.sum(l0)
-    n_dead = xp.astype(xp.count_nonzero(dead), x.dtype)
+    if dp is not None:  # the code's nonzero entries (each row's L0 summed) and the dead count
+        l0 = dp.sum(xp.sum(xp.astype(fwd.code.values != 0, fwd.code.values.dtype)))
+        n_dead = xp.astype(xp.count_nonzero(dead), x.dtype)
     P.mark("metrics", n_dead)
     return _Pass(grads, since, n_dead, mse, nmse, sparsity, aux_value, afa_value, l0, m_t)
 

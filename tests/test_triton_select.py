@@ -191,7 +191,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from sae_ref.backends import _triton_adam as A, _triton_decode as D, _triton_select as S, _triton_sparse as P
-from sae_ref.backends import _triton_standardize as Z
+from sae_ref.backends import _triton_counters as C, _triton_standardize as Z
 
 target = GPUTarget("cuda", 90, 32)  # an H100/H200's architecture
 
@@ -240,6 +240,7 @@ for w in ("*fp32", "*fp64"):
         build(D._decode_residual_kernel, decode, {"BLOCK_R": 1, "BLOCK_E": max(1, 4096 // d), "BLOCK_D": d})
     build(S._code_at_kernel, {"x_ptr": w, "idx_ptr": "*i64", "rows_ptr": "*i64", "cols_ptr": "*i64",
                               "values_ptr": w, "n": "i32", "h": "i32"}, {"BLOCK": 1024})
+    build(C._count_kernel, {"cols_ptr": "*i64", "values_ptr": w, "counts_ptr": "*i32", "n": "i32"}, {"BLOCK": 1024})
     rows = {name: w for name in ("x_ptr", "b_ptr", "s_ptr", "c_ptr", "mean_ptr", "scale_ptr")}
     for x in ("*fp32", "*bf16"):
         common = {"x_ptr": x, "out_ptr": "*i64", "total": "i64", "n": "i32", "h": "i32", "w": "i32"}
@@ -250,6 +251,8 @@ for w in ("*fp32", "*fp64"):
     build(Z._standardize_kernel, rows, {"BLOCK_R": 1, "BLOCK_D": 1024})
 build(P._slots_kernel, {"crow_ptr": "*i64", "first_ptr": "*i64", "multi_first_ptr": "*i64",
                         "slot_latent_ptr": "*i64", "h": "i32", "n_slots": "i32", "part": "i32"}, {"CHUNK": 1024})
+build(C._update_kernel, {"counts_ptr": "*i32", "since_ptr": "*i64", "new_ptr": "*i64", "dead_ptr": "*i1",
+                         "totals_ptr": "*i64", "h": "i32", "B": "i32", "threshold": "i32"}, {"CHUNK": 1024})
 print("compiled")
 """
 
