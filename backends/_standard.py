@@ -96,15 +96,16 @@ class StandardBackend:
         """A code decoded against its input, with the squared error's parts: for a code ``f``
         (entries ``values`` at ``(rows, cols)``, shape (B, h), ``rows`` ascending as in every
         code the selection makes), the decoder ``W`` ([h, d]) and bias ``b`` ([d]), returns
-        ``(r, g, ss)``: the residual ``r = f W + b - x`` ([B, d]; in ``out`` where the backend
-        can), ``g = scale * r`` and ``ss``, the sum of the squares of ``r`` (0-D). A backend
-        may form the three in one pass over the rows (and rely on the rows' order)."""
+        ``(r, g, ss, xx)``: the residual ``r = f W + b - x`` ([B, d]; in ``out`` where the
+        backend can), ``g = scale * r``, and ``ss`` and ``xx``, the sums of the squares of ``r``
+        and of ``x`` (0-D). A backend may form them in one pass over the rows (and rely on the
+        rows' order)."""
         xp = array_namespace(values, W, x)
         r = self.spmm(rows, cols, values, W, x.shape[0], out=out)
         r += b  # the product's own array (or the caller's buffer): ours to write
         r -= x
-        flat = xp.reshape(r, (-1,))
-        return r, r * scale, xp.vecdot(flat, flat)
+        flat, x_flat = xp.reshape(r, (-1,)), xp.reshape(x, (-1,))
+        return r, r * scale, xp.vecdot(flat, flat), xp.vecdot(x_flat, x_flat)
 
     def sddmm(self, a, b, a_index, b_index):
         """``out[i] = a[a_index[i]] . b[b_index[i]]``: a dense-dense product sampled at nnz places.
@@ -442,15 +443,18 @@ class StandardBackend:
     def adam_sums(self, p, g, m, v, *, lr: float, b1: float, b2: float, eps: float, t: int,
                   inplace: bool = False):
         """:meth:`adam` with the gradient's :meth:`sum_squares` (a term of the global norm):
-        ``(p, m, v, sum of g^2)``. A backend may take the sum in the step's own pass."""
-        ss = self.sum_squares(g)
+        ``(p, m, v, parts)``, ``parts`` a 1-D array whose sum is the sum of ``g^2`` (here one
+        element). A backend may take the parts in the step's own pass (one per program)."""
+        xp = array_namespace(g)
+        ss = xp.reshape(self.sum_squares(g), (1,))
         return (*self.adam(p, g, m, v, lr=lr, b1=b1, b2=b2, eps=eps, t=t, inplace=inplace), ss)
 
     def decoder_adam_sums(self, W, g, m, v, *, lr: float, b1: float, b2: float, eps: float, t: int,
                           order: str, inplace: bool = False):
         """:meth:`decoder_adam` with the sum of squares of ``g`` as given (before the
-        projection): ``(W, m, v, sum of g^2)``, as :meth:`adam_sums`."""
-        ss = self.sum_squares(g)
+        projection) in parts: ``(W, m, v, parts)``, as :meth:`adam_sums`."""
+        xp = array_namespace(g)
+        ss = xp.reshape(self.sum_squares(g), (1,))
         return (*self.decoder_adam(W, g, m, v, lr=lr, b1=b1, b2=b2, eps=eps, t=t, order=order,
                                    inplace=inplace), ss)
 

@@ -189,11 +189,12 @@ def decoder_adam(W, g, m, v, *, lr: float, b1: float, b2: float, eps: float, t: 
                  tiny: float, sums: bool = False):
     """The decoder's constrained Adam step at step ``t``, in place on ``W``, ``m`` and ``v``
     (``g`` is read only): one kernel launch for the whole [h, d] matrix (module docstring).
-    Returns None, or with ``sums`` the sum of ``g^2`` (0-D), from the same pass."""
+    Returns None, or with ``sums`` the programs' sums of ``g^2`` (1-D; their sum is the
+    gradient's), from the same pass."""
     _check(W, g, m, v, order)
     h, d = W.shape
     if h == 0 or d == 0:
-        return torch.zeros((), dtype=W.dtype, device=W.device) if sums else None
+        return torch.zeros((1,), dtype=W.dtype, device=W.device) if sums else None
     lr, b1, b2, eps, tiny = float(lr), float(b1), float(b2), float(eps), float(tiny)
     block_d = triton.next_power_of_2(d)
     # narrow rows share a program (a block of about 4096 elements); under the interpreter,
@@ -209,7 +210,7 @@ def decoder_adam(W, g, m, v, *, lr: float, b1: float, b2: float, eps: float, t: 
         num_warps=min(16, max(1, block_h * block_d // 256)),  # a few elements per thread
         enable_fp_fusion=True,  # fused multiply-adds, as the NumPy backend's kernel allows
     )
-    return torch.sum(ss) if sums else None
+    return ss if sums else None
 
 
 def _flat(x):
@@ -240,11 +241,12 @@ def adam(p, g, m, v, *, lr: float, b1: float, b2: float, eps: float, t: int, sum
     """One Adam step at step ``t`` (:meth:`StandardBackend.adam`'s arithmetic), in place on
     ``p``, ``m`` and ``v`` (``g`` is read only): one kernel launch over their storage, of any
     shape (0-D and 1-D included) in row-major or transposed layout (module docstring).
-    Returns None, or with ``sums`` the sum of ``g^2`` (0-D), from the same pass."""
+    Returns None, or with ``sums`` the programs' sums of ``g^2`` (1-D; their sum is the
+    gradient's), from the same pass."""
     _check_flat(p, g, m, v)
     n = p.numel()
     if n == 0:
-        return torch.zeros((), dtype=p.dtype, device=p.device) if sums else None
+        return torch.zeros((1,), dtype=p.dtype, device=p.device) if sums else None
     lr, b1, b2, eps = float(lr), float(b1), float(b2), float(eps)
     # a few elements per thread on a GPU; under the interpreter, whose cost is per program,
     # up to 2^16 elements a program
@@ -257,4 +259,4 @@ def adam(p, g, m, v, *, lr: float, b1: float, b2: float, eps: float, t: int, sum
         SUMS=sums, BLOCK=block, num_warps=8,
         enable_fp_fusion=True,  # as decoder_adam's kernel
     )
-    return torch.sum(ss) if sums else None
+    return ss if sums else None

@@ -6,16 +6,16 @@ the input ``x`` ([B, d]), for
 
 - the residual ``r = f W + b - x`` ([B, d]);
 - its gradient-scaled copy ``scale * r`` (the loss's gradient on the reconstruction);
-- the sum of squares of ``r`` (the loss's value, times its normaliser).
+- the sum of squares of ``r`` (the loss's value, times its normaliser), and that of ``x``.
 
 Composed on a GPU, that is a sort of the entries by row and a CSR build for cuSPARSE's product,
 the product, the bias added, the input subtracted, a dot product and a scaling: about a dozen
 launches, each [B, d] pass through memory again. Here the code's entries come sorted by row
-(every code the selection makes lists them row-major; the row bounds are one
-``searchsorted``), and :func:`_decode_residual_kernel` takes a row at a time: it sums the
-row's decoder rows times their values in registers, adds the bias, subtracts the input and
-writes ``r``, ``scale * r`` and the row's sum of squares. The rows' sums are added by one
-reduction afterwards. No atomics: the same bits every run.
+(every code the selection makes lists them row-major), and :func:`_decode_residual_kernel`
+takes a row at a time: it finds the row's entries by bisection, sums their decoder rows times
+their values in registers, adds the bias, subtracts the input and writes ``r``, ``scale * r``
+and the row's sums of squares of ``r`` and of the input (the NMSE's denominator). The rows'
+sums are added by one reduction afterwards. No atomics: the same bits every run.
 
 Only code that has checked that Triton imports imports this module.
 """
@@ -27,17 +27,33 @@ import triton
 import triton.language as tl
 
 from ._triton import interpreting
+from ._triton_adam import _as
 from ._triton_sparse import _blocks
 
 
 @triton.jit
-def _decode_residual_kernel(crow_ptr, cols_ptr, values_ptr, W_ptr, b_ptr, x_ptr, scale_ptr, r_ptr,
-                            g_ptr, ss_ptr, B, d,
+def _first_at_least(rows_ptr, n, target, STEPS: tl.constexpr):
+    """The first place in the ascending ``rows`` ([n]) whose row is at least ``target`` (a
+    vector of targets), by bisection in ``STEPS`` rounds (``2^STEPS > n``)."""
+    lo = tl.zeros(target.shape, dtype=tl.int64)
+    hi = tl.zeros(target.shape, dtype=tl.int64) + n
+    for _ in range(STEPS):
+        mid = (lo + hi) // 2
+        below = tl.load(rows_ptr + mid, mask=mid < n, other=0) < target
+        open_ = lo < hi
+        lo = tl.where(open_ & below, mid + 1, lo)
+        hi = tl.where(open_ & ~below, mid, hi)
+    return lo
+
+
+@triton.jit
+def _decode_residual_kernel(rows_ptr, cols_ptr, values_ptr, W_ptr, b_ptr, x_ptr, r_ptr, g_ptr, sums_ptr,
+                            n, B, d, scale: tl.float64, STEPS: tl.constexpr,
                             BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
     row = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)  # [R]
     here = row < B
-    lo = tl.load(crow_ptr + row, mask=here, other=0).to(tl.int64)
-    hi = tl.load(crow_ptr + row + 1, mask=here, other=0).to(tl.int64)
+    lo = _first_at_least(rows_ptr, n, row, STEPS)  # the row's entries: [lo, hi)
+    hi = _first_at_least(rows_ptr, n, row + 1, STEPS)
     k = tl.arange(0, BLOCK_D).to(tl.int64)
     in_d = (k < d)[None, :]
     acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=W_ptr.dtype.element_ty)
@@ -52,11 +68,13 @@ def _decode_residual_kernel(crow_ptr, cols_ptr, values_ptr, W_ptr, b_ptr, x_ptr,
         acc += tl.sum(v[:, :, None] * w, axis=1)
     mask = here[:, None] & in_d
     at = row[:, None] * d + k[None, :]
-    r = acc + tl.load(b_ptr + k, mask=k < d, other=0.0)[None, :] - tl.load(x_ptr + at, mask=mask, other=0.0)
+    x = tl.load(x_ptr + at, mask=mask, other=0.0)
+    r = acc + tl.load(b_ptr + k, mask=k < d, other=0.0)[None, :] - x
     r = tl.where(mask, r, 0.0)
     tl.store(r_ptr + at, r, mask=mask)
-    tl.store(g_ptr + at, r * tl.load(scale_ptr), mask=mask)
-    tl.store(ss_ptr + row, tl.sum(r * r, axis=1), mask=here)
+    tl.store(g_ptr + at, r * _as(scale, x.dtype), mask=mask)  # the scale in x's dtype, as torch's product
+    tl.store(sums_ptr + row, tl.sum(r * r, axis=1), mask=here)
+    tl.store(sums_ptr + B + row, tl.sum(x * x, axis=1), mask=here)
 
 
 def _into(out, like):
@@ -69,28 +87,26 @@ def _into(out, like):
 
 
 def decode_residual(rows, cols, values, W, b, x, scale: float, *, out=None):
-    """``(r, scale * r, sum of r^2)`` of
+    """``(r, scale * r, sum of r^2, sum of x^2)`` of
     :meth:`~sae_ref.backends.StandardBackend.decode_residual` in one kernel and one sum
     (module docstring). ``rows`` ascending; ``W`` and ``x`` contiguous, one float dtype with
     ``values`` and ``b``; ``d`` at most the backward kernel's ``MAX_D``. ``out``: a buffer ``r``
     may be written into."""
-    B, d = x.shape
-    crow = torch.searchsorted(rows, torch.arange(B + 1, dtype=rows.dtype, device=rows.device))
     r = _into(out, x)
     g = torch.empty_like(r)
-    ss = torch.empty((B,), dtype=x.dtype, device=x.device)
-    s = torch.full((1,), scale, dtype=x.dtype, device=x.device)
-    rows_residual(crow, cols, values, W, b, x, s, r, g, ss)
-    return r, g, torch.sum(ss)
+    sums = torch.empty((2, x.shape[0]), dtype=x.dtype, device=x.device)  # the rows' sums of r^2, x^2
+    rows_residual(rows, cols, values, W, b, x, float(scale), r, g, sums)
+    ss, xx = torch.sum(sums, dim=1)
+    return r, g, ss, xx
 
 
-def rows_residual(crow, cols, values, W, b, x, scale, r, g, ss):
-    """The kernel's launch: ``r``, ``g`` and the rows' sums of squares ``ss`` written from the
-    row bounds ``crow`` ([B + 1]) and the 1-element ``scale``."""
-    B, d = x.shape
+def rows_residual(rows, cols, values, W, b, x, scale: float, r, g, sums):
+    """The kernel's launch: ``r``, ``g`` and the rows' sums of squares of ``r`` and ``x``
+    (``sums`` [2, B]) written; each row finds its entries in the ascending ``rows`` by
+    bisection."""
+    (B, d), n = x.shape, rows.shape[0]
     _, block_e, block_d, warps = _blocks(d)
     block_r = max(1, (1 << 18) // (block_e * block_d)) if interpreting() else 1
     _decode_residual_kernel[(triton.cdiv(B, block_r),)](
-        crow, cols, values, W, b, x, scale, r, g, ss, B, d,
+        rows, cols, values, W, b, x, r, g, sums, n, B, d, scale, STEPS=max(1, n.bit_length()),
         BLOCK_R=block_r, BLOCK_E=block_e, BLOCK_D=block_d, num_warps=warps)
-

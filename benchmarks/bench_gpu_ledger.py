@@ -252,12 +252,11 @@ def fused_kernels(ledger, be):
 
     def sum_of_partials(g, sums):
         """With ``sums``, the kernel's per-program sums of g^2 (taken from the registers it
-        holds: no bytes more) reduced by one recorded launch."""
+        holds: no bytes more; one part stands for them)."""
         if not sums:
             return None
         with ledger.quiet():
-            partials = torch.sum(g * g).reshape(1)
-        return torch.sum(partials)
+            return torch.sum(g * g).reshape(1)
 
     def decoder_adam(W, g, m, v, *, lr, b1, b2, eps, t, order, tiny, sums=False):
         def composed():  # into the caller's W, m and v, as the kernel writes
@@ -301,20 +300,19 @@ def fused_kernels(ledger, be):
             ledger.fused("sum_parts", lambda: None, partial + h * 16, partial)
         return out
 
-    def rows_residual(crow, cols, values, W, b, x, scale, r, g, ss):
-        # the kernel reads each entry's index, value and decoder row, the input and the bias,
-        # and writes the residual, its scaled copy and the rows' sums of squares
+    def rows_residual(rows, cols, values, W, b, x, scale, r, g, sums):
+        # the kernel reads each entry's row, latent, value and decoder row, the input and the
+        # bias, and writes the residual, its scaled copy and the rows' two sums of squares
         (B, d), n, size = x.shape, values.shape[0], x.element_size()
 
         def composed():
-            rows = torch.repeat_interleave(torch.arange(B, device=x.device), crow.diff())
-            outs = StandardBackend.decode_residual(be, rows, cols, values, W, b, x, float(scale[0]))
+            outs = StandardBackend.decode_residual(be, rows, cols, values, W, b, x, scale)
             r.copy_(outs[0])
             g.copy_(outs[1])
-            ss.copy_((outs[0] * outs[0]).sum(1))
+            sums.copy_(torch.stack([(outs[0] * outs[0]).sum(1), (x * x).sum(1)]))
 
-        read = n * (d * size + 8 + size) + (B * d + d) * size + (B + 1) * 8
-        return ledger.fused("decode_residual", composed, read, 2 * B * d * size + B * size)
+        read = n * (d * size + 16 + size) + (B * d + d) * size
+        return ledger.fused("decode_residual", composed, read, 2 * B * d * size + 2 * B * size)
 
     def standardize(x, b, eps):
         # one read of the batch and the bias; the two [B, d] results and the rows' statistics

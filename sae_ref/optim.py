@@ -52,7 +52,8 @@ def adam_update(params: SAEParams, grads: SAEParams, state: AdamState, *, lr: fl
                 sums: dict | None = None) -> tuple[SAEParams, AdamState]:
     """One Adam step (``t`` counts from 1); parameters named in ``frozen`` are left alone.
     ``sums``: a dict that receives each stepped parameter's gradient's sum of squares (the
-    terms of :func:`global_norm`), taken in the step's own pass where the backend can.
+    terms of :func:`global_norm`) as a 1-D array of parts to add, taken in the step's own
+    pass where the backend can.
 
     A frozen parameter keeps its value and its moments, as PyTorch does for a parameter whose
     gradient is ``None``. The arithmetic is the backend's ``adam``

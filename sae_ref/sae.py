@@ -336,7 +336,7 @@ def _decode(xp, params, code, ws=None):
 
 
 def _decode_residual(xp, params, code, x, scale: float, ws=None):
-    """``(r, scale * r, sum of r^2)`` for the residual ``r = x_hat - x`` of the code's
+    """``(r, scale * r, sum of r^2, sum of x^2)`` for the residual ``r = x_hat - x`` of the code's
     decoding (:meth:`~sae_ref.backends.StandardBackend.decode_residual`: on a GPU one pass
     over the rows); ``r`` in the workspace's reconstruction buffer when given. The code's
     rows ascend, as in every code :func:`_select` makes."""

@@ -336,10 +336,10 @@ def _dead_after_tokens(config: TrainConfig, B: int) -> int:
     return config.dead_after * B if config.dead_unit == "batches" else config.dead_after
 
 
-def _sparsity(xp, config, fwd, params, coeff):
-    """The architecture's sparsity term: (value, g_code, g_theta, g_W_dec), scaled by coeff."""
+def _sparsity(xp, config, fwd, params, coeff, zero):
+    """The architecture's sparsity term: (value, g_code, g_theta, g_W_dec), scaled by coeff
+    (``zero``: a 0-D zero of the loss's dtype, the value where there is no term)."""
     a = config.arch
-    zero = xp.zeros((), dtype=fwd.x.dtype, device=device_of(fwd.x))
     if a in ("topk", "batchtopk", "top-afa"):
         return zero, None, None, None
     if a == "jumprelu":
@@ -354,7 +354,7 @@ def _sparsity(xp, config, fwd, params, coeff):
     return coeff * value, coeff * g, None, None if g_W is None else coeff * g_W
 
 
-def _afa(xp, config, fwd, params, g_code):
+def _afa(xp, config, fwd, params, g_code, zero):
     r"""The AFA loss term: (value, g_code with its gradient added, gradient on b_dec or None).
 
     With target :math:`t_b = \|x_b - b_{dec}\|`, :math:`\partial t_b / \partial b_{dec} =
@@ -362,7 +362,7 @@ def _afa(xp, config, fwd, params, g_code):
     parameter in it. :math:`x` is the input in the loss space (standardised if configured).
     """
     if config.afa_coeff == 0:
-        return xp.zeros((), dtype=fwd.x.dtype, device=device_of(fwd.x)), g_code, None
+        return zero, g_code, None
     c = config.afa_coeff
     centred = fwd.x - params.b_dec if config.afa_target == "x_minus_b_dec" else fwd.x
     target = xp.linalg.vector_norm(centred, axis=1)
@@ -532,13 +532,14 @@ def _grads(xp, config: TrainConfig, params: SAEParams, since_fired, k_aux: int, 
                    decode=dp is not None)
     if dp is None:  # decoded with the loss: the residual x_hat - x, the gradient, the sum of squares
         n = L._mse_count(fwd.x, config.loss_unit)
-        residual, g_xhat, ss = _decode_residual(xp, params, fwd.code, fwd.x, 2.0 / n, ws)
+        residual, g_xhat, ss, xx = _decode_residual(xp, params, fwd.code, fwd.x, 2.0 / n, ws)
         P.mark("decode", residual)
         mse = ss / n
     else:
         mse, g_xhat = L._mse(xp, fwd.x_hat, fwd.x, config.loss_unit)
-    sparsity, g_code, g_theta, g_W_sp = _sparsity(xp, config, fwd, params, coeff)
-    afa_value, g_code, g_b_dec_afa = _afa(xp, config, fwd, params, g_code)
+    zero = xp.zeros((), dtype=x.dtype, device=device_of(x))  # the terms that are absent (one fill)
+    sparsity, g_code, g_theta, g_W_sp = _sparsity(xp, config, fwd, params, coeff, zero)
+    afa_value, g_code, g_b_dec_afa = _afa(xp, config, fwd, params, g_code, zero)
     P.mark("loss", g_xhat)
     # dead-latent counters: tokens since each latent last fired, the current batch included
     # (and the dead count and the code's nonzero entries, for the metrics)
@@ -549,7 +550,7 @@ def _grads(xp, config: TrainConfig, params: SAEParams, since_fired, k_aux: int, 
         fired = dp.sum(fwd.code.latent_counts()) > 0
         since = xp.where(fired, xp.zeros_like(since_fired), since_fired + B)
         dead = since >= _dead_after_tokens(config, B)
-    aux_value = xp.zeros((), dtype=x.dtype, device=device_of(x))
+    aux_value = zero
     g_pre_extra, g_W_extra, g_W_aux = None, g_W_sp, None
     if _aux_on(config, B):
         # the gradients come scaled by the coefficient, the [B, d] reconstruction in the
@@ -588,7 +589,7 @@ def _grads(xp, config: TrainConfig, params: SAEParams, since_fired, k_aux: int, 
         m_t = T.batch_min_kept(fwd.code.values)
         m_t = m_t if dp is None else dp.min(m_t)
     # pooled NMSE from the loss's own sum of squares (no second pass over x_hat - x)
-    nmse = _nmse_from_mse(xp, mse, fwd.x, config.loss_unit) if dp is None else dp.nmse(fwd.x_hat, fwd.x)
+    nmse = _nmse_from_mse(mse, fwd.x, config.loss_unit, xx) if dp is None else dp.nmse(fwd.x_hat, fwd.x)
     if dp is not None:  # every rank reports the global batch's values
         mse, sparsity, aux_value, afa_value = dp.means(mse, sparsity, aux_value, afa_value)
     if dp is not None:  # the code's nonzero entries (each row's L0 summed) and the dead count
@@ -629,11 +630,11 @@ def _detach(config: TrainConfig) -> bool:
     return config.aux_convention == "normalized"
 
 
-def _nmse_from_mse(xp, mse, x, unit):
-    r""":math:`\sum (\hat x - x)^2 / \sum x^2` from the MSE in ``unit`` (the same sum)."""
+def _nmse_from_mse(mse, x, unit, xx):
+    r""":math:`\sum (\hat x - x)^2 / \sum x^2` from the MSE in ``unit`` (the same sum) and
+    ``xx`` (:math:`\sum x^2`, from the decoding's pass)."""
     B, d = x.shape
-    flat = xp.reshape(x, (-1,))
-    return mse * (B * d if unit == "element" else B) / xp.vecdot(flat, flat)
+    return mse * (B * d if unit == "element" else B) / xx
 
 
 def _lr(config: TrainConfig, t: int) -> float:
@@ -684,8 +685,8 @@ def _update(xp, state, params, grads, t, donate=False):
     params, opt = O.adam_update(params, grads, opt, lr=lr, t=t, betas=config.betas,
                                 eps=config.adam_eps, frozen=frozen + (("W_dec",) if fused else ()),
                                 inplace=donate, sums=sums)
-    if sums is not None:  # global_norm's sum, in its order (a frozen gradient's zero left out)
-        grad_norm = xp.sqrt(sum(sums[name] for name in grads.arrays() if name in sums))
+    if sums is not None:  # global_norm's terms, in its order (a frozen gradient's zero left out)
+        grad_norm = xp.sqrt(xp.sum(xp.concat([sums[name] for name in grads.arrays() if name in sums])))
     if fused:
         params = replace(params, W_dec=W)
         opt = O.AdamState(replace(opt.m, W_dec=m), replace(opt.v, W_dec=v))

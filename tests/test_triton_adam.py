@@ -20,8 +20,8 @@ transpose of a contiguous matrix, as ``W_enc``):
   gradients (where ``eps`` dominates) included;
 - float32: it equals the float64 composed form on the same inputs to float32 rounding;
 - it writes ``p``, ``m`` and ``v`` in place, leaves ``g`` and the memory around them alone;
-- with ``sums=True`` both kernels return the gradient's sum of squares from the same pass
-  (its float64 definition) and take the same step;
+- with ``sums=True`` both kernels return parts of the gradient's sum of squares from the same
+  pass (their sum its float64 definition) and take the same step;
 - bad arguments raise TypeError or ValueError naming the argument;
 - torch's backend runs it on the GPU path (its result is the composed one), falls back to
   torch's fused Adam with a warning when it fails, and leaves layouts it does not take to the
@@ -264,8 +264,8 @@ def test_fused_steps_with_sums_give_the_same_step_and_the_gradient_sum_of_square
     step = adam if order is None else lambda *a, **k: decoder_adam(*a, order=order, tiny=TINY, **k)
     assert step(*plain, **hyper) is None
     ss = step(*with_sums, sums=True, **hyper)
-    assert ss.shape == () and ss.dtype == torch.float64
-    np.testing.assert_allclose(float(ss), float(np.sum(g * g)), rtol=1e-12)
+    assert ss.ndim == 1 and ss.dtype == torch.float64
+    np.testing.assert_allclose(float(ss.sum()), float(np.sum(g * g)), rtol=1e-12)
     for a, b in zip(plain, with_sums):
         assert torch.equal(a, b)
 

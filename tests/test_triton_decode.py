@@ -1,7 +1,7 @@
 """The training step's decoding with its squared error as one fused Triton kernel
 (``_triton_decode``).
 
-- float64: the residual ``f W + b - x``, its scaled copy and its sum of squares equal their
+- float64: the residual ``f W + b - x``, its scaled copy, its sum of squares and the input's equal their
   definitions (NumPy, float64) to float64 rounding, with padded entries (value 0), rows
   without entries, codes without entries and rows longer than a program's tile of entries;
 - float32: they equal the float64 definitions to float32 rounding;
@@ -51,7 +51,7 @@ def _definitions(rows, cols, values, W, b, x, scale):
     x_hat = np.tile(b, (x.shape[0], 1))
     np.add.at(x_hat, rows, values[:, None] * W[cols])
     r = x_hat - x
-    return r, scale * r, np.sum(r * r)
+    return r, scale * r, np.sum(r * r), np.sum(x * x)
 
 
 def _fused(problem, dtype, device):
@@ -65,7 +65,7 @@ def _fused(problem, dtype, device):
 @given(problem=problems())
 @settings(max_examples=25)
 def test_fused_decode_residual_equals_its_definitions_float64(device, problem):
-    for name, a, b in zip(("r", "g", "ss"), _fused(problem, torch.float64, device), _definitions(*problem)):
+    for name, a, b in zip(("r", "g", "ss", "xx"), _fused(problem, torch.float64, device), _definitions(*problem)):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12, err_msg=name)
 
 
@@ -76,8 +76,8 @@ def test_fused_decode_residual_float32_matches_float64_definitions_to_float32_ro
     rows, cols, *arrays, scale = problem
     arrays = [a.astype(np.float32).astype(np.float64) for a in arrays]  # inputs both see
     problem = (rows, cols, *arrays, scale)
-    r, g, ss = _fused(problem, torch.float32, device)
-    want_r, want_g, want_ss = _definitions(*problem)
+    r, g, ss, xx = _fused(problem, torch.float32, device)
+    want_r, want_g, want_ss, want_xx = _definitions(*problem)
     values, W, b, x = arrays
     # float32 sums of at most h + 2 terms: within a few (h + 2) ulps of the sums of magnitudes
     mag = np.abs(np.tile(b, (x.shape[0], 1))) + np.abs(x)
@@ -88,6 +88,7 @@ def test_fused_decode_residual_float32_matches_float64_definitions_to_float32_ro
     assert np.all(np.abs(g - want_g) <= bound * abs(scale) + 2 * ulp * np.abs(want_g))
     # the sum of B d squares, each off by its r's error
     assert abs(ss - want_ss) <= np.sum(2 * np.abs(want_r) * bound + bound**2) + 2 * r.size * ulp * want_ss
+    assert abs(xx - want_xx) <= 2 * x.size * ulp * want_xx
 
 
 @DEVICES
@@ -114,13 +115,15 @@ def test_composed_decode_residual_gives_the_bits_of_the_decoding_then_the_mse(ba
     X = to(x, "float32")
     n = L._mse_count(X, unit)
     be = get_backend(xp)
-    r, g, ss = StandardBackend.decode_residual(be, code.rows, code.cols, code.values, params.W_dec, params.b_dec,
-                                               X, 2.0 / n)
+    r, g, ss, xx = StandardBackend.decode_residual(be, code.rows, code.cols, code.values, params.W_dec,
+                                                   params.b_dec, X, 2.0 / n)
     x_hat = _decode(xp, params, code)
     mse, g_want = L._mse(xp, x_hat, X, unit)
     np.testing.assert_array_equal(backend.numpy(g), backend.numpy(g_want))
     np.testing.assert_array_equal(backend.numpy(ss / n), backend.numpy(mse))
     np.testing.assert_array_equal(backend.numpy(r), backend.numpy(_decode(xp, params, code) - X))
+    flat = xp.reshape(X, (-1,))  # the NMSE's denominator as the step took it
+    np.testing.assert_array_equal(backend.numpy(xx), backend.numpy(xp.vecdot(flat, flat)))
 
 
 def _fixed_problem():

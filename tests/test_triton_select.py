@@ -234,10 +234,11 @@ for w in ("*fp32", "*fp64"):
     sums = {name: w for name in ("part_W_ptr", "part_X_ptr", "part_s_ptr", "out_W_ptr", "out_X_ptr", "out_s_ptr")}
     sums.update(crow_ptr="*i64", multi_first_ptr="*i64", h="i32", d="i32", part="i32")
     build(P._sum_parts_kernel, sums, {"BLOCK_L": 1, "BLOCK_D": 1024})
-    decode = {name: w for name in ("values_ptr", "W_ptr", "b_ptr", "x_ptr", "scale_ptr", "r_ptr", "g_ptr", "ss_ptr")}
-    decode.update(crow_ptr="*i64", cols_ptr="*i64", B="i32", d="i32")
+    decode = {name: w for name in ("values_ptr", "W_ptr", "b_ptr", "x_ptr", "r_ptr", "g_ptr", "sums_ptr")}
+    decode.update(rows_ptr="*i64", cols_ptr="*i64", n="i32", B="i32", d="i32", scale="fp64")
     for d in (1024, 4096):
-        build(D._decode_residual_kernel, decode, {"BLOCK_R": 1, "BLOCK_E": max(1, 4096 // d), "BLOCK_D": d})
+        build(D._decode_residual_kernel, decode,
+              {"STEPS": 18, "BLOCK_R": 1, "BLOCK_E": max(1, 4096 // d), "BLOCK_D": d})
     build(S._code_at_kernel, {"x_ptr": w, "idx_ptr": "*i64", "rows_ptr": "*i64", "cols_ptr": "*i64",
                               "values_ptr": w, "n": "i32", "h": "i32"}, {"BLOCK": 1024})
     build(C._count_kernel, {"cols_ptr": "*i64", "values_ptr": w, "counts_ptr": "*i32", "n": "i32"}, {"BLOCK": 1024})
