@@ -92,6 +92,19 @@ class StandardBackend:
         centred /= scale
         return centred, mean, scale, None if b is None else centred - b
 
+    def aux_residual(self, e_hat, residual, scale: float, on):
+        """AuxK's error against a residual held negated (``x_hat - x``): ``r = e_hat +
+        residual``, formed in ``e_hat``'s memory (which is consumed); returns ``(ss, g)`` with
+        ``ss`` the sum of the squares of ``r`` (0-D) and ``g = scale * r`` where the 0-D
+        boolean ``on`` is true, else 0. A backend may form both in one pass."""
+        xp = array_namespace(e_hat, residual)
+        r = e_hat
+        r += residual
+        flat = xp.reshape(r, (-1,))
+        ss = xp.vecdot(flat, flat)
+        r *= scale
+        return ss, xp.where(on, r, xp.zeros((), dtype=r.dtype, device=device_of(r)))
+
     def decode_residual(self, rows, cols, values, W, b, x, scale: float, *, out=None):
         """A code decoded against its input, with the squared error's parts: for a code ``f``
         (entries ``values`` at ``(rows, cols)``, shape (B, h), ``rows`` ascending as in every

@@ -244,6 +244,18 @@ class TorchBackend(StandardBackend):
                 return _kernel("standardize", lambda: standardize(x, b, eps), composed)
         return composed()
 
+    def aux_residual(self, e_hat, residual, scale, on):
+        composed = lambda: super(TorchBackend, self).aux_residual(e_hat, residual, scale, on)
+        if (_fused(e_hat, residual, on) and e_hat.dtype in (torch.float32, torch.float64)
+                and residual.dtype == e_hat.dtype and e_hat.shape == residual.shape
+                and e_hat.is_contiguous() and residual.is_contiguous() and on.ndim == 0):
+            from ._triton_residual import aux_residual
+
+            # the error, its sum of squares and its masked, scaled gradient in one pass
+            # (composed: four passes over [B, d])
+            return _kernel("aux_residual", lambda: aux_residual(e_hat, residual, scale, on), composed)
+        return composed()
+
     def decode_residual(self, rows, cols, values, W, b, x, scale, *, out=None):
         composed = lambda: super(TorchBackend, self).decode_residual(rows, cols, values, W, b, x, scale,
                                                                      out=out)

@@ -202,7 +202,7 @@ def fused_kernels(ledger, be):
     recorded by :meth:`Ledger.fused` with the bytes it moves; their values from the composed
     forms (which the tests check the kernels against)."""
     from sae_ref.backends import (StandardBackend, _triton, _triton_adam, _triton_counters, _triton_decode,
-                                  _triton_select, _triton_sparse, _triton_standardize)
+                                  _triton_residual, _triton_select, _triton_sparse, _triton_standardize)
 
     def group_keys(x, g, *, per_row):
         B, h = x.shape
@@ -314,6 +314,11 @@ def fused_kernels(ledger, be):
         read = n * (d * size + 16 + size) + (B * d + d) * size
         return ledger.fused("decode_residual", composed, read, 2 * B * d * size + 2 * B * size)
 
+    def aux_residual(e_hat, residual, scale, on):
+        size = e_hat.numel() * e_hat.element_size()  # both read, the gradient written
+        return ledger.fused("aux_residual", lambda: StandardBackend.aux_residual(be, e_hat, residual, scale, on),
+                            2 * size, size)
+
     def standardize(x, b, eps):
         # one read of the batch and the bias; the two [B, d] results and the rows' statistics
         (B, d), size = x.shape, x.element_size()
@@ -332,6 +337,7 @@ def fused_kernels(ledger, be):
                  _triton_decode: {"rows_residual": rows_residual},
                  _triton_standardize: {"standardize": standardize},
                  _triton_counters: {"count": count, "update": update},
+                 _triton_residual: {"aux_residual": aux_residual},
                  _triton_sparse: {"products": products, "slots": slots,
                                   "default_part": lambda B: _triton_sparse.PART}}
     saved = _triton.usable, [(mod, name, getattr(mod, name)) for mod, fs in stand_ins.items() for name in fs]

@@ -88,6 +88,8 @@ def cases(d: int, h: int, k: int, B: int, device):
                                                            with_sums=True)),
         ("dead_counters", lambda: be.dead_counters(cols, values, torch.zeros(h, dtype=torch.int64, device=device),
                                                    B, 5 * B, torch.float32)),
+        ("aux_residual", lambda: be.aux_residual(G.clone(), X, 2.0 / (B * d), torch.ones((), dtype=torch.bool,
+                                                                                           device=device))),
         ("standardize", lambda: be.standardize(X, W[0], 1e-5)),
         ("decode_residual", lambda: be.decode_residual(rows, cols, values, W, W[0], X, 2.0 / (B * d))),
         ("decoder_adam", lambda: be.decoder_adam(W.clone(), g, m.clone(), v.clone(), order="before",

@@ -207,6 +207,20 @@ class _Loss:
         term = centred * (2.0 * self.scale * num / (den * den))
         return num / den, g_ehat, (term - g_ehat) if self.negated else (-g_ehat - term)
 
+    def masked(self, be, e_hat, on, zero):
+        """``(value, g_ehat, g_res)`` of ``self(e_hat)``, all ``zero`` (0-D) where the 0-D
+        boolean ``on`` is false (no dead latent), chosen on the device. The "authors" loss against a negated
+        residual whose gradient is not formed is one backend call
+        (:meth:`~sae_ref.backends.StandardBackend.aux_residual`: one pass on a GPU)."""
+        xp = self.xp
+        if self.convention == "authors" and self.negated and (self.detach or self.lazy):
+            n = e_hat.shape[0] * e_hat.shape[1]
+            num, g_ehat = be.aux_residual(e_hat, self.residual, 2.0 * self.scale / n, on)
+            return xp.where(on, num / n, zero), g_ehat, None
+        value, g_ehat, g_res = self(e_hat)
+        g_res = None if g_res is None else xp.where(on, g_res, zero)
+        return xp.where(on, value, zero), xp.where(on, g_ehat, zero), g_res
+
     def result(self, value, code, g_values, g_W_dec, g_res, g_ehat, block=None) -> AuxKResult:
         return AuxKResult(value, code, g_values, g_W_dec, g_res, g_ehat, block, self.lazy)
 
@@ -300,11 +314,8 @@ def _auxk_capacity(xp, be, pre, dead, W_dec, k_aux, loss, cap, precision, buf=No
         sub = take(pre, cols, axis=1)
         a = xp.where(real[None, :] & (sub > 0), sub, zero)
     kept = a > 0
-    value, g_ehat, g_res = loss(matmul_at(be, a, W_d, precision, out=buf))
-    any_dead = xp.any(dead)  # none: the loss and its gradients are zero, chosen on the device
-    value = xp.where(any_dead, value, zero)
-    g_ehat = xp.where(any_dead, g_ehat, zero)
-    g_res = None if g_res is None else xp.where(any_dead, g_res, zero)
+    # no dead latent: the loss and its gradients are zero, chosen on the device
+    value, g_ehat, g_res = loss.masked(be, matmul_at(be, a, W_d, precision, out=buf), xp.any(dead), zero)
     g_a = xp.where(kept, matmul_at(be, g_ehat, xp.matrix_transpose(W_d), precision), zero)
     shape = (B, h)
     block = (ColumnBlock(cols, a, shape, precision), ColumnBlock(cols, g_a, shape, precision))
