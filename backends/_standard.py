@@ -389,6 +389,24 @@ class StandardBackend:
         xp = array_namespace(flags)
         return self.segment_sum(index, xp.astype(flags, dtype), n)
 
+    def min_positive(self, values):
+        """The smallest positive entry of the 1-D ``values`` (0-D), ``+inf`` if none is."""
+        xp = array_namespace(values)
+        inf = xp.full((), float("inf"), dtype=values.dtype, device=device_of(values))  # a fill, not a host copy
+        if values.shape[0] == 0:
+            return inf
+        return xp.min(xp.where(values > 0, values, inf))
+
+    def running_mean_step(self, buf, m, slot: int):
+        """A running mean's step over its ring buffer ``buf``: ``(new buffer, mean)``, the new
+        buffer with ``m`` (0-D) at ``slot`` (NaN there when ``m`` is not finite) and the mean of
+        its finite entries. A backend may form both in one pass."""
+        from sae_ref.theta import _finite_mean, _ring_put
+
+        xp = array_namespace(buf)
+        new = _ring_put(xp, buf, m, slot)
+        return new, _finite_mean(xp, new)
+
     def dead_counters(self, cols, values, since, B: int, threshold: int, dtype):
         """The dead-latent counters after a batch whose code has entries ``values`` at latents
         ``cols``: ``(new, dead, n_dead, nnz)`` with ``new`` each latent's tokens since it last

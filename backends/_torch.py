@@ -444,6 +444,27 @@ class TorchBackend(StandardBackend):
             return _kernel("group_keys", lambda: group_keys(x, g, per_row=per_row), composed)  # one pass
         return composed()
 
+    def min_positive(self, values):
+        if (_fused(values) and values.dtype in (torch.float32, torch.float64) and values.ndim == 1
+                and values.is_contiguous()):
+            from ._triton_theta import min_positive
+
+            # integer atomic minima of the positive values' bits (composed: four launches)
+            return _kernel("min_positive", lambda: min_positive(values), lambda: super(TorchBackend, self)
+                           .min_positive(values))
+        return super().min_positive(values)
+
+    def running_mean_step(self, buf, m, slot):
+        if (_fused(buf, m) and buf.dtype in (torch.float32, torch.float64) and m.dtype == buf.dtype
+                and buf.ndim == 1 and buf.is_contiguous() and m.ndim == 0):
+            from ._triton_theta import running_mean_step
+
+            # the ring buffer's slot written and its finite mean taken in one program
+            # (composed: about a dozen launches)
+            return _kernel("running_mean_step", lambda: running_mean_step(buf, m, slot),
+                           lambda: super(TorchBackend, self).running_mean_step(buf, m, slot))
+        return super().running_mean_step(buf, m, slot)
+
     def dead_counters(self, cols, values, since, B, threshold, dtype):
         composed = lambda: super(TorchBackend, self).dead_counters(cols, values, since, B, threshold, dtype)
         if (_fused(cols, values, since) and cols.dtype == torch.int64 and not since.is_floating_point()

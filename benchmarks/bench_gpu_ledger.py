@@ -202,7 +202,8 @@ def fused_kernels(ledger, be):
     recorded by :meth:`Ledger.fused` with the bytes it moves; their values from the composed
     forms (which the tests check the kernels against)."""
     from sae_ref.backends import (StandardBackend, _triton, _triton_adam, _triton_counters, _triton_decode,
-                                  _triton_residual, _triton_select, _triton_sparse, _triton_standardize)
+                                  _triton_residual, _triton_select, _triton_sparse, _triton_standardize,
+                                  _triton_theta)
 
     def group_keys(x, g, *, per_row):
         B, h = x.shape
@@ -319,6 +320,16 @@ def fused_kernels(ledger, be):
         return ledger.fused("aux_residual", lambda: StandardBackend.aux_residual(be, e_hat, residual, scale, on),
                             2 * size, size)
 
+    def min_positive(values):
+        torch.full((1,), float("inf"), dtype=values.dtype, device=values.device)  # the word the minima go into
+        return ledger.fused("min_positive", lambda: StandardBackend.min_positive(be, values),
+                            values.numel() * values.element_size(), values.element_size())
+
+    def running_mean_step(buf, m, slot):
+        size = buf.numel() * buf.element_size()
+        return ledger.fused("running_mean_step", lambda: StandardBackend.running_mean_step(be, buf, m, slot),
+                            size, size + buf.element_size())
+
     def standardize(x, b, eps):
         # one read of the batch and the bias; the two [B, d] results and the rows' statistics
         (B, d), size = x.shape, x.element_size()
@@ -338,6 +349,7 @@ def fused_kernels(ledger, be):
                  _triton_standardize: {"standardize": standardize},
                  _triton_counters: {"count": count, "update": update},
                  _triton_residual: {"aux_residual": aux_residual},
+                 _triton_theta: {"min_positive": min_positive, "running_mean_step": running_mean_step},
                  _triton_sparse: {"products": products, "slots": slots,
                                   "default_part": lambda B: _triton_sparse.PART}}
     saved = _triton.usable, [(mod, name, getattr(mod, name)) for mod, fs in stand_ins.items() for name in fs]

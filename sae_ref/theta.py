@@ -90,11 +90,9 @@ def theta_init(kind: str = "running_mean", *, xp=np, dtype=None, device=None,
 def batch_min_kept(values):
     """The smallest positive kept value :math:`m_t` of a batch's code values (0-D array);
     ``+inf`` if none is positive (the updates then leave the estimate unchanged)."""
-    xp = array_namespace(values)
-    inf = xp.full((), float("inf"), dtype=values.dtype, device=device_of(values))  # a fill, not a host copy
-    if values.shape[0] == 0:
-        return inf
-    return xp.min(xp.where(values > 0, values, inf))
+    from sae_ref.backends import get_backend
+
+    return get_backend(array_namespace(values)).min_positive(values)
 
 
 def theta_update(state: ThetaState, m, *, step: int | None = None) -> ThetaState:
@@ -109,9 +107,7 @@ def theta_update(state: ThetaState, m, *, step: int | None = None) -> ThetaState
     ok = xp.isfinite(m)
     buf = state.buf
     if state.kind == "running_mean":
-        slot = xp.arange(state.window, device=device_of(buf)) == (state.n % state.window)
-        nan = xp.full((), float("nan"), dtype=buf.dtype, device=device_of(buf))
-        return replace(state, n=state.n + 1, buf=xp.where(slot, xp.where(ok, m, nan), buf))
+        return replace(state, n=state.n + 1, buf=_ring_put(xp, buf, m, state.n % state.window, ok))
     if state.kind == "saelens_ema":
         new = (1.0 - state.rate) * buf + state.rate * m
         return replace(state, n=state.n + 1, buf=xp.where(ok, new, buf))
@@ -130,6 +126,32 @@ def theta_value(state: ThetaState):
         return state.buf[0]
     if state.n == 0:
         raise ValueError("theta_value: the running mean has seen no batch yet")
-    seen = xp.isfinite(state.buf)  # slots not yet written, or from batches with no positive value
-    total = xp.sum(xp.where(seen, state.buf, xp.zeros_like(state.buf)))
-    return total / xp.astype(xp.count_nonzero(seen), state.buf.dtype)
+    return _finite_mean(xp, state.buf)
+
+
+def theta_step(state: ThetaState, m, *, step: int | None = None):
+    """:func:`theta_update` then :func:`theta_value`: ``(new state, the estimate)``. A
+    running mean's update and value are one backend call
+    (:meth:`~sae_ref.backends.StandardBackend.running_mean_step`: one launch on a GPU)."""
+    if state.kind != "running_mean":
+        new = theta_update(state, m, step=step)
+        return new, theta_value(new)
+    from sae_ref.backends import get_backend
+
+    buf, value = get_backend(array_namespace(state.buf)).running_mean_step(state.buf, m, state.n % state.window)
+    return replace(state, n=state.n + 1, buf=buf), value
+
+
+def _ring_put(xp, buf, m, slot: int, ok=None):
+    """``buf`` with ``m`` at ``slot`` (NaN there when ``m`` is not finite), a new array."""
+    ok = xp.isfinite(m) if ok is None else ok
+    at = xp.arange(buf.shape[0], device=device_of(buf)) == slot
+    nan = xp.full((), float("nan"), dtype=buf.dtype, device=device_of(buf))
+    return xp.where(at, xp.where(ok, m, nan), buf)
+
+
+def _finite_mean(xp, buf):
+    """The mean of the finite entries of ``buf`` (0-D)."""
+    seen = xp.isfinite(buf)  # slots not yet written, or from batches with no positive value
+    total = xp.sum(xp.where(seen, buf, xp.zeros_like(buf)))
+    return total / xp.astype(xp.count_nonzero(seen), buf.dtype)

@@ -605,9 +605,9 @@ def _finish(xp, state: TrainState, out: _Pass, B: int, donate: bool = False, dp=
     config = state.config
     t = state.t + 1
     params, opt, grad_norm = _update(xp, state, state.params, out.grads, t, donate)
-    est = state.theta
+    est, theta = state.theta, None
     if config.arch == "batchtopk":
-        est = T.theta_update(est, out.m_t, step=t)
+        est, theta = T.theta_step(est, out.m_t, step=t)
     P.mark("theta", est.buf)
     new = replace(state, params=params, opt=opt, t=t, since_fired=out.since, theta=est,
                   tokens=state.tokens + B)
@@ -619,7 +619,7 @@ def _finish(xp, state: TrainState, out: _Pass, B: int, donate: bool = False, dp=
         "skipped": state.skipped,
     }
     if config.arch == "batchtopk":
-        metrics["theta"] = T.theta_value(est)
+        metrics["theta"] = theta
     P.mark("metrics", metrics["loss"])
     return new, metrics
 

@@ -192,6 +192,7 @@ from triton.compiler import ASTSource
 
 from sae_ref.backends import _triton_adam as A, _triton_decode as D, _triton_select as S, _triton_sparse as P
 from sae_ref.backends import _triton_counters as C, _triton_residual as R, _triton_standardize as Z
+from sae_ref.backends import _triton_theta as T
 
 target = GPUTarget("cuda", 90, 32)  # an H100/H200's architecture
 
@@ -244,6 +245,10 @@ for w in ("*fp32", "*fp64"):
     build(C._count_kernel, {"cols_ptr": "*i64", "values_ptr": w, "counts_ptr": "*i32", "n": "i32"}, {"BLOCK": 1024})
     build(R._aux_residual_kernel, {"e_ptr": w, "res_ptr": w, "on_ptr": "*i1", "ss_ptr": w, "n": "i32",
                                    "scale": "fp64"}, {"BLOCK": 4096})
+    build(T._min_positive_kernel, {"values_ptr": w, "out_ptr": "*i32" if w == "*fp32" else "*i64", "n": "i32"},
+          {"BLOCK": 1024})
+    build(T._running_mean_kernel, {"buf_ptr": w, "m_ptr": w, "new_ptr": w, "mean_ptr": w, "window": "i32",
+                                   "slot": "i32"}, {"CHUNK": 1024})
     rows = {name: w for name in ("x_ptr", "b_ptr", "s_ptr", "c_ptr", "mean_ptr", "scale_ptr")}
     for x in ("*fp32", "*bf16"):
         common = {"x_ptr": x, "out_ptr": "*i64", "total": "i64", "n": "i32", "h": "i32", "w": "i32"}
