@@ -268,8 +268,13 @@ def _top_n_fixed_keyed(xp, be, x, n: int, axis, g: int, with_cut: bool = True):
     B, h = x.shape
     dev = device_of(x)
     per_row = axis is not None
-    keys = be.group_keys(x, g, per_row=per_row)  # [B, h/g]
-    q = _top_keys(xp, be, keys if per_row else xp.reshape(keys, (-1,)), n)
+    r = _run_length(h // g if per_row else B * (h // g), n)
+    if r > 1:  # the group keys, and the maxima of their runs taken in the same pass
+        keys, run_max = be.group_keys(x, g, per_row=per_row, runs=r)  # [B, h/g], [B, h/(g r)]
+    else:
+        keys, run_max = be.group_keys(x, g, per_row=per_row), None
+    flat = (lambda a: a) if per_row else (lambda a: xp.reshape(a, (-1,)))
+    q = _top_keys(xp, be, flat(keys), n, None if run_max is None else flat(run_max))
     s = _subgroup(g)
     sub = be.subgroup_keys(x, q, g, s, per_row=per_row)  # [n g/s], or [B, n g/s]
     cand = be.subgroup_entry_keys(x, _take_top(xp, be, sub, n, axis), g, s, per_row=per_row)  # [n s]
@@ -311,23 +316,32 @@ def _take_top(xp, be, keys, n: int, axis):
 MAX_KEY_RUN = 8
 
 
-def _top_keys(xp, be, keys, n: int):
+def _run_length(m: int, n: int) -> int:
+    """The runs of :func:`_top_keys` over ``m`` keys (a row's, or all): the largest power of
+    two up to :data:`MAX_KEY_RUN` dividing ``m`` with ``n r <= m / 4``."""
+    r = MAX_KEY_RUN
+    while r > 1 and (m % r or 4 * n * r > m):
+        r //= 2
+    return r
+
+
+def _top_keys(xp, be, keys, n: int, run_max=None):
     """Positions of the ``n`` largest of the distinct ``keys`` (1-D, or each row's of a 2-D
     array), in no particular order, bracketed once more: each run of ``r`` consecutive
     keys is represented by its maximum, and the n largest keys lie in the n runs with the
     largest maxima (a key outside them has n run maxima above it, each a key). So a top-k
-    over ``m / r`` maxima and one over ``n r`` keys replace one over all ``m``; ``r`` is the
-    largest power of two up to :data:`MAX_KEY_RUN` dividing ``m`` with ``n r <= m / 4``."""
+    over ``m / r`` maxima and one over ``n r`` keys replace one over all ``m``
+    (:func:`_run_length`). ``run_max``: the runs' maxima, when the caller has them."""
     m = keys.shape[-1]
-    r = MAX_KEY_RUN
-    while r > 1 and (m % r or 4 * n * r > m):
-        r //= 2
+    r = _run_length(m, n)
     axis = -1 if keys.ndim == 2 else None
     if r == 1:
         return be.top_indices(keys, n, axis=axis)
     dev = device_of(keys)
     lead = keys.shape[:-1]
-    runs = be.top_indices(xp.max(xp.reshape(keys, lead + (m // r, r)), axis=-1), n, axis=axis)
+    if run_max is None:
+        run_max = xp.max(xp.reshape(keys, lead + (m // r, r)), axis=-1)
+    runs = be.top_indices(run_max, n, axis=axis)
     at = xp.reshape(runs[..., None] * r + xp.arange(r, dtype=runs.dtype, device=dev), lead + (n * r,))
     if axis is None:
         return take(at, be.top_indices(take(keys, at), n))

@@ -230,12 +230,21 @@ class StandardBackend:
         slabs = xp.reshape(x, (B, g, h // g))
         return xp.max(slabs, axis=1), xp.astype(xp.argmax(slabs, axis=1), xp.int64)
 
-    def group_keys(self, x, g: int, *, per_row: bool):
+    def group_keys(self, x, g: int, *, per_row: bool, runs: int | None = None):
         """The key of each column group's first maximal entry (:meth:`group_argmax`), int64
         [B, h/g]: its float32 bits made order-preserving in the high 32 bits, ``2^32 - 1 -
         pos`` in the low ones, where ``pos`` is the entry's column (``per_row``) or its flat
         index ``b h + column``. Distinct keys, ordered as the tie rule ranks the entries
-        (``_select._keys``). A backend may form them in the pass that reads ``x``."""
+        (``_select._keys``). A backend may form them in the pass that reads ``x``.
+        ``runs``: also the maximum of each run of ``runs`` consecutive keys, returned second:
+        in each row ([B, h/(g runs)], ``runs`` dividing h/g) ``per_row``, else in the flat
+        array of keys ([B h/(g runs)], ``runs`` dividing B h/g)."""
+        if runs is not None:
+            xp = array_namespace(x)
+            keys = self.group_keys(x, g, per_row=per_row)
+            B, w = keys.shape
+            shape = (B, w // runs, runs) if per_row else (B * w // runs, runs)
+            return keys, xp.max(xp.reshape(keys, shape), axis=-1)
         from ._select import _keys
 
         xp = array_namespace(x)

@@ -436,12 +436,13 @@ class TorchBackend(StandardBackend):
         m, s = torch.max(x.reshape(B, g, h // g), dim=1)  # the first maximal entry's slab
         return m, s
 
-    def group_keys(self, x, g, *, per_row):
-        composed = lambda: super(TorchBackend, self).group_keys(x, g, per_row=per_row)
-        if _fused(x) and x.dtype in _KEYED and x.is_contiguous() and g <= 64:
+    def group_keys(self, x, g, *, per_row, runs=None):
+        composed = lambda: super(TorchBackend, self).group_keys(x, g, per_row=per_row, runs=runs)
+        if _fused(x) and x.dtype in _KEYED and x.is_contiguous() and g <= 64 and (runs or 1) <= 128:
             from ._triton_select import group_keys
 
-            return _kernel("group_keys", lambda: group_keys(x, g, per_row=per_row), composed)  # one pass
+            # one pass (and the runs' maxima from the keys in registers)
+            return _kernel("group_keys", lambda: group_keys(x, g, per_row=per_row, runs=runs), composed)
         return composed()
 
     def min_positive(self, values):

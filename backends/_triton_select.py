@@ -48,8 +48,8 @@ def _ordered_key(bits, pos):
 
 
 @triton.jit
-def _group_keys_kernel(x_ptr, out_ptr, total, h, w, per_row: tl.constexpr, G: tl.constexpr,
-                       BLOCK: tl.constexpr):
+def _group_keys_kernel(x_ptr, out_ptr, runs_ptr, total, h, w, per_row: tl.constexpr, G: tl.constexpr,
+                       R: tl.constexpr, BLOCK: tl.constexpr):
     p = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)  # b w + j
     b, j = p // w, p % w
     s = tl.arange(0, G).to(tl.int64)  # the slabs
@@ -62,7 +62,12 @@ def _group_keys_kernel(x_ptr, out_ptr, total, h, w, per_row: tl.constexpr, G: tl
     pos = first * w + j
     if not per_row:
         pos = b * h + pos
-    tl.store(out_ptr + p, _ordered_key(top, pos), mask=inside)
+    key = _ordered_key(top, pos)
+    tl.store(out_ptr + p, key, mask=inside)
+    if R > 1:  # each run of R consecutive keys (the block holds whole runs) and its maximum
+        u = tl.program_id(0).to(tl.int64) * (BLOCK // R) + tl.arange(0, BLOCK // R).to(tl.int64)
+        run = tl.max(tl.reshape(tl.where(inside, key, -9223372036854775807 - 1), [BLOCK // R, R]), axis=1)
+        tl.store(runs_ptr + u, run, mask=u * R < total)
 
 
 @triton.jit
@@ -112,16 +117,23 @@ def _block(g: int) -> int:
     return max(_BLOCK, (1 << 16) // g) if interpreting() else _BLOCK
 
 
-def group_keys(x, g: int, *, per_row: bool):
+def group_keys(x, g: int, *, per_row: bool, runs: int | None = None):
     """:meth:`~sae_ref.backends.StandardBackend.group_keys` in one kernel (``x`` contiguous
-    [B, h], float32, float16 or bfloat16; ``g`` a power of two dividing h)."""
+    [B, h], float32, float16 or bfloat16; ``g`` a power of two dividing h; ``runs`` a power
+    of two up to 128 dividing a row's keys ``per_row``, else all of them)."""
     B, h = x.shape
     w = h // g
+    r = runs or 1
+    if (w if per_row else B * w) % r:
+        raise ValueError(f"group_keys: argument 'runs' ({r}) must divide the keys of "
+                         f"{'a row' if per_row else 'the batch'} ({w if per_row else B * w})")
     out = torch.empty((B, w), dtype=torch.int64, device=x.device)
+    runs_shape = (B, w // r) if per_row else (B * w // r,)  # a row's runs, or the flat array's
+    run_max = torch.empty(runs_shape, dtype=torch.int64, device=x.device) if r > 1 else out
     block = _block(g)
-    _group_keys_kernel[(triton.cdiv(B * w, block),)](x, out, B * w, h, w, per_row=per_row, G=g,
+    _group_keys_kernel[(triton.cdiv(B * w, block),)](x, out, run_max, B * w, h, w, per_row=per_row, G=g, R=r,
                                                      BLOCK=block, enable_fp_fusion=False)
-    return out
+    return (out, run_max) if runs is not None else out
 
 
 def subgroup_keys(x, q, g: int, s: int, *, per_row: bool):

@@ -205,10 +205,11 @@ def fused_kernels(ledger, be):
                                   _triton_residual, _triton_select, _triton_sparse, _triton_standardize,
                                   _triton_theta)
 
-    def group_keys(x, g, *, per_row):
+    def group_keys(x, g, *, per_row, runs=None):
         B, h = x.shape
-        return ledger.fused("group_keys", lambda: StandardBackend.group_keys(be, x, g, per_row=per_row),
-                            x.numel() * x.element_size(), B * (h // g) * 8)
+        keys = B * (h // g) * 8
+        return ledger.fused("group_keys", lambda: StandardBackend.group_keys(be, x, g, per_row=per_row, runs=runs),
+                            x.numel() * x.element_size(), keys + (keys // runs if runs else 0))
 
     def subgroup_keys(x, q, g, s, *, per_row):
         m = q.numel() * g  # entries gathered, each from its own sector
