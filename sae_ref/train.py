@@ -611,8 +611,13 @@ def _finish(xp, state: TrainState, out: _Pass, B: int, donate: bool = False, dp=
     P.mark("theta", est.buf)
     new = replace(state, params=params, opt=opt, t=t, since_fired=out.since, theta=est,
                   tokens=state.tokens + B)
+    # the terms the configuration has (an absent one is an exact zero: adding it changes no bit)
+    present = (config.arch not in ("topk", "batchtopk", "top-afa"), _aux_on(config, B), config.afa_coeff != 0)
+    loss = out.mse
+    for term, on in zip((out.sparsity, out.aux, out.afa), present):
+        loss = loss + term if on else loss
     metrics = {
-        "loss": out.mse + out.sparsity + out.aux + out.afa, "mse": out.mse, "nmse": out.nmse,
+        "loss": loss, "mse": out.mse, "nmse": out.nmse,
         "sparsity": out.sparsity, "aux": out.aux, "afa": out.afa, "l0": out.l0 / B,
         "dead_fraction": out.dead / config.h,
         "grad_norm": grad_norm, "lr": _lr(config, t), "step": t, "tokens": new.tokens,

@@ -199,6 +199,21 @@ def test_step_grad_norm_metric_is_the_global_norm_of_the_step_gradients(backend,
     assert math.isclose(float(m["grad_norm"]), want, rel_tol=1e-12)
 
 
+@pytest.mark.parametrize("kw", [{}, {"arch": "topk", "aux_convention": None}, {"arch": "jumprelu", "sparsity_coeff": 0.1},
+                                {"arch": "relu-l1", "sparsity_coeff": 0.1}, {"arch": "top-afa", "afa_coeff": 0.1}],
+                         ids=["batchtopk-auxk", "topk-no-auxk", "jumprelu", "relu-l1", "top-afa"])
+def test_step_loss_is_the_sum_of_its_terms_bit_for_bit(backend, kw):
+    """``loss`` is ``mse + sparsity + aux + afa`` to the bit, absent terms (exact zeros,
+    which the step leaves out of the sum) included."""
+    config = _small(**kw)
+    x = backend.asarray(X_ALL[:256], dtype="float32")
+    state = init_state(config, x)
+    for _ in range(3):
+        state, m = step(state, x, check=False)
+        total = m["mse"] + m["sparsity"] + m["aux"] + m["afa"]
+        assert backend.numpy(m["loss"]).tobytes() == backend.numpy(total).tobytes()
+
+
 # --- state, constraint, non-finite batches -----------------------------------------------------
 def test_state_round_trips_through_arrays_bit_for_bit(backend):
     """A training state saved as plain arrays and metadata and read back is the same state, bit for
