@@ -92,6 +92,14 @@ class StandardBackend:
         centred /= scale
         return centred, mean, scale, None if b is None else centred - b
 
+    def gate(self, P, a):
+        """``P`` where ``a`` is positive, else 0 (both [B, n]), and the result's column sums
+        ([n]): AuxK's gradient on its dense block and the encoder bias's share of it. A
+        backend may form both in one pass."""
+        xp = array_namespace(P, a)
+        g = xp.where(a > 0, P, xp.zeros((), dtype=P.dtype, device=device_of(P)))
+        return g, xp.sum(g, axis=0)
+
     def aux_residual(self, e_hat, residual, scale: float, on):
         """AuxK's error against a residual held negated (``x_hat - x``): ``r = e_hat +
         residual``, formed in ``e_hat``'s memory (which is consumed); returns ``(ss, g)`` with

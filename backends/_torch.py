@@ -244,6 +244,16 @@ class TorchBackend(StandardBackend):
                 return _kernel("standardize", lambda: standardize(x, b, eps), composed)
         return composed()
 
+    def gate(self, P, a):
+        composed = lambda: super(TorchBackend, self).gate(P, a)
+        if (_fused(P, a) and P.dtype in (torch.float32, torch.float64) and a.dtype == P.dtype
+                and P.ndim == 2 and P.shape == a.shape and P.is_contiguous() and a.is_contiguous()):
+            from ._triton_gate import gate
+
+            # the kept entries' gradient and its column sums in one pass (composed: three)
+            return _kernel("gate", lambda: gate(P, a), composed)
+        return composed()
+
     def aux_residual(self, e_hat, residual, scale, on):
         composed = lambda: super(TorchBackend, self).aux_residual(e_hat, residual, scale, on)
         if (_fused(e_hat, residual, on) and e_hat.dtype in (torch.float32, torch.float64)

@@ -192,6 +192,10 @@ class Ledger(TorchFunctionMode):
 
 
 
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 #: bytes a gathered entry costs: its 32-byte memory sector
 SECTOR = 32
 
@@ -202,8 +206,8 @@ def fused_kernels(ledger, be):
     recorded by :meth:`Ledger.fused` with the bytes it moves; their values from the composed
     forms (which the tests check the kernels against)."""
     from sae_ref.backends import (StandardBackend, _triton, _triton_adam, _triton_counters, _triton_decode,
-                                  _triton_residual, _triton_select, _triton_sparse, _triton_standardize,
-                                  _triton_theta)
+                                  _triton_gate, _triton_residual, _triton_select, _triton_sparse,
+                                  _triton_standardize, _triton_theta)
 
     def group_keys(x, g, *, per_row, runs=None):
         B, h = x.shape
@@ -321,6 +325,13 @@ def fused_kernels(ledger, be):
         return ledger.fused("aux_residual", lambda: StandardBackend.aux_residual(be, e_hat, residual, scale, on),
                             2 * size, size)
 
+    def gate(P, a):
+        B, n = P.shape  # both read, the result and the row tiles' column sums written
+        size = P.numel() * P.element_size()
+        out = ledger.fused("gate", lambda: StandardBackend.gate(be, P, a), 2 * size,
+                           size + triton_cdiv(B, 64) * n * P.element_size())
+        return out
+
     def min_positive(values):
         torch.full((1,), float("inf"), dtype=values.dtype, device=values.device)  # the word the minima go into
         return ledger.fused("min_positive", lambda: StandardBackend.min_positive(be, values),
@@ -350,6 +361,7 @@ def fused_kernels(ledger, be):
                  _triton_standardize: {"standardize": standardize},
                  _triton_counters: {"count": count, "update": update},
                  _triton_residual: {"aux_residual": aux_residual},
+                 _triton_gate: {"gate": gate},
                  _triton_theta: {"min_positive": min_positive, "running_mean_step": running_mean_step},
                  _triton_sparse: {"products": products, "slots": slots,
                                   "default_part": lambda B: _triton_sparse.PART}}

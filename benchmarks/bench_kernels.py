@@ -90,6 +90,7 @@ def cases(d: int, h: int, k: int, B: int, device):
                                                    B, 5 * B, torch.float32)),
         ("aux_residual", lambda: be.aux_residual(G.clone(), X, 2.0 / (B * d), torch.ones((), dtype=torch.bool,
                                                                                            device=device))),
+        ("gate", lambda: be.gate(pre[:, :h // 8].contiguous(), pre[:, h // 8:h // 4].contiguous())),
         ("min_positive", lambda: be.min_positive(values)),
         ("running_mean_step", lambda: be.running_mean_step(values[:1000], values[0], 7)),
         ("standardize", lambda: be.standardize(X, W[0], 1e-5)),

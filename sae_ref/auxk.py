@@ -313,10 +313,10 @@ def _auxk_capacity(xp, be, pre, dead, W_dec, k_aux, loss, cap, precision, buf=No
     else:
         sub = take(pre, cols, axis=1)
         a = xp.where(real[None, :] & (sub > 0), sub, zero)
-    kept = a > 0
     # no dead latent: the loss and its gradients are zero, chosen on the device
     value, g_ehat, g_res = loss.masked(be, matmul_at(be, a, W_d, precision, out=buf), xp.any(dead), zero)
-    g_a = xp.where(kept, matmul_at(be, g_ehat, xp.matrix_transpose(W_d), precision), zero)
+    # the gradient at the kept entries, with its column sums (the encoder bias's share)
+    g_a, g_sums = be.gate(matmul_at(be, g_ehat, xp.matrix_transpose(W_d), precision), a)
     shape = (B, h)
-    block = (ColumnBlock(cols, a, shape, precision), ColumnBlock(cols, g_a, shape, precision))
+    block = (ColumnBlock(cols, a, shape, precision), ColumnBlock(cols, g_a, shape, precision, sums=g_sums))
     return AuxKResult(value, None, None, None, g_res, g_ehat, block, loss.lazy)

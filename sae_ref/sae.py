@@ -495,7 +495,7 @@ def _add_column_sums(xp, be, M, out):
     """``out`` ([h]) plus each column's sum of a (B, h) SparseCode or ColumnBlock (a block's
     sums added at its columns alone, as its rows are in :func:`_add_transposed_product`)."""
     if isinstance(M, ColumnBlock):
-        sums = xp.sum(M.values, axis=0)
+        sums = xp.sum(M.values, axis=0) if M.sums is None else M.sums
         if M.every:
             return out + sums
         h, n = out.shape[0], sums.shape[0]

@@ -124,6 +124,8 @@ class ColumnBlock:
     shape : (B, h)
     precision : the precision of the GEMMs with the block (``SAEConfig.precision``'s values)
     every : True when ``cols`` is every column in order (0 .. h-1)
+    sums : each column's sum over the rows ([n]) when it was formed with ``values`` (AuxK's
+        gradient block), else None
     """
 
     cols: Any
@@ -131,6 +133,7 @@ class ColumnBlock:
     shape: tuple[int, int]
     precision: str = "highest"
     every: bool = False
+    sums: Any = None
 
 
 def values_at(src: SparseCode, dst: SparseCode):

@@ -25,7 +25,7 @@ FUSED = {"triton:group_keys": 1, "triton:subgroup_keys": 1, "triton:subgroup_ent
          "triton:row_top_block": 1, "triton:code_at": 1,
          "triton:slots": 1, "triton:backward_products": 1, "triton:sum_parts": 1, "triton:decoder_adam": 1,
          "triton:decode_residual": 1, "triton:standardize": 1, "triton:count": 1, "triton:update": 1,
-         "triton:aux_residual": 1, "triton:min_positive": 1, "triton:running_mean_step": 1,
+         "triton:aux_residual": 1, "triton:min_positive": 1, "triton:running_mean_step": 1, "triton:gate": 1,
          "triton:adam": 3}
 
 

@@ -213,7 +213,7 @@ from triton.compiler import ASTSource
 
 from sae_ref.backends import _triton_adam as A, _triton_decode as D, _triton_select as S, _triton_sparse as P
 from sae_ref.backends import _triton_counters as C, _triton_residual as R, _triton_standardize as Z
-from sae_ref.backends import _triton_theta as T
+from sae_ref.backends import _triton_gate as GT, _triton_theta as T
 
 target = GPUTarget("cuda", 90, 32)  # an H100/H200's architecture
 
@@ -271,6 +271,8 @@ for w in ("*fp32", "*fp64"):
           {"BLOCK": 1024})
     build(T._running_mean_kernel, {"buf_ptr": w, "m_ptr": w, "new_ptr": w, "mean_ptr": w, "window": "i32",
                                    "slot": "i32"}, {"CHUNK": 1024})
+    build(GT._gate_kernel, {"p_ptr": w, "a_ptr": w, "out_ptr": w, "parts_ptr": w, "B": "i32", "n": "i32"},
+          {"BLOCK_B": 64, "BLOCK_C": 64})
     rows = {name: w for name in ("x_ptr", "b_ptr", "s_ptr", "c_ptr", "mean_ptr", "scale_ptr")}
     for x in ("*fp32", "*bf16"):
         common = {"x_ptr": x, "out_ptr": "*i64", "total": "i64", "n": "i32", "h": "i32", "w": "i32"}
