@@ -274,9 +274,9 @@ def _top_n_fixed_keyed(xp, be, x, n: int, axis, g: int, with_cut: bool = True):
     else:
         keys, run_max = be.group_keys(x, g, per_row=per_row), None
     flat = (lambda a: a) if per_row else (lambda a: xp.reshape(a, (-1,)))
-    q = _top_keys(xp, be, flat(keys), n, None if run_max is None else flat(run_max))
+    top = _top_keys(xp, be, flat(keys), n, None if run_max is None else flat(run_max))  # the groups' keys
     s = _subgroup(g)
-    sub = be.subgroup_keys(x, q, g, s, per_row=per_row)  # [n g/s], or [B, n g/s]
+    sub = be.subgroup_keys(x, top, g, s, per_row=per_row)  # [n g/s], or [B, n g/s]
     cand = be.subgroup_entry_keys(x, _take_top(xp, be, sub, n, axis), g, s, per_row=per_row)  # [n s]
     top = be.top_indices(cand, n, axis=axis)
     if per_row:
@@ -326,29 +326,26 @@ def _run_length(m: int, n: int) -> int:
 
 
 def _top_keys(xp, be, keys, n: int, run_max=None):
-    """Positions of the ``n`` largest of the distinct ``keys`` (1-D, or each row's of a 2-D
-    array), in no particular order, bracketed once more: each run of ``r`` consecutive
-    keys is represented by its maximum, and the n largest keys lie in the n runs with the
-    largest maxima (a key outside them has n run maxima above it, each a key). So a top-k
-    over ``m / r`` maxima and one over ``n r`` keys replace one over all ``m``
-    (:func:`_run_length`). ``run_max``: the runs' maxima, when the caller has them."""
+    """The ``n`` largest of the distinct ``keys`` (1-D, or each row's of a 2-D array), in no
+    particular order, bracketed once more: each run of ``r`` consecutive keys is represented
+    by its maximum, and the n largest keys lie in the n runs with the largest maxima (a key
+    outside them has n run maxima above it, each a key). So a top-k over ``m / r`` maxima and
+    one over ``n r`` keys replace one over all ``m`` (:func:`_run_length`). ``run_max``: the
+    runs' maxima, when the caller has them."""
     m = keys.shape[-1]
     r = _run_length(m, n)
     axis = -1 if keys.ndim == 2 else None
     if r == 1:
-        return be.top_indices(keys, n, axis=axis)
-    dev = device_of(keys)
+        return _take_top(xp, be, keys, n, axis)
     lead = keys.shape[:-1]
     if run_max is None:
         run_max = xp.max(xp.reshape(keys, lead + (m // r, r)), axis=-1)
-    runs = be.top_indices(run_max, n, axis=axis)
-    at = xp.reshape(runs[..., None] * r + xp.arange(r, dtype=runs.dtype, device=dev), lead + (n * r,))
-    if axis is None:
-        return take(at, be.top_indices(take(keys, at), n))
-    rows = xp.arange(keys.shape[0], dtype=at.dtype, device=dev)[:, None]
-    inside = xp.reshape(take(xp.reshape(keys, (-1,)), xp.reshape(rows * m + at, (-1,))), at.shape)
-    top = be.top_indices(inside, n, axis=-1)
-    return xp.reshape(take(xp.reshape(at, (-1,)), xp.reshape(rows * (n * r) + top, (-1,))), top.shape)
+    runs = be.top_indices(run_max, n, axis=axis)  # [n], or [B, n]: each row's runs
+    if axis is not None:  # the runs of all rows, numbered in one array
+        rows = xp.arange(keys.shape[0], dtype=runs.dtype, device=device_of(keys))[:, None]
+        runs = rows * (m // r) + runs
+    chosen = take(xp.reshape(keys, (-1, r)), xp.reshape(runs, (-1,)), axis=0)  # the chosen runs' keys
+    return _take_top(xp, be, xp.reshape(chosen, lead + (n * r,)), n, axis)
 
 
 def _position(keys):

@@ -297,13 +297,20 @@ class StandardBackend:
         values = xp.where(values > 0, values, xp.zeros((), dtype=values.dtype, device=device_of(values)))
         return idx // h, idx % h, values
 
-    def subgroup_keys(self, x, q, g: int, s: int, *, per_row: bool):
-        """The key of each subgroup's largest entry, for the chosen column groups ``q`` (as in
-        :meth:`candidate_keys`) cut into ``g / s`` subgroups of ``s`` consecutive slabs (slabs
-        ``u s .. u s + s - 1``): [n g/s] over the whole array (group ``i``'s subgroup ``u`` at
-        ``i g/s + u``), [B, n g/s] per row. The keys are distinct, so a subgroup's key is its
-        largest entry's key, which names the entry."""
+    def subgroup_keys(self, x, top, g: int, s: int, *, per_row: bool):
+        """The key of each subgroup's largest entry, for the chosen column groups named by
+        their keys ``top`` (:meth:`group_keys`' keys, [n], or [B, n] per row) cut into ``g / s``
+        subgroups of ``s`` consecutive slabs (slabs ``u s .. u s + s - 1``): [n g/s] over the
+        whole array (group ``i``'s subgroup ``u`` at ``i g/s + u``), [B, n g/s] per row. The
+        keys are distinct, so a subgroup's key is its largest entry's key, which names the
+        entry."""
+        from ._select import _position
+
         xp = array_namespace(x)
+        B, h = x.shape
+        w = h // g
+        pos = _position(top)  # the group's largest entry: its column, or its flat index
+        q = pos % w if per_row else pos // h * w + pos % h % w  # the group, as candidate_keys names it
         keys = self.candidate_keys(x, q, g, per_row=per_row)
         lead = keys.shape[:-1]
         m = keys.shape[-1] // s

@@ -498,13 +498,13 @@ class TorchBackend(StandardBackend):
             return _kernel("code_at", lambda: code_at(x, idx.contiguous()), composed)
         return composed()
 
-    def subgroup_keys(self, x, q, g, s, *, per_row):
-        composed = lambda: super(TorchBackend, self).subgroup_keys(x, q, g, s, per_row=per_row)
-        if _fused(x, q) and x.dtype in _KEYED and x.is_contiguous() and g <= 64:
+    def subgroup_keys(self, x, top, g, s, *, per_row):
+        composed = lambda: super(TorchBackend, self).subgroup_keys(x, top, g, s, per_row=per_row)
+        if _fused(x, top) and x.dtype in _KEYED and x.is_contiguous() and g <= 64:
             from ._triton_select import subgroup_keys
 
             # the chosen groups' entries keyed and their subgroups' maxima taken in registers
-            return _kernel("subgroup_keys", lambda: subgroup_keys(x, q, g, s, per_row=per_row), composed)
+            return _kernel("subgroup_keys", lambda: subgroup_keys(x, top, g, s, per_row=per_row), composed)
         return composed()
 
     def subgroup_entry_keys(self, x, top, g, s, *, per_row):

@@ -71,12 +71,16 @@ def _group_keys_kernel(x_ptr, out_ptr, runs_ptr, total, h, w, per_row: tl.conste
 
 
 @triton.jit
-def _subgroup_keys_kernel(x_ptr, q_ptr, out_ptr, total, n, h, w, per_row: tl.constexpr,
+def _subgroup_keys_kernel(x_ptr, top_ptr, out_ptr, total, n, h, w, per_row: tl.constexpr,
                           G: tl.constexpr, S: tl.constexpr, BLOCK: tl.constexpr):
     p = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)  # r n + i
     s = tl.arange(0, G).to(tl.int64)
     inside = p < total
-    q = tl.load(q_ptr + p, mask=inside, other=0)
+    pos = 4294967295 - (tl.load(top_ptr + p, mask=inside, other=0) & 4294967295)  # the group's largest entry
+    if per_row:
+        q = pos % w
+    else:
+        q = pos // h * w + pos % h % w
     if per_row:
         col = q[:, None] + s[None, :] * w  # [BLOCK, G]
         at = (p // n * h)[:, None] + col
@@ -136,10 +140,10 @@ def group_keys(x, g: int, *, per_row: bool, runs: int | None = None):
     return (out, run_max) if runs is not None else out
 
 
-def subgroup_keys(x, q, g: int, s: int, *, per_row: bool):
+def subgroup_keys(x, top, g: int, s: int, *, per_row: bool):
     """:meth:`~sae_ref.backends.StandardBackend.subgroup_keys` in one kernel."""
     B, h = x.shape
-    q = q.contiguous()
+    q = top.contiguous()
     n = q.shape[-1]
     out = torch.empty(q.shape + (g // s,), dtype=torch.int64, device=x.device)
     block = _block(g)

@@ -215,11 +215,11 @@ def fused_kernels(ledger, be):
         return ledger.fused("group_keys", lambda: StandardBackend.group_keys(be, x, g, per_row=per_row, runs=runs),
                             x.numel() * x.element_size(), keys + (keys // runs if runs else 0))
 
-    def subgroup_keys(x, q, g, s, *, per_row):
-        m = q.numel() * g  # entries gathered, each from its own sector
+    def subgroup_keys(x, top, g, s, *, per_row):
+        m = top.numel() * g  # entries gathered, each from its own sector
         return ledger.fused("subgroup_keys",
-                            lambda: StandardBackend.subgroup_keys(be, x, q, g, s, per_row=per_row),
-                            q.numel() * 8 + m * SECTOR, m // s * 8)
+                            lambda: StandardBackend.subgroup_keys(be, x, top, g, s, per_row=per_row),
+                            top.numel() * 8 + m * SECTOR, m // s * 8)
 
     def subgroup_entry_keys(x, top, g, s, *, per_row):
         m = top.numel() * s

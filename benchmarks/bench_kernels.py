@@ -74,13 +74,14 @@ def cases(d: int, h: int, k: int, B: int, device):
     g_enc, m_enc, v_enc = (t(np.zeros((h, d))).T for _ in range(3))
     g_groups = 16
     q = torch.as_tensor(r.choice(B * h // g_groups, B * k, replace=False), device=device)
-    with sync_free(True), triton_kernels(False):  # n of the chosen groups' subgroup keys
-        top = be.subgroup_keys(pre, q, g_groups, 4, per_row=False)[:B * k]
+    with sync_free(True), triton_kernels(False):  # the chosen groups' keys; n of their subgroups' keys
+        q_keys = be.group_keys(pre, g_groups, per_row=False).reshape(-1)[q]
+        top = be.subgroup_keys(pre, q_keys, g_groups, 4, per_row=False)[:B * k]
     dead = torch.as_tensor(np.sort(r.choice(h, h // 10, replace=False)), device=device)
     real = torch.ones_like(dead, dtype=torch.bool)
     return [
         ("group_keys", lambda: be.group_keys(pre, g_groups, per_row=False)),
-        ("subgroup_keys", lambda: be.subgroup_keys(pre, q, g_groups, 4, per_row=False)),
+        ("subgroup_keys", lambda: be.subgroup_keys(pre, q_keys, g_groups, 4, per_row=False)),
         ("subgroup_entry_keys", lambda: be.subgroup_entry_keys(pre, top, g_groups, 4, per_row=False)),
         ("code_at", lambda: be.code_at(pre, torch.sort(q).values)),
         ("row_top_block", lambda: be.row_top_block(pre, dead, real, min(512, dead.shape[0]))),

@@ -113,9 +113,9 @@ def test_bracketed_fixed_selection_equals_the_tie_rule_oracle(backend, native, s
 @given(seed=st.integers(0, 2**32 - 1), rows=st.sampled_from([0, 1, 3]), m=st.sampled_from([8, 40, 64, 256]),
        data=st.data())
 def test_top_keys_through_run_maxima_are_the_n_largest_keys(backend, seed, rows, m, data):
-    """Invariant: the positions that the run-maximum bracket returns are those of the n
-    largest distinct keys (of the whole 1-D array, or of each row), whichever runs hold
-    them, also when one run holds all of them."""
+    """Invariant: the keys that the run-maximum bracket returns are the n largest distinct
+    keys (of the whole 1-D array, or of each row), whichever runs hold them, also when one
+    run holds all of them."""
     from sae_ref.backends._select import _top_keys
 
     rng = np.random.default_rng(seed)
@@ -127,7 +127,7 @@ def test_top_keys_through_run_maxima_are_the_n_largest_keys(backend, seed, rows,
         flat = np.sort(keys.reshape(-1, m), axis=1)
         keys = flat.reshape(shape)
     got = backend.numpy(_top_keys(backend.xp, get_backend(backend.xp), backend.asarray(keys), n))
-    want = np.argsort(-keys, axis=-1)[..., :n]
+    want = -np.sort(-keys, axis=-1)[..., :n]
     assert got.shape == want.shape
     np.testing.assert_array_equal(np.sort(got, axis=-1), np.sort(want, axis=-1))
 

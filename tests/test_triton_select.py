@@ -93,15 +93,18 @@ def test_fused_subgroup_keys_and_their_entries_keys_equal_composed_bit_for_bit(d
     B, h = x.shape
     w = h // g
     gen = torch.Generator().manual_seed(seed)
+    keys = _composed("group_keys", x, g, per_row=per_row)  # the chosen groups, named by their keys
     if per_row:
         n = int(torch.randint(1, w + 1, (1,), generator=gen))
-        q = torch.stack([torch.randperm(w, generator=gen)[:n] for _ in range(B)])
+        pick = torch.stack([torch.randperm(w, generator=gen)[:n] for _ in range(B)]).to(device)
+        q = torch.gather(keys, 1, pick)
     else:
         n = int(torch.randint(1, B * w + 1, (1,), generator=gen))
-        q = torch.randperm(B * w, generator=gen)[:n]
-    q = q.to(device)
+        q = keys.reshape(-1)[torch.randperm(B * w, generator=gen)[:n].to(device)]
     want = _composed("subgroup_keys", x, q, g, s, per_row=per_row)
     got = _fused("subgroup_keys", x, q, g, s, per_row=per_row)
+    # each group's largest subgroup key is the group's own key
+    assert torch.equal(want.reshape(*q.shape, g // s).amax(-1).cpu(), q.cpu())
     assert got.shape == (B, n * g // s) if per_row else (n * g // s,)
     assert torch.equal(got.cpu(), want.cpu())
     m = int(torch.randint(1, n * g // s + 1, (1,), generator=gen))  # some subgroups, in any order
@@ -277,7 +280,7 @@ for w in ("*fp32", "*fp64"):
     for x in ("*fp32", "*bf16"):
         common = {"x_ptr": x, "out_ptr": "*i64", "total": "i64", "n": "i32", "h": "i32", "w": "i32"}
         for per_row in (True, False):
-            build(S._subgroup_keys_kernel, {**common, "q_ptr": "*i64"}, {"per_row": per_row, "G": 16, "S": 4, "BLOCK": 128})
+            build(S._subgroup_keys_kernel, {**common, "top_ptr": "*i64"}, {"per_row": per_row, "G": 16, "S": 4, "BLOCK": 128})
             build(S._subgroup_entry_keys_kernel, {**common, "top_ptr": "*i64"}, {"per_row": per_row, "S": 4, "BLOCK": 128})
     rows.update(B="i32", d="i32", eps="fp64")
     build(Z._standardize_kernel, rows, {"BLOCK_R": 1, "BLOCK_D": 1024})
