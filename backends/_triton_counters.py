@@ -46,8 +46,8 @@ def _update_kernel(counts_ptr, since_ptr, new_ptr, dead_ptr, totals_ptr, h, B, t
         tl.store(dead_ptr + j, dead, mask=inside)
         n_dead += (dead & inside).to(tl.int64)
         nnz += count.to(tl.int64)
-    tl.store(totals_ptr, tl.sum(n_dead, axis=0))
-    tl.store(totals_ptr + 1, tl.sum(nnz, axis=0))
+    tl.store(totals_ptr, tl.sum(n_dead, axis=0).to(totals_ptr.dtype.element_ty))
+    tl.store(totals_ptr + 1, tl.sum(nnz, axis=0).to(totals_ptr.dtype.element_ty))
 
 
 def dead_counters(cols, values, since, B: int, threshold: int, dtype):
@@ -56,8 +56,7 @@ def dead_counters(cols, values, since, B: int, threshold: int, dtype):
     ``since`` an integer [h]); the two counts are 0-D of ``dtype``."""
     counts = torch.zeros(since.shape, dtype=torch.int32, device=since.device)
     count(cols, values, counts)
-    new, dead, totals = update(counts, since, B, threshold)
-    totals = totals.to(dtype)
+    new, dead, totals = update(counts, since, B, threshold, dtype)
     return new, dead, totals[0], totals[1]
 
 
@@ -69,12 +68,13 @@ def count(cols, values, counts):
         _count_kernel[(triton.cdiv(n, block),)](cols, values, counts, n, BLOCK=block)
 
 
-def update(counts, since, B: int, threshold: int):
-    """``(new counters, dead mask, [dead count, nonzero entries])`` from the counts."""
+def update(counts, since, B: int, threshold: int, dtype):
+    """``(new counters, dead mask, [dead count, nonzero entries])`` from the counts, the two
+    counts of ``dtype`` (exact integers)."""
     h = since.shape[0]
     new = torch.empty_like(since)
     dead = torch.empty((h,), dtype=torch.bool, device=since.device)
-    totals = torch.empty((2,), dtype=torch.int64, device=since.device)
+    totals = torch.empty((2,), dtype=dtype, device=since.device)
     chunk = 1 << 16 if interpreting() else 1024
     _update_kernel[(1,)](counts, since, new, dead, totals, h, B, threshold, CHUNK=chunk)
     return new, dead, totals

@@ -233,13 +233,13 @@ def fused_kernels(ledger, be):
             be, cols, values != 0, counts.shape[0], torch.float64).to(counts.dtype)),
             n * (8 + values.element_size()), n * 4)
 
-    def update(counts, since, B, threshold):
+    def update(counts, since, B, threshold, dtype):
         h = since.shape[0]  # one program over the latents: counts and counters in, counters, mask out
 
         def composed():
             new = torch.where(counts > 0, torch.zeros_like(since), since + B)
             dead = new >= threshold
-            return new, dead, torch.stack([dead.sum(), counts.sum().to(torch.int64)])
+            return new, dead, torch.stack([dead.sum(), counts.sum().to(torch.int64)]).to(dtype)
 
         return ledger.fused("update", composed, h * (4 + since.element_size()), h * (since.element_size() + 1) + 16)
 
@@ -302,8 +302,13 @@ def fused_kernels(ledger, be):
         read = h * d * size + 2 * n * d * size + n * 32 + plan.slot_latent.numel() * 8
         out = ledger.fused("backward_products", composed, read, 2 * h * d * size + (n + h) * size)
         if min(n, G.shape[0]) > plan.part:  # the partial rows of long latents summed in order
-            partial = plan.n_multi * (2 * d + 1) * size
-            ledger.fused("sum_parts", lambda: None, partial + h * 16, partial)
+            with ledger.quiet():  # this step's latents of two parts or more, and their parts
+                counts = plan.crow.diff()
+                long = counts > plan.part
+                parts = int(torch.where(long, (counts + plan.part - 1) // plan.part, 0).sum())
+                n_long = int(long.sum())
+            row = (2 * d + 1) * size  # a partial row of both products and of the sums
+            ledger.fused("sum_parts", lambda: None, parts * row + h * 16, n_long * row)
         return out
 
     def rows_residual(rows, cols, values, W, b, x, scale, r, g, sums):

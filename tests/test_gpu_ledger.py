@@ -49,7 +49,8 @@ def test_fused_model_charges_each_fused_kernel_as_one_launch_at_the_copy_bandwid
     assert {n: names.count(n) for n in names if n.startswith("triton:")} == FUSED
     for phase, name, read, written, flops, seconds in rows:
         if name.startswith("triton:"):
-            assert read > 0 and written > 0
+            # the parts' sum writes the rows of this step's long latents alone (maybe none)
+            assert read > 0 and (written > 0 or name == "triton:sum_parts")
             assert seconds == pytest.approx(max((read + written) / L.MEASURED["bandwidth"], L.KERNEL_FLOOR))
 
 

@@ -287,7 +287,7 @@ for w in ("*fp32", "*fp64"):
 build(P._slots_kernel, {"crow_ptr": "*i64", "first_ptr": "*i64", "multi_first_ptr": "*i64",
                         "slot_latent_ptr": "*i64", "h": "i32", "n_slots": "i32", "part": "i32"}, {"CHUNK": 1024})
 build(C._update_kernel, {"counts_ptr": "*i32", "since_ptr": "*i64", "new_ptr": "*i64", "dead_ptr": "*i1",
-                         "totals_ptr": "*i64", "h": "i32", "B": "i32", "threshold": "i32"}, {"CHUNK": 1024})
+                         "totals_ptr": "*fp32", "h": "i32", "B": "i32", "threshold": "i32"}, {"CHUNK": 1024})
 print("compiled")
 """
 
