@@ -71,3 +71,14 @@ def usable(*tensors) -> bool:
     if kinds == {"cuda"}:
         return True
     return bool(enabled) and kinds == {"cpu"} and interpreting() and is_sync_free(tensors[0])
+
+
+def flat_block(n: int, gpu: int = 1024, most: int = 1 << 16) -> int:
+    """Elements a program of a flat (one-dimensional) kernel takes: ``gpu`` on a GPU; under the
+    interpreter, whose cost is per program, all ``n`` at once up to ``most`` (a power of two,
+    at least ``gpu``)."""
+    if not interpreting():
+        return gpu
+    import triton
+
+    return max(gpu, min(most, triton.next_power_of_2(max(n, 1))))

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton import interpreting
+from ._triton import flat_block, interpreting
 
 
 @triton.jit
@@ -64,7 +64,7 @@ def count(cols, values, counts):
     """Each nonzero entry added into its latent's int32 count (in ``counts``)."""
     n = cols.shape[0]
     if n:
-        block = max(1024, min(1 << 16, triton.next_power_of_2(n))) if interpreting() else 1024
+        block = flat_block(n)
         _count_kernel[(triton.cdiv(n, block),)](cols, values, counts, n, BLOCK=block)
 
 

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton import interpreting
+from ._triton import flat_block
 from ._triton_adam import _as
 
 
@@ -37,7 +37,7 @@ def aux_residual(e_hat, residual, scale: float, on):
     kernel and one sum (``e_hat`` and ``residual`` contiguous, one float dtype; ``on`` a 0-D
     boolean); ``g`` is ``e_hat``, overwritten."""
     n = e_hat.numel()
-    block = max(1024, min(1 << 18, triton.next_power_of_2(max(n, 1)))) if interpreting() else 4096
+    block = flat_block(n, gpu=4096, most=1 << 18)
     programs = max(1, triton.cdiv(n, block))
     ss = torch.empty((programs,), dtype=e_hat.dtype, device=e_hat.device)
     _aux_residual_kernel[(programs,)](e_hat, residual, on, ss, n, float(scale), BLOCK=block, num_warps=8)

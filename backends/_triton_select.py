@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton import interpreting
+from ._triton import flat_block, interpreting
 
 #: groups (or chosen groups) handled by one program
 _BLOCK = 128
@@ -184,7 +184,7 @@ def code_at(x, idx):
     n, h = idx.shape[0], x.shape[1]
     rows, cols = torch.empty_like(idx), torch.empty_like(idx)
     values = torch.empty((n,), dtype=x.dtype, device=x.device)
-    block = max(1024, min(1 << 16, triton.next_power_of_2(max(n, 1)))) if interpreting() else 1024
+    block = flat_block(n)
     _code_at_kernel[(triton.cdiv(n, block),)](x, idx, rows, cols, values, n, h, BLOCK=block)
     return rows, cols, values
 

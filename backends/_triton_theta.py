@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton import interpreting
+from ._triton import flat_block, interpreting
 
 _INT = {torch.float32: torch.int32, torch.float64: torch.int64}
 
@@ -39,7 +39,7 @@ def min_positive(values):
     n = values.shape[0]
     out = torch.full((1,), float("inf"), dtype=values.dtype, device=values.device).view(_INT[values.dtype])
     if n:
-        block = max(1024, min(1 << 16, triton.next_power_of_2(n))) if interpreting() else 1024
+        block = flat_block(n)
         _min_positive_kernel[(triton.cdiv(n, block),)](values, out, n, BLOCK=block)
     return out.view(values.dtype)[0]
 

@@ -3,6 +3,7 @@
     python benchmarks/bench_gpu_ledger.py                    # d=768 h=16384 k=32 B=4096
     python benchmarks/bench_gpu_ledger.py --small            # d=128 h=2048 k=16 B=512
     python benchmarks/bench_gpu_ledger.py --matmul-precision tf32 --dead-share 0.1
+    python benchmarks/bench_gpu_ledger.py --launches         # also every launch by name
 
 Runs one torch training step on the CPU on the GPU's code path (the sync-free mode forced,
 as the ``torch-gpu-path`` test backend does: the same torch calls a CUDA step makes) and
@@ -427,6 +428,18 @@ def floor_seconds(B, d, h, precision):
     return gemm + pre + adam
 
 
+def launches(rows):
+    """Each phase's launches by name: count and modeled time (``--launches``)."""
+    by = collections.OrderedDict()
+    for phase, name, *_, seconds in rows:
+        c = by.setdefault((phase, name), [0, 0.0])
+        c[0] += 1
+        c[1] += seconds
+    print(f"{'phase':28s} {'launch':28s} {'count':>5s} {'model us':>9s}")
+    for (phase, name), (n, sec) in by.items():
+        print(f"{phase:28s} {name:28s} {n:5d} {sec * 1e6:9.1f}")
+
+
 def report(rows, B, d, h, precision, label):
     by_phase = collections.OrderedDict()
     for phase, name, read, written, flops, seconds in rows:
@@ -471,6 +484,8 @@ def main(argv=None):
     p.add_argument("--arch", action="append", choices=["batchtopk", "topk"], help="repeatable (default batchtopk)")
     p.add_argument("--composed", action="store_true",
                    help="model the step without the fused Triton kernels (their composed forms)")
+    p.add_argument("--launches", action="store_true",
+                   help="also list each phase's launches by name, with their count and modeled time")
     p.add_argument("--dead-after", type=int, default=5,
                    help="batches without firing before a latent is dead (default 5, TrainConfig's)")
     a = p.parse_args(argv)
@@ -492,6 +507,8 @@ def main(argv=None):
             rows = record(state, x0, fused=not a.composed)
             label = f"{arch}, " + (f"AuxK 'authors' k_aux=512, {dead:.1%} dead" if aux else "AuxK off")
             report(rows, B, d, h, a.matmul_precision, label)
+            if a.launches:
+                launches(rows)
 
 
 if __name__ == "__main__":

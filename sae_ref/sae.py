@@ -326,10 +326,15 @@ def decode(params: SAEParams, code: SparseCode):
     return _decode(xp, params, code)
 
 
+def _x_hat_buffer(xp, params, B: int, ws):
+    """The workspace's [B, d] reconstruction buffer, or None without a workspace."""
+    return None if ws is None else ws.array("x_hat", xp, (B, params.d), params.W_dec.dtype, device_of(params.W_dec))
+
+
 def _decode(xp, params, code, ws=None):
     be = get_backend(xp)
     B = code.shape[0]
-    buf = None if ws is None else ws.array("x_hat", xp, (B, params.d), params.W_dec.dtype, device_of(params.W_dec))
+    buf = _x_hat_buffer(xp, params, B, ws)
     x_hat = be.spmm(code.rows, code.cols, code.values, params.W_dec, B, out=buf)
     x_hat += params.b_dec  # a new array or the workspace's: ours to write
     return x_hat
@@ -340,10 +345,9 @@ def _decode_residual(xp, params, code, x, scale: float, ws=None):
     decoding (:meth:`~sae_ref.backends.StandardBackend.decode_residual`: on a GPU one pass
     over the rows); ``r`` in the workspace's reconstruction buffer when given. The code's
     rows ascend, as in every code :func:`_select` makes."""
-    be = get_backend(xp)
-    B = code.shape[0]
-    buf = None if ws is None else ws.array("x_hat", xp, (B, params.d), params.W_dec.dtype, device_of(params.W_dec))
-    return be.decode_residual(code.rows, code.cols, code.values, params.W_dec, params.b_dec, x, scale, out=buf)
+    buf = _x_hat_buffer(xp, params, code.shape[0], ws)
+    return get_backend(xp).decode_residual(code.rows, code.cols, code.values, params.W_dec, params.b_dec, x, scale,
+                                           out=buf)
 
 
 def forward(params: SAEParams, x, config: SAEConfig) -> Forward:

@@ -43,6 +43,7 @@ import numpy as np
 from array_api_compat import array_namespace, device as device_of
 
 from sae_ref import _checks as C
+from sae_ref.backends import get_backend
 
 KINDS = ("running_mean", "saelens_ema", "dictionary_learning")
 
@@ -90,8 +91,6 @@ def theta_init(kind: str = "running_mean", *, xp=np, dtype=None, device=None,
 def batch_min_kept(values):
     """The smallest positive kept value :math:`m_t` of a batch's code values (0-D array);
     ``+inf`` if none is positive (the updates then leave the estimate unchanged)."""
-    from sae_ref.backends import get_backend
-
     return get_backend(array_namespace(values)).min_positive(values)
 
 
@@ -136,8 +135,6 @@ def theta_step(state: ThetaState, m, *, step: int | None = None):
     if state.kind != "running_mean":
         new = theta_update(state, m, step=step)
         return new, theta_value(new)
-    from sae_ref.backends import get_backend
-
     buf, value = get_backend(array_namespace(state.buf)).running_mean_step(state.buf, m, state.n % state.window)
     return replace(state, n=state.n + 1, buf=buf), value
 

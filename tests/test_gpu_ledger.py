@@ -54,6 +54,18 @@ def test_fused_model_charges_each_fused_kernel_as_one_launch_at_the_copy_bandwid
             assert seconds == pytest.approx(max((read + written) / L.MEASURED["bandwidth"], L.KERNEL_FLOOR))
 
 
+def test_launch_listing_adds_up_to_the_ledger(warmed, capsys):
+    """``--launches``: each phase's launches by name; their counts and times add up to the
+    recorded step's."""
+    state, x = warmed
+    rows = L.record(state, x, fused=True)
+    L.launches(rows)
+    listed = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert sum(int(f[-2]) for f in listed) == len(rows)
+    assert sum(float(f[-1]) for f in listed) == pytest.approx(sum(r[5] for r in rows) * 1e6, rel=1e-3)
+    assert any(f[-3] == "triton:backward_products" for f in listed)
+
+
 def test_composed_model_has_no_fused_kernel_and_more_launches(warmed):
     state, x = warmed
     fused, composed = L.record(state, x, fused=True), L.record(state, x, fused=False)

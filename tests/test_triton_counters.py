@@ -21,7 +21,7 @@ torch = pytest.importorskip("torch")
 
 from sae_ref.backends import StandardBackend, get_backend, sync_free, triton_kernels  # noqa: E402
 from sae_ref.backends import _triton_counters as K  # noqa: E402
-from triton_devices import DEVICES  # noqa: E402
+from triton_devices import DEVICES, counting  # noqa: E402
 
 
 @st.composite
@@ -72,12 +72,10 @@ def test_a_latent_is_fired_exactly_when_one_of_its_entries_is_nonzero(device, pr
 def test_torch_backend_on_the_gpu_path_runs_the_kernels(monkeypatch):
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("CPU tensors need Triton's interpreter")
-    calls = []
-    real = K.dead_counters
-    monkeypatch.setattr(K, "dead_counters", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = counting(monkeypatch, K, "dead_counters")
     cols, values, since = torch.tensor([0, 2, 2]), torch.tensor([1.0, 0.0, 2.0]), torch.tensor([5, 9, 1, 7])
     with sync_free(True), triton_kernels(True):
         new, dead, n_dead, nnz = get_backend(torch).dead_counters(cols, values, since, 3, 10, torch.float64)
-    assert calls == [1]
+    assert calls == ["dead_counters"]
     assert new.tolist() == [0, 12, 0, 10] and dead.tolist() == [False, True, False, True]
     assert float(n_dead) == 2 and float(nnz) == 2 and n_dead.dtype == torch.float64

@@ -21,7 +21,7 @@ torch = pytest.importorskip("torch")
 
 from sae_ref.backends import StandardBackend, get_backend, sync_free, triton_kernels  # noqa: E402
 from sae_ref.backends import _triton_gate as K  # noqa: E402
-from triton_devices import DEVICES  # noqa: E402
+from triton_devices import DEVICES, counting  # noqa: E402
 
 
 @st.composite
@@ -55,10 +55,8 @@ def test_fused_gate_equals_the_composed_form_and_the_definition(device, dtype, p
 def test_torch_backend_on_the_gpu_path_runs_the_kernel(monkeypatch):
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("CPU tensors need Triton's interpreter")
-    calls = []
-    real = K.gate
-    monkeypatch.setattr(K, "gate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = counting(monkeypatch, K, "gate")
     P, a = torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.tensor([[0.5, 0.0], [-1.0, 2.0]])
     with sync_free(True), triton_kernels(True):
         g, sums = get_backend(torch).gate(P, a)
-    assert calls == [1] and g.tolist() == [[1.0, 0.0], [0.0, 4.0]] and sums.tolist() == [1.0, 4.0]
+    assert calls == ["gate"] and g.tolist() == [[1.0, 0.0], [0.0, 4.0]] and sums.tolist() == [1.0, 4.0]

@@ -21,7 +21,7 @@ torch = pytest.importorskip("torch")
 
 from sae_ref.backends import StandardBackend, get_backend, sync_free, triton_kernels  # noqa: E402
 from sae_ref.backends import _triton_theta as K  # noqa: E402
-from triton_devices import DEVICES  # noqa: E402
+from triton_devices import DEVICES, counting  # noqa: E402
 
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 
@@ -64,10 +64,7 @@ def test_fused_running_mean_step_equals_the_composed_step(device, dtype, window,
 def test_torch_backend_on_the_gpu_path_runs_the_kernels(monkeypatch):
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("CPU tensors need Triton's interpreter")
-    calls = []
-    for name in ("min_positive", "running_mean_step"):
-        real = getattr(K, name)
-        monkeypatch.setattr(K, name, lambda *a, _r=real, _n=name, **k: calls.append(_n) or _r(*a, **k))
+    calls = counting(monkeypatch, K, "min_positive", "running_mean_step")
     be = get_backend(torch)
     with sync_free(True), triton_kernels(True):
         m = be.min_positive(torch.tensor([0.0, 0.5, -1.0, 0.25]))
