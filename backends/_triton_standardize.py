@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ._triton import interpreting
-from ._triton_adam import _as
+from ._triton_adam import _as, _div, _sqrt
 
 
 @triton.jit
@@ -30,10 +30,12 @@ def _standardize_kernel(x_ptr, b_ptr, s_ptr, c_ptr, mean_ptr, scale_ptr, B, d, e
     mask = (row < B)[:, None] & (k < d)[None, :]
     at = row[:, None] * d + k[None, :]
     x = tl.load(x_ptr + at, mask=mask, other=0.0)
-    mean = tl.sum(x, axis=1) / d
+    mean = _div(tl.sum(x, axis=1), tl.zeros_like(tl.sum(x, axis=1)) + d)
     centred = tl.where(mask, x - mean[:, None], 0.0)
-    scale = tl.sqrt(tl.sum(centred * centred, axis=1) / (d - 1)) + _as(eps, x.dtype)  # eps in x's dtype
-    s = centred / scale[:, None]
+    ss = tl.sum(centred * centred, axis=1)
+    # correctly rounded, as the composed form's (Triton's float32 / and sqrt approximate)
+    scale = _sqrt(_div(ss, tl.zeros_like(ss) + (d - 1))) + _as(eps, x.dtype)  # eps in x's dtype
+    s = _div(centred, scale[:, None] + tl.zeros_like(centred))
     tl.store(s_ptr + at, s, mask=mask)
     tl.store(c_ptr + at, s - tl.load(b_ptr + k, mask=k < d, other=0.0)[None, :], mask=mask)
     tl.store(mean_ptr + row, mean, mask=row < B)

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from ._triton import flat_block, interpreting
+from ._triton_adam import _div
 
 _INT = {torch.float32: torch.int32, torch.float64: torch.int64}
 
@@ -60,7 +61,8 @@ def _running_mean_kernel(buf_ptr, m_ptr, new_ptr, mean_ptr, window, slot, CHUNK:
         seen = inside & (b == b) & (tl.abs(b) != float("inf"))
         total += tl.where(seen, b, 0.0)
         count += seen.to(tl.int64)
-    tl.store(mean_ptr, tl.sum(total, axis=0) / tl.sum(count, axis=0).to(m.dtype))
+    # correctly rounded, as the composed form's (Triton's float32 / approximates)
+    tl.store(mean_ptr, _div(tl.sum(total, axis=0), tl.sum(count, axis=0).to(m.dtype)))
 
 
 def running_mean_step(buf, m, slot: int):

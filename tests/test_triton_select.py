@@ -210,6 +210,8 @@ def test_fused_auxk_block_equals_composed_block_bit_for_bit(device, dtype, data,
 
 
 _COMPILE = r"""
+import re
+
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -223,7 +225,11 @@ target = GPUTarget("cuda", 90, 32)  # an H100/H200's architecture
 
 def build(fn, signature, constexprs):
     signature = {**signature, **{name: "constexpr" for name in constexprs}}
-    triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=target)
+    ptx = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=target).asm["ptx"]
+    # the interpreter divides and takes roots as IEEE does; Triton's float32 / and sqrt
+    # approximate on a GPU unless written correctly rounded (div_rn, sqrt_rn)
+    approx = sorted(set(re.findall(r"(?:div\.full|div\.approx|sqrt\.approx|rcp\.approx)[a-z0-9.]*", ptx)))
+    assert not approx, f"{fn.__name__} {signature}: approximate instructions {approx}"
 
 
 for per_row in (True, False):
@@ -295,7 +301,9 @@ print("compiled")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the kernels compile and run in the tests above")
 def test_fused_kernels_compile_to_gpu_code_for_an_h200_class_target():
     """The interpreter runs the kernels' Python; this compiles each for sm_90 (as a GPU
-    would at first use), so a type error only the compiler sees fails here too."""
+    would at first use), so a type error only the compiler sees fails here too, and so does a
+    float32 division or square root that the GPU would approximate (the interpreter's are
+    correctly rounded, so only the compiled code shows it)."""
     import os
     import subprocess
     import sys
