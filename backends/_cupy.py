@@ -1,17 +1,27 @@
-"""CuPy fast paths: ``cupy.partition`` for selection, sorted-segment kernels for sums.
+"""CuPy fast paths: torch's fused kernels through DLPack, else CuPy's own kernels.
 
-Every sum of a sparse product is formed without atomic adds (``cupyx.scatter_add`` adds in
-whatever order the threads arrive, so two runs of one step would differ in the last bits):
-the entries are sorted by their output row, the row boundaries found by ``searchsorted``, and
-one thread per output element sums its row's entries in order (:data:`_SEGMENT_SPMM`). No
-count is read back to the host.
+With torch (a CUDA build) and Triton installed, the GPU path's primitives run as the torch
+backend's on zero-copy views of the CuPy arrays (:mod:`._bridge`): the fused Triton kernels, on
+CuPy's current stream, with the same bits as a torch step. Torch then allocates the kernels'
+outputs from its own caching allocator (CuPy's pool holds the rest).
+
+Without them, ``cupy.partition`` selects and sorted-segment kernels sum. Every sum of a
+sparse product is formed without atomic adds (``cupyx.scatter_add`` adds in whatever order
+the threads arrive, so two runs of one step would differ in the last bits): the entries are
+sorted by their output row, the row boundaries found by ``searchsorted``, and one thread per
+output element sums its row's entries in order (:data:`_SEGMENT_SPMM`). No count is read back
+to the host.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import cupy as cp
 
-from ._standard import CHUNK, StandardBackend, _below
+from ._bridge import TorchBridge, through_torch
+from ._standard import StandardBackend, _below
 
 _COPY_STREAMS: dict = {}
 
@@ -43,8 +53,63 @@ def _segment_spmm(out_index, in_index, values, dense, n_out):
     return out
 
 
-class CupyBackend(StandardBackend):
+#: out[e] = the dot product of a[i[e]] and b[j[e]] (rows of length d)
+_SAMPLED_DOTS = cp.ElementwiseKernel(
+    "raw T a, raw T b, int64 i, int64 j, int64 d",
+    "T out",
+    """
+    T acc = 0;
+    for (long long c = 0; c < d; ++c) {
+        acc += a[i * d + c] * b[j * d + c];
+    }
+    out = acc;
+    """,
+    "sae_ref_sampled_dots",
+)
+
+
+@functools.cache
+def _bridge_available() -> bool:
+    """Whether torch (with CUDA) and Triton import: the fused kernels can run on CuPy arrays."""
+    from ._triton import available
+
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available() and available()
+
+
+@through_torch
+class CupyBackend(TorchBridge, StandardBackend):
     name = "cupy"
+
+    def bridge_on(self, arrays):
+        from ._triton import FAILURE, _ENABLED
+
+        if _ENABLED.get() is False or FAILURE is not None or not _bridge_available():
+            return False
+        return all(isinstance(a, cp.ndarray) for a in arrays) and len({a.device.id for a in arrays}) == 1
+
+    def bridge_context(self, arrays):
+        import torch
+
+        device = torch.device("cuda", arrays[0].device.id)
+        ptr = cp.cuda.get_current_stream().ptr
+        # torch launches (and Triton, which asks torch for the stream) on CuPy's current stream
+        stream = torch.cuda.default_stream(device) if ptr == 0 else torch.cuda.ExternalStream(ptr, device=device)
+        both = contextlib.ExitStack()
+        both.enter_context(torch.cuda.device(device))
+        both.enter_context(torch.cuda.stream(stream))
+        return both
+
+    def from_torch(self, t):
+        return cp.from_dlpack(t)
+
+    def matmul_add(self, a, b, v, precision, *, out=None):
+        self.check_precision(precision)  # CuPy has no bfloat16
+        # through torch: one GEMM whose epilogue adds the bias
+        return self.through_torch("matmul_add", StandardBackend.matmul_add, (a, b, v, precision), {"out": out})
 
     def kth_largest(self, x, n, *, axis=None):
         if axis is None:
@@ -80,11 +145,12 @@ class CupyBackend(StandardBackend):
         return res
 
     def sddmm(self, a, b, a_index, b_index):
-        out = cp.empty(a_index.shape[0], dtype=cp.result_type(a, b))
-        for s in range(0, a_index.shape[0], CHUNK):
-            out[s : s + CHUNK] = cp.einsum(
-                "ij,ij->i", a[a_index[s : s + CHUNK]], b[b_index[s : s + CHUNK]]
-            )
+        # one launch, one thread a place (no loop over chunks, no gathered rows)
+        dt = cp.result_type(a, b)
+        out = cp.empty(a_index.shape[0], dtype=dt)
+        if out.shape[0]:
+            a, b = cp.ascontiguousarray(a, dtype=dt), cp.ascontiguousarray(b, dtype=dt)
+            _SAMPLED_DOTS(a, b, a_index.astype(cp.int64), b_index.astype(cp.int64), a.shape[1], out)
         return out
 
     def compact(self, mask, n):

@@ -435,15 +435,17 @@ class StandardBackend:
         """The dead-latent counters after a batch whose code has entries ``values`` at latents
         ``cols``: ``(new, dead, n_dead, nnz)`` with ``new`` each latent's tokens since it last
         fired (0 where one of its entries is nonzero, else ``since + B``), ``dead = new >=
-        threshold``, and the dead count and the code's nonzero entries as 0-D arrays of
-        ``dtype``. A backend may form them in a pass over the entries and one over the
+        threshold``, and as 0-D arrays of ``dtype`` the dead fraction (the dead count over the
+        h latents) and the L0 (the code's nonzero entries over the B rows; the counts exact
+        below 2^24). A backend may form them in a pass over the entries and one over the
         latents."""
         xp = array_namespace(values, since)
         fired = self.segment_count(cols, values != 0, since.shape[0], values.dtype) > 0
         new = xp.where(fired, xp.zeros_like(since), since + B)
         dead = new >= threshold
-        nnz = xp.sum(xp.astype(values != 0, values.dtype))
-        return new, dead, xp.astype(xp.count_nonzero(dead), dtype), xp.astype(nnz, dtype)
+        nnz = xp.count_nonzero(values)
+        h = since.shape[0]
+        return new, dead, xp.astype(xp.count_nonzero(dead), dtype) / h, xp.astype(nnz, dtype) / B
 
     def to_dense(self, rows, cols, values, shape: tuple[int, int]):
         """The dense (B, h) array with ``values`` at ``(rows, cols)`` (positions unique), 0 elsewhere."""

@@ -3,11 +3,12 @@
 :meth:`~sae_ref.backends.StandardBackend.dead_counters` asks, from a batch's code (entries
 ``values`` at latents ``cols``) and each latent's tokens since it last fired, for the new
 counters (0 where the latent fired, a nonzero entry, else the old count plus the batch size),
-the dead mask (counters at the threshold or past it), the dead count and the code's number of
-nonzero entries. Composed on a GPU that is about a dozen small launches. Here
-:func:`_count_kernel` adds each nonzero entry into its latent's int32 count (integer atomics:
-the counts do not depend on the order the adds arrive in), and :func:`_update_kernel`, one
-program, walks the latents once, writes the counters and the mask and sums the two counts.
+the dead mask (counters at the threshold or past it), the dead fraction (the dead count over
+the latents) and the code's nonzero entries per row. Composed on a GPU that is about a dozen
+small launches. Here :func:`_count_kernel` adds each nonzero entry into its latent's int32 count
+(integer atomics: the counts do not depend on the order the adds arrive in), and
+:func:`_update_kernel`, one program, walks the latents once, writes the counters and the mask,
+sums the two counts and divides them (correctly rounded, as the composed form's division).
 
 Only code that has checked that Triton imports imports this module.
 """
@@ -19,6 +20,7 @@ import triton
 import triton.language as tl
 
 from ._triton import flat_block, interpreting
+from ._triton_adam import _div
 
 
 @triton.jit
@@ -46,14 +48,16 @@ def _update_kernel(counts_ptr, since_ptr, new_ptr, dead_ptr, totals_ptr, h, B, t
         tl.store(dead_ptr + j, dead, mask=inside)
         n_dead += (dead & inside).to(tl.int64)
         nnz += count.to(tl.int64)
-    tl.store(totals_ptr, tl.sum(n_dead, axis=0).to(totals_ptr.dtype.element_ty))
-    tl.store(totals_ptr + 1, tl.sum(nnz, axis=0).to(totals_ptr.dtype.element_ty))
+    dt = totals_ptr.dtype.element_ty
+    # the counts are exact integers in dt (below 2^24); the metrics are their means
+    tl.store(totals_ptr, _div(tl.sum(n_dead, axis=0).to(dt), tl.full((), h, tl.int64).to(dt)))
+    tl.store(totals_ptr + 1, _div(tl.sum(nnz, axis=0).to(dt), tl.full((), B, tl.int64).to(dt)))
 
 
 def dead_counters(cols, values, since, B: int, threshold: int, dtype):
-    """``(new counters, dead mask, dead count, nonzero entries)`` of
+    """``(new counters, dead mask, dead fraction, L0)`` of
     :meth:`~sae_ref.backends.StandardBackend.dead_counters` in two kernels (``cols`` int64,
-    ``since`` an integer [h]); the two counts are 0-D of ``dtype``."""
+    ``since`` an integer [h]); the two means are 0-D of ``dtype``."""
     counts = torch.zeros(since.shape, dtype=torch.int32, device=since.device)
     count(cols, values, counts)
     new, dead, totals = update(counts, since, B, threshold, dtype)
@@ -69,8 +73,8 @@ def count(cols, values, counts):
 
 
 def update(counts, since, B: int, threshold: int, dtype):
-    """``(new counters, dead mask, [dead count, nonzero entries])`` from the counts, the two
-    counts of ``dtype`` (exact integers)."""
+    """``(new counters, dead mask, [dead fraction, L0])`` from the counts: the dead count over
+    the ``h`` latents and the nonzero entries over the ``B`` rows, in ``dtype``."""
     h = since.shape[0]
     new = torch.empty_like(since)
     dead = torch.empty((h,), dtype=torch.bool, device=since.device)

@@ -498,7 +498,7 @@ class _Pass:
 
     grads: SAEParams
     since: Any
-    dead: Any
+    dead_fraction: Any
     mse: Any
     nmse: Any
     sparsity: Any
@@ -509,7 +509,7 @@ class _Pass:
 
     def arrays(self) -> list:
         """Every array, in a fixed order (a captured graph's outputs)."""
-        out = list(self.grads.arrays().values()) + [self.since, self.dead, self.mse, self.nmse,
+        out = list(self.grads.arrays().values()) + [self.since, self.dead_fraction, self.mse, self.nmse,
                                                       self.sparsity, self.aux, self.afa, self.l0]
         return out if self.m_t is None else out + [self.m_t]
 
@@ -542,9 +542,9 @@ def _grads(xp, config: TrainConfig, params: SAEParams, since_fired, k_aux: int, 
     afa_value, g_code, g_b_dec_afa = _afa(xp, config, fwd, params, g_code, zero)
     P.mark("loss", g_xhat)
     # dead-latent counters: tokens since each latent last fired, the current batch included
-    # (and the dead count and the code's nonzero entries, for the metrics)
+    # (and the dead fraction and the L0, for the metrics)
     if dp is None:
-        since, dead, n_dead, l0 = get_backend(xp).dead_counters(
+        since, dead, dead_fraction, l0 = get_backend(xp).dead_counters(
             fwd.code.cols, fwd.code.values, since_fired, B, _dead_after_tokens(config, B), x.dtype)
     else:
         fired = dp.sum(fwd.code.latent_counts()) > 0
@@ -588,15 +588,15 @@ def _grads(xp, config: TrainConfig, params: SAEParams, since_fired, k_aux: int, 
     if config.arch == "batchtopk":
         m_t = T.batch_min_kept(fwd.code.values)
         m_t = m_t if dp is None else dp.min(m_t)
-    # pooled NMSE from the loss's own sum of squares (no second pass over x_hat - x)
-    nmse = _nmse_from_mse(mse, fwd.x, config.loss_unit, xx) if dp is None else dp.nmse(fwd.x_hat, fwd.x)
+    # pooled NMSE from the decoding's sums of squares (no second pass over x_hat - x)
+    nmse = ss / xx if dp is None else dp.nmse(fwd.x_hat, fwd.x)
     if dp is not None:  # every rank reports the global batch's values
         mse, sparsity, aux_value, afa_value = dp.means(mse, sparsity, aux_value, afa_value)
-    if dp is not None:  # the code's nonzero entries (each row's L0 summed) and the dead count
-        l0 = dp.sum(xp.sum(xp.astype(fwd.code.values != 0, fwd.code.values.dtype)))
-        n_dead = xp.astype(xp.count_nonzero(dead), x.dtype)
-    P.mark("metrics", n_dead)
-    return _Pass(grads, since, n_dead, mse, nmse, sparsity, aux_value, afa_value, l0, m_t)
+    if dp is not None:  # the code's nonzero entries per row and the dead fraction
+        l0 = dp.sum(xp.sum(xp.astype(fwd.code.values != 0, fwd.code.values.dtype))) / B
+        dead_fraction = xp.astype(xp.count_nonzero(dead), x.dtype) / config.h
+    P.mark("metrics", dead_fraction)
+    return _Pass(grads, since, dead_fraction, mse, nmse, sparsity, aux_value, afa_value, l0, m_t)
 
 
 def _finish(xp, state: TrainState, out: _Pass, B: int, donate: bool = False, dp=None):
@@ -618,8 +618,8 @@ def _finish(xp, state: TrainState, out: _Pass, B: int, donate: bool = False, dp=
         loss = loss + term if on else loss
     metrics = {
         "loss": loss, "mse": out.mse, "nmse": out.nmse,
-        "sparsity": out.sparsity, "aux": out.aux, "afa": out.afa, "l0": out.l0 / B,
-        "dead_fraction": out.dead / config.h,
+        "sparsity": out.sparsity, "aux": out.aux, "afa": out.afa, "l0": out.l0,
+        "dead_fraction": out.dead_fraction,
         "grad_norm": grad_norm, "lr": _lr(config, t), "step": t, "tokens": new.tokens,
         "skipped": state.skipped,
     }
@@ -633,13 +633,6 @@ def _detach(config: TrainConfig) -> bool:
     if config.detach_residual is not None:
         return config.detach_residual
     return config.aux_convention == "normalized"
-
-
-def _nmse_from_mse(mse, x, unit, xx):
-    r""":math:`\sum (\hat x - x)^2 / \sum x^2` from the MSE in ``unit`` (the same sum) and
-    ``xx`` (:math:`\sum x^2`, from the decoding's pass)."""
-    B, d = x.shape
-    return mse * (B * d if unit == "element" else B) / xx
 
 
 def _lr(config: TrainConfig, t: int) -> float:

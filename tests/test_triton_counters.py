@@ -1,6 +1,6 @@
 """The dead-latent counters as fused Triton kernels (``_triton_counters``) against the
 composed form (:meth:`StandardBackend.dead_counters`), exactly: the new counters, the dead
-mask, the dead count and the code's nonzero entries, with entries of value 0 (listed, not
+mask, the dead fraction and the L0 (nonzero entries per row), with entries of value 0 (listed, not
 fired), latents firing in many rows, latents never firing, codes without entries, and
 counters at, below and past the threshold. The torch backend on the GPU path runs them.
 
@@ -49,7 +49,7 @@ def _both(problem, device):
 @settings(max_examples=25)
 def test_fused_dead_counters_equal_the_composed_form_exactly(device, problem):
     got, want = _both(problem, device)
-    for name, a, b in zip(("since", "dead", "n_dead", "nnz"), got, want):
+    for name, a, b in zip(("since", "dead", "dead_fraction", "l0"), got, want):
         assert a.dtype == b.dtype and a.shape == b.shape, name
         assert torch.equal(a.cpu(), b.cpu()), name
 
@@ -60,13 +60,15 @@ def test_fused_dead_counters_equal_the_composed_form_exactly(device, problem):
 def test_a_latent_is_fired_exactly_when_one_of_its_entries_is_nonzero(device, problem):
     """Against the definition, in NumPy: the counter restarts where a nonzero entry fired."""
     cols, values, since, B, threshold = problem
-    (new, dead, n_dead, nnz), _ = _both(problem, device)
+    (new, dead, dead_fraction, l0), _ = _both(problem, device)
     fired = np.zeros(since.shape[0], dtype=bool)
     fired[cols[values != 0]] = True
     want = np.where(fired, 0, since + B)
     assert np.array_equal(new.cpu().numpy(), want)
     assert np.array_equal(dead.cpu().numpy(), want >= threshold)
-    assert float(n_dead) == np.count_nonzero(want >= threshold) and float(nnz) == np.count_nonzero(values)
+    # the means of exact counts, correctly rounded in float32
+    assert float(dead_fraction) == np.float32(np.count_nonzero(want >= threshold)) / np.float32(since.shape[0])
+    assert float(l0) == np.float32(np.count_nonzero(values)) / np.float32(B)
 
 
 def test_torch_backend_on_the_gpu_path_runs_the_kernels(monkeypatch):
@@ -75,7 +77,7 @@ def test_torch_backend_on_the_gpu_path_runs_the_kernels(monkeypatch):
     calls = counting(monkeypatch, K, "dead_counters")
     cols, values, since = torch.tensor([0, 2, 2]), torch.tensor([1.0, 0.0, 2.0]), torch.tensor([5, 9, 1, 7])
     with sync_free(True), triton_kernels(True):
-        new, dead, n_dead, nnz = get_backend(torch).dead_counters(cols, values, since, 3, 10, torch.float64)
+        new, dead, dead_fraction, l0 = get_backend(torch).dead_counters(cols, values, since, 3, 10, torch.float64)
     assert calls == ["dead_counters"]
     assert new.tolist() == [0, 12, 0, 10] and dead.tolist() == [False, True, False, True]
-    assert float(n_dead) == 2 and float(nnz) == 2 and n_dead.dtype == torch.float64
+    assert float(dead_fraction) == 2 / 4 and float(l0) == 2 / 3 and dead_fraction.dtype == torch.float64
