@@ -80,7 +80,9 @@ class TorchBridge:
 
             def to_torch(a):
                 if _is_array(a):
-                    t = torch.from_dlpack(a)
+                    # booleans as bytes: not every library's DLPack carries its bool type
+                    t = (torch.from_dlpack(a.view(np.uint8)).view(torch.bool) if a.dtype == np.bool_
+                         else torch.from_dlpack(a))
                     views[id(t)] = (t, a)
                     return t
                 if isinstance(a, np.dtype) or (isinstance(a, type) and issubclass(a, np.generic)):
@@ -91,7 +93,11 @@ class TorchBridge:
 
             def back(out):
                 if isinstance(out, torch.Tensor):
-                    return views[id(out)][1] if id(out) in views else self.from_torch(out)
+                    if id(out) in views:
+                        return views[id(out)][1]
+                    if out.dtype == torch.bool:
+                        return self.from_torch(out.view(torch.uint8)).view(np.bool_)
+                    return self.from_torch(out)
                 if isinstance(out, (tuple, list)):
                     return type(out)(back(o) for o in out)
                 return out
