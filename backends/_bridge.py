@@ -31,7 +31,7 @@ BRIDGED = (
     "running_mean_step", "adam", "adam_sums", "decoder_adam", "decoder_adam_sums",
     # torch's GPU path: top-k, fixed-size nonzero, sorted-segment and sampled products, atomics
     # only where their order cannot change a bit
-    "top_indices", "compact", "spmm", "sddmm", "segment_sum", "segment_count", "add_rows_at",
+    "top_indices", "top_values", "compact", "spmm", "sddmm", "segment_sum", "segment_count", "add_rows_at",
 )
 
 

@@ -159,6 +159,10 @@ class NumpyBackend(StandardBackend):
         n = keys.shape[-1]
         return np.argpartition(keys, n - k, axis=-1)[..., n - k :]
 
+    def top_values(self, keys, k, *, axis=None):
+        n = keys.shape[-1]
+        return np.partition(keys, n - k, axis=-1)[..., n - k :]  # the values: no gather after
+
     def kth_largest(self, x, n, *, axis=None):
         x = np.asarray(x)
         if axis is None:

@@ -277,18 +277,16 @@ def _top_n_fixed_keyed(xp, be, x, n: int, axis, g: int, with_cut: bool = True):
     top = _top_keys(xp, be, flat(keys), n, None if run_max is None else flat(run_max))  # the groups' keys
     s = _subgroup(g)
     sub = be.subgroup_keys(x, top, g, s, per_row=per_row)  # [n g/s], or [B, n g/s]
-    cand = be.subgroup_entry_keys(x, _take_top(xp, be, sub, n, axis), g, s, per_row=per_row)  # [n s]
-    top = be.top_indices(cand, n, axis=axis)
+    cand = be.subgroup_entry_keys(x, be.top_values(sub, n, axis=axis), g, s, per_row=per_row)  # [n s]
+    kept = be.top_values(cand, n, axis=axis)  # the kept entries' keys
     if per_row:
         rows = xp.arange(B, dtype=xp.int64, device=dev)[:, None]
-        kept = xp.reshape(take(xp.reshape(cand, (-1,)), xp.reshape(rows * (n * s) + top, (-1,))), (B, n))
         pos = _position(kept)  # each row's columns
         flat_pos = xp.reshape(rows * h + xp.sort(pos, axis=-1), (-1,))
         if not with_cut:
             return flat_pos, None
         last = _position(xp.min(kept, axis=-1, keepdims=True))
         return flat_pos, take(xp.reshape(x, (-1,)), xp.reshape(rows * h + last, (-1,)))[:, None]
-    kept = take(cand, top)
     if not with_cut:
         return xp.sort(_position(kept)), None
     last = _position(xp.min(kept))
@@ -301,15 +299,6 @@ def _subgroup(g: int) -> int:
     return max(1, g // 4)
 
 
-def _take_top(xp, be, keys, n: int, axis):
-    """The ``n`` largest of the distinct ``keys`` (1-D, or each row's of a 2-D array), in no
-    particular order."""
-    top = be.top_indices(keys, n, axis=axis)
-    if axis is None:
-        return take(keys, top)
-    B, m = keys.shape
-    rows = xp.arange(B, dtype=top.dtype, device=device_of(keys))[:, None]
-    return xp.reshape(take(xp.reshape(keys, (-1,)), xp.reshape(rows * m + top, (-1,))), top.shape)
 
 
 #: the largest run of group keys bracketed by its maximum (:func:`_top_keys`)
@@ -336,7 +325,7 @@ def _top_keys(xp, be, keys, n: int, run_max=None):
     r = _run_length(m, n)
     axis = -1 if keys.ndim == 2 else None
     if r == 1:
-        return _take_top(xp, be, keys, n, axis)
+        return be.top_values(keys, n, axis=axis)
     lead = keys.shape[:-1]
     if run_max is None:
         run_max = xp.max(xp.reshape(keys, lead + (m // r, r)), axis=-1)
@@ -345,7 +334,7 @@ def _top_keys(xp, be, keys, n: int, run_max=None):
         rows = xp.arange(keys.shape[0], dtype=runs.dtype, device=device_of(keys))[:, None]
         runs = rows * (m // r) + runs
     chosen = take(xp.reshape(keys, (-1, r)), xp.reshape(runs, (-1,)), axis=0)  # the chosen runs' keys
-    return _take_top(xp, be, xp.reshape(chosen, lead + (n * r,)), n, axis)
+    return be.top_values(xp.reshape(chosen, lead + (n * r,)), n, axis=axis)
 
 
 def _position(keys):

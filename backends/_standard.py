@@ -376,6 +376,18 @@ class StandardBackend:
         xp = array_namespace(keys)
         return xp.argsort(keys, axis=-1, descending=True, stable=False)[..., :k]
 
+    def top_values(self, keys, k: int, *, axis: int | None = None):
+        """The ``k`` largest of the distinct integer ``keys`` themselves (1-D; or each row's
+        of a 2-D array with ``axis=-1``, shape [B, k]), in no particular order: here the keys
+        at :meth:`top_indices`; a backend whose top-k gives the values gives them at once."""
+        xp = array_namespace(keys)
+        top = self.top_indices(keys, k, axis=axis)
+        if axis is None:
+            return take(keys, top)
+        B, m = keys.shape
+        rows = xp.arange(B, dtype=top.dtype, device=device_of(keys))[:, None]
+        return xp.reshape(take(xp.reshape(keys, (-1,)), xp.reshape(rows * m + top, (-1,))), top.shape)
+
     def indices_at_least(self, x, lo, *, maxima=None):
         """Flat (row-major) indices, ascending, of the entries of the 2-D ``x`` that are
         ``>= lo`` (a scalar, or one bound per row of shape (B, 1)). ``maxima``: optional, the

@@ -541,6 +541,9 @@ class TorchBackend(StandardBackend):
     def top_indices(self, keys, k, *, axis=None):
         return torch.topk(keys, k, dim=-1, sorted=False).indices
 
+    def top_values(self, keys, k, *, axis=None):
+        return torch.topk(keys, k, dim=-1, sorted=False).values  # top-k gives them: no gather
+
     def add_and_group_max(self, x, v, g):
         if _on_cpu(x, v) and x.is_contiguous() and v.is_contiguous():  # one pass, on views
             _, maxima = _numpy().add_and_group_max(x.numpy(), v.numpy(), g)

@@ -132,6 +132,27 @@ def test_top_keys_through_run_maxima_are_the_n_largest_keys(backend, seed, rows,
     np.testing.assert_array_equal(np.sort(got, axis=-1), np.sort(want, axis=-1))
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["native", "standard"])
+@given(seed=st.integers(0, 2**32 - 1), rows=st.sampled_from([0, 1, 3]), m=st.sampled_from([1, 9, 64]),
+       data=st.data())
+def test_top_values_are_the_keys_at_the_top_indices(backend, native, seed, rows, m, data):
+    """Invariant: ``top_values`` gives the k largest distinct keys themselves (of the 1-D
+    array, or of each row), the same set as the keys at ``top_indices``, on the native
+    backend (its top-k's values, no gather) and the standard one."""
+    be = get_backend(backend.xp, native=native)
+    rng = np.random.default_rng(seed)
+    k = data.draw(st.integers(1, m), label="k")
+    keys = rng.permutation(np.arange(-m * max(rows, 1), m * max(rows, 1), 2, dtype=np.int64))
+    keys = keys.reshape((rows, m) if rows else (m,))
+    axis = -1 if rows else None
+    got = backend.numpy(be.top_values(backend.asarray(keys), k, axis=axis))
+    at = np.take_along_axis(keys, backend.numpy(be.top_indices(backend.asarray(keys), k, axis=axis)), axis=-1)
+    want = -np.sort(-keys, axis=-1)[..., :k]
+    assert got.shape == want.shape
+    np.testing.assert_array_equal(np.sort(got, axis=-1), np.sort(want, axis=-1))
+    np.testing.assert_array_equal(np.sort(at, axis=-1), np.sort(want, axis=-1))
+
+
 @pytest.mark.parametrize("select", ["batchtopk", "topk"])
 @given(z=tied_or_continuous(), data=st.data())
 def test_public_selection_is_one_code_in_both_modes_and_the_padded_form_adds_only_zeros(backend, select, z, data):
