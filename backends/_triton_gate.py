@@ -21,7 +21,8 @@ from ._triton import interpreting
 
 @triton.jit
 def _gate_kernel(p_ptr, a_ptr, out_ptr, parts_ptr, B, n, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
-    rb, cb = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    # columns on the grid's first axis (up to 2^31 - 1 programs; the others stop at 65535)
+    cb, rb = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     rows = rb * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
     cols = cb * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
     mask = (rows < B)[:, None] & (cols < n)[None, :]
@@ -41,6 +42,6 @@ def gate(P, a):
     block_b, block_c = (1024, 64) if interpreting() else (64, 64)
     row_tiles = max(1, triton.cdiv(B, block_b))
     parts = torch.empty((row_tiles, n), dtype=P.dtype, device=P.device)
-    _gate_kernel[(row_tiles, max(1, triton.cdiv(n, block_c)))](P, a, out, parts, B, n,
+    _gate_kernel[(max(1, triton.cdiv(n, block_c)), row_tiles)](P, a, out, parts, B, n,
                                                                BLOCK_B=block_b, BLOCK_C=block_c)
     return out, torch.sum(parts, dim=0)

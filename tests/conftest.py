@@ -7,8 +7,11 @@ and moved with ``backend.asarray`` so all backends see the identical data.
 ``torch-gpu-path`` is torch on the CPU taking every decision a CUDA device takes: the
 sync-free mode of :mod:`sae_ref.backends` is forced around each test that uses it (fixed-size
 selections, padded codes inside the step, scatter-add products, no NumPy-view fast paths), so
-every property runs, on every CI run, through the calls a GPU step makes. A test that loops
-over ``all_backends`` runs each backend's calls inside ``backend.path()``.
+every property runs, on every CI run, through the calls a GPU step makes. ``numpy-gpu-path``
+is NumPy in the same mode with its primitives taken through the bridge to torch's
+(``backends/_bridge.py``, the path a CuPy step takes to the fused kernels): NumPy arrays
+handed to torch's GPU-path primitives as zero-copy views. A test that loops over
+``all_backends`` runs each backend's calls inside ``backend.path()``.
 
 Hypothesis profiles: ``ci`` (derandomised, bounded, no deadline; chosen when CI is set),
 ``dev`` (the default locally) and ``thorough``; pick one with HYPOTHESIS_PROFILE.
@@ -17,6 +20,7 @@ Hypothesis profiles: ``ci`` (derandomised, bounded, no deadline; chosen when CI 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -68,14 +72,17 @@ class Backend:
     def path(self):
         """A context in which this backend's calls take its device's path: for
         ``torch-gpu-path`` the sync-free mode and the fused Triton kernels (in Triton's
-        interpreter; a real GPU takes both by default), nothing for the others."""
+        interpreter; a real GPU takes both by default), for ``numpy-gpu-path`` those and the
+        NumPy backend through the bridge to torch, nothing for the others."""
         from sae_ref.backends import sync_free, triton_kernels
 
-        if self.name != "torch-gpu-path":
+        if self.name not in ("torch-gpu-path", "numpy-gpu-path"):
             return contextlib.nullcontext()
         both = contextlib.ExitStack()
         both.enter_context(sync_free(True))
         both.enter_context(triton_kernels(True))
+        if self.name == "numpy-gpu-path":
+            both.enter_context(_bridged_numpy())
         return both
 
     def dtype(self, name: str):
@@ -89,11 +96,33 @@ class Backend:
         return self.name
 
 
-GPU_PATH_NAMES = ("torch-gpu-path", "torch-cuda", "cupy")
+GPU_PATH_NAMES = ("torch-gpu-path", "numpy-gpu-path", "torch-cuda", "cupy")
+
+
+_BRIDGED: dict = {}  # the bridged NumPy backend, made once
+
+
+@contextlib.contextmanager
+def _bridged_numpy():
+    """The NumPy backend taken through the bridge to torch's primitives within the block."""
+    from sae_ref import backends
+    from triton_devices import NumpyThroughTorch
+
+    if "numpy" not in _BRIDGED:
+        _BRIDGED["numpy"] = NumpyThroughTorch()
+    before = backends._NATIVE.get("numpy")
+    backends._NATIVE["numpy"] = _BRIDGED["numpy"]
+    try:
+        yield
+    finally:
+        if before is None:
+            backends._NATIVE.pop("numpy")
+        else:
+            backends._NATIVE["numpy"] = before
 
 
 def _available() -> list[str]:
-    names = ["numpy", "torch", "torch-gpu-path", "strict"]
+    names = ["numpy", "torch", "torch-gpu-path", "numpy-gpu-path", "strict"]
     try:
         import torch
 
@@ -102,6 +131,8 @@ def _available() -> list[str]:
     except ImportError:
         names.remove("torch")
         names.remove("torch-gpu-path")
+    if "torch" not in names or importlib.util.find_spec("triton") is None:
+        names.remove("numpy-gpu-path")  # the bridge needs torch, its kernels Triton
     try:
         import cupy
 
@@ -118,7 +149,7 @@ BACKEND_NAMES = _available()
 def make_backend(name: str) -> Backend:
     from sae_ref.arrays import resolve
 
-    xp, device = resolve("torch" if name == "torch-gpu-path" else name)
+    xp, device = resolve({"torch-gpu-path": "torch", "numpy-gpu-path": "numpy"}.get(name, name))
     if name == "strict":
         # array-api-strict's second fake device: any creation call that forgets device=
         # lands on the default device and the next operation mixing the two fails.

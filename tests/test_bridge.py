@@ -2,8 +2,9 @@
 (``backends/_bridge.py``): the path a CuPy step takes to the fused Triton kernels.
 
 Without a GPU the bridge runs on NumPy arrays, with the torch primitives on CPU views under
-Triton's interpreter: :class:`NumpyThroughTorch` is the CuPy backend's bridge with NumPy's
-``from_dlpack``. The same wrapper, conversions and hand-back run as on CuPy; only CuPy's
+Triton's interpreter: ``triton_devices.NumpyThroughTorch`` is the CuPy backend's bridge with
+NumPy's ``from_dlpack`` (the fixture's ``numpy-gpu-path`` backend runs every property test
+through it). The same wrapper, conversions and hand-back run as on CuPy; only CuPy's
 stream and device context is left to the GPU tests at the end (which skip without CuPy).
 """
 
@@ -22,26 +23,15 @@ torch = pytest.importorskip("torch")
 from sae_ref import backends  # noqa: E402
 from sae_ref.backends import StandardBackend, get_backend, sync_free, triton_kernels  # noqa: E402
 from sae_ref.backends import _bridge, _triton  # noqa: E402
-from sae_ref.backends._bridge import BRIDGED, TorchBridge, through_torch  # noqa: E402
+from sae_ref.backends._bridge import BRIDGED  # noqa: E402
 from sae_ref.backends._numpy import NumpyBackend  # noqa: E402
 from sae_ref.backends._torch import TorchBackend  # noqa: E402
 from sae_ref.train import TrainConfig, init_state, step  # noqa: E402
 from sae_ref.validation.oracles import assert_close  # noqa: E402
-from triton_devices import counting  # noqa: E402
+from triton_devices import NumpyThroughTorch, counting  # noqa: E402
 
 INTERPRETED = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                  reason="CPU tensors need Triton's interpreter")
-
-
-@through_torch
-class NumpyThroughTorch(TorchBridge, NumpyBackend):
-    """NumPy arrays through the bridge: on where torch's fused kernels run on their views."""
-
-    def bridge_on(self, arrays):
-        return all(isinstance(a, np.ndarray) for a in arrays) and _triton.usable(*map(torch.from_dlpack, arrays))
-
-    def from_torch(self, t):
-        return np.from_dlpack(t)
 
 
 class Recording:

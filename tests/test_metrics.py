@@ -393,7 +393,7 @@ def test_bad_arguments_raise_errors_naming_them(backend):
         M.merge(s, M.init(3, 5, xp=xp, device=dev))
     with pytest.raises(ValueError, match="reference mean"):
         F.merge(s.var, F.init(3, xp=xp, device=dev, mean=backend.asarray(np.ones(3))))
-    if backend.name != "numpy":
+    if not backend.name.startswith("numpy"):
         with pytest.raises(TypeError, match="one array library"):
             M.update(s, np.ones((2, 3)), x, code)
 
