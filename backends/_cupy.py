@@ -1,9 +1,10 @@
 """CuPy fast paths: torch's fused kernels through DLPack, else CuPy's own kernels.
 
 With torch (a CUDA build) and Triton installed, the GPU path's primitives run as the torch
-backend's on zero-copy views of the CuPy arrays (:mod:`._bridge`): the fused Triton kernels, on
-CuPy's current stream, with the same bits as a torch step. Torch then allocates the kernels'
-outputs from its own caching allocator (CuPy's pool holds the rest).
+backend's on zero-copy views of the CuPy arrays (:mod:`._bridge`): the fused Triton kernels a
+torch step runs, on CuPy's current stream, each giving torch's bits for the same inputs (the
+Array API code between them runs as CuPy's kernels). Torch then allocates the kernels' outputs
+from its own caching allocator (CuPy's pool holds the rest).
 
 Without them, ``cupy.partition`` selects and sorted-segment kernels sum. Every sum of a
 sparse product is formed without atomic adds (``cupyx.scatter_add`` adds in whatever order

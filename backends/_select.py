@@ -299,8 +299,6 @@ def _subgroup(g: int) -> int:
     return max(1, g // 4)
 
 
-
-
 #: the largest run of group keys bracketed by its maximum (:func:`_top_keys`)
 MAX_KEY_RUN = 8
 

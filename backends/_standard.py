@@ -445,12 +445,12 @@ class StandardBackend:
 
     def dead_counters(self, cols, values, since, B: int, threshold: int, dtype):
         """The dead-latent counters after a batch whose code has entries ``values`` at latents
-        ``cols``: ``(new, dead, n_dead, nnz)`` with ``new`` each latent's tokens since it last
-        fired (0 where one of its entries is nonzero, else ``since + B``), ``dead = new >=
-        threshold``, and as 0-D arrays of ``dtype`` the dead fraction (the dead count over the
-        h latents) and the L0 (the code's nonzero entries over the B rows; the counts exact
-        below 2^24). A backend may form them in a pass over the entries and one over the
-        latents."""
+        ``cols``: ``(new, dead, dead_fraction, l0)`` with ``new`` each latent's tokens since
+        it last fired (0 where one of its entries is nonzero, else ``since + B``), ``dead =
+        new >= threshold``, and as 0-D arrays of ``dtype`` the dead fraction (the dead count
+        over the h latents) and the L0 (the code's nonzero entries over the B rows; the counts
+        exact below 2^24). A backend may form them in a pass over the entries and one over
+        the latents."""
         xp = array_namespace(values, since)
         fired = self.segment_count(cols, values != 0, since.shape[0], values.dtype) > 0
         new = xp.where(fired, xp.zeros_like(since), since + B)
