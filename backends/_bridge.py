@@ -109,7 +109,7 @@ class TorchBridge:
 
 def _is_array(a) -> bool:
     """Whether ``a`` is an array that torch views through DLPack (not a tensor already)."""
-    return hasattr(a, "__dlpack__") and not isinstance(a, (int, float)) and type(a).__module__.split(".")[0] != "torch"
+    return hasattr(a, "__dlpack__") and type(a).__module__.split(".")[0] != "torch"
 
 
 def through_torch(cls):

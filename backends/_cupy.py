@@ -70,15 +70,13 @@ _SAMPLED_DOTS = cp.ElementwiseKernel(
 
 
 @functools.cache
-def _bridge_available() -> bool:
-    """Whether torch (with CUDA) and Triton import: the fused kernels can run on CuPy arrays."""
-    from ._triton import available
-
+def _torch_cuda() -> bool:
+    """Whether torch imports with CUDA (the bridge's other half is Triton)."""
     try:
         import torch
     except ImportError:
         return False
-    return torch.cuda.is_available() and available()
+    return torch.cuda.is_available()
 
 
 @through_torch
@@ -86,9 +84,9 @@ class CupyBackend(TorchBridge, StandardBackend):
     name = "cupy"
 
     def bridge_on(self, arrays):
-        from ._triton import FAILURE, _ENABLED
+        from ._triton import off
 
-        if _ENABLED.get() is False or FAILURE is not None or not _bridge_available():
+        if off() or not _torch_cuda():
             return False
         return all(isinstance(a, cp.ndarray) for a in arrays) and len({a.device.id for a in arrays}) == 1
 

@@ -59,14 +59,20 @@ def failed(name: str, err: Exception) -> None:
                   f"{FAILURE}", RuntimeWarning, stacklevel=3)
 
 
+def off() -> bool:
+    """Whether the fused kernels run nowhere: within ``triton_kernels(False)``, after a kernel
+    failed, or without Triton."""
+    return _ENABLED.get() is False or FAILURE is not None or not available()
+
+
 def usable(*tensors) -> bool:
     """Whether the fused kernels run on these torch tensors (all on one device, the GPU
     path's)."""
     from . import is_sync_free
 
-    enabled = _ENABLED.get()
-    if enabled is False or FAILURE is not None or not available() or not tensors:
+    if off() or not tensors:
         return False
+    enabled = _ENABLED.get()
     kinds = {t.device.type for t in tensors}
     if kinds == {"cuda"}:
         return True

@@ -20,6 +20,7 @@ Hypothesis profiles: ``ci`` (derandomised, bounded, no deadline; chosen when CI 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -99,19 +100,20 @@ class Backend:
 GPU_PATH_NAMES = ("torch-gpu-path", "numpy-gpu-path", "torch-cuda", "cupy")
 
 
-_BRIDGED: dict = {}  # the bridged NumPy backend, made once
+@functools.cache
+def _numpy_through_torch():
+    from triton_devices import NumpyThroughTorch
+
+    return NumpyThroughTorch()
 
 
 @contextlib.contextmanager
 def _bridged_numpy():
     """The NumPy backend taken through the bridge to torch's primitives within the block."""
     from sae_ref import backends
-    from triton_devices import NumpyThroughTorch
 
-    if "numpy" not in _BRIDGED:
-        _BRIDGED["numpy"] = NumpyThroughTorch()
     before = backends._NATIVE.get("numpy")
-    backends._NATIVE["numpy"] = _BRIDGED["numpy"]
+    backends._NATIVE["numpy"] = _numpy_through_torch()
     try:
         yield
     finally:
